@@ -1,0 +1,60 @@
+# vlpcache: `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATASET ?= demo
+ARGS ?=
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_AUTH_MODE := disabled
+export RAY_USAGE_STATS_ENABLED := 0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: help install sysdeps extract test test-slow bench-decode bench-store bench-pipeline ablation clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## build .venv with pinned requirements (and h5dump/ffprobe via apt if missing)
+
+$(STAMP): requirements-torch.txt requirements.txt constraints.txt setup.cfg pyproject.toml
+	$(MAKE) sysdeps
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-torch.txt
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+sysdeps: ## h5dump and ffprobe for the foreign-reader tests (apt, skipped when present)
+	@if ! command -v h5dump >/dev/null || ! command -v ffprobe >/dev/null; then \
+	  if command -v apt-get >/dev/null; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq hdf5-tools ffmpeg >/dev/null; \
+	  else echo "h5dump/ffprobe missing and no apt-get: install hdf5-tools and ffmpeg"; fi; \
+	fi
+
+extract: $(STAMP) ## extract DATASET (default demo) per configs/datasets/$(DATASET).yaml
+	$(PY) -m pipeline extract --dataset $(DATASET) $(ARGS)
+
+test: $(STAMP) ## fast test suite (under 10 minutes on 2 cores)
+	$(PY) -m pytest -q $(ARGS)
+
+test-slow: $(STAMP) ## heavier tests (kill -9 sweeps, long runs)
+	$(PY) -m pytest -q -m slow $(ARGS)
+
+bench-decode: $(STAMP) ## CPU cost of sparse decoding vs decord / full decode / decode limit
+	$(PY) -m extractors.bench $(ARGS)
+
+bench-store: $(STAMP) ## read speed and size of the store layouts vs memmap / npz peers
+	$(PY) -m stores.bench $(ARGS)
+
+bench-pipeline: $(STAMP) ## end-to-end throughput vs the sum-of-stages limit and a plain loop
+	$(PY) -m pipeline.bench $(ARGS)
+
+ablation: $(STAMP) ## objective ablation over 3 seeds on the demo corpus (at most 30 CPU minutes)
+	$(PY) -m train.ablation $(ARGS)
+
+clean: ## remove generated data and runs (keeps .venv)
+	rm -rf data runs
