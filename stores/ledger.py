@@ -1,0 +1,279 @@
+"""Store-level metadata (OUT/store.json), per-shard ledgers (OUT/ledgers/shard-NNNNNN.json), paths.
+
+A shard is committed when, and only when, its ledger exists: the ledger is written last, atomically,
+after the shard's data files are fsynced and renamed into place.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from stores.errors import StoreError
+from stores.schema import FORMAT_VERSION, Dims
+
+BACKENDS = ("zarr", "hdf5")
+COMPRESSIONS = (None, "zstd")
+
+
+def canonical_json(obj: Any) -> bytes:
+    try:
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as e:
+        raise StoreError(f"provenance must be plain JSON (str/int/float/bool/None/list/dict), got {obj!r}: {e}") from e
+
+
+def provenance_hash(provenance: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of the provenance dict the pipeline passes."""
+    return hashlib.sha256(canonical_json(provenance)).hexdigest()
+
+
+def code_version() -> str:
+    try:
+        return f"vlpcache {metadata.version('vlpcache')}"
+    except metadata.PackageNotFoundError:
+        return "vlpcache (not installed)"
+
+
+class Layout:
+    """Where everything of one store lives under OUT."""
+
+    def __init__(self, out: str | Path) -> None:
+        self.out = Path(out)
+        self.store_json = self.out / "store.json"
+        self.video_ids_json = self.out / "video_ids.json"
+        self.ledgers = self.out / "ledgers"
+        self.partial = self.out / ".partial"  # in-flight shards; never read
+        self.zarr = self.out / "features.zarr"
+        self.h5 = self.out / "features.h5"
+        self.h5_shards = self.out / "shards"
+
+    def ledger(self, shard: int) -> Path:
+        return self.ledgers / f"shard-{shard:06d}.json"
+
+    def h5_shard(self, shard: int) -> Path:
+        return self.h5_shards / f"shard-{shard:06d}.h5"
+
+    def zarr_shard(self, name: str, shard: int, ndim: int) -> Path:
+        # Zarr v3 "default" chunk key encoding: c/<shard>/0/0... for one shard along the video axis.
+        return self.zarr.joinpath(name, "c", str(shard), *(["0"] * (ndim - 1)))
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """OUT/store.json: what the store is and how it was made."""
+
+    backend: str
+    dims: Dims
+    n_videos: int
+    shard_size: int
+    compression: str | None
+    provenance: dict[str, Any]
+    provenance_hash: str
+    format_version: int = FORMAT_VERSION
+    code_version: str = field(default_factory=code_version)
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.n_videos / self.shard_size)
+
+    def shard_rows(self, shard: int) -> range:
+        if not 0 <= shard < self.n_shards:
+            raise StoreError(f"shard index {shard} out of range: this store has shards 0..{self.n_shards - 1}")
+        return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.n_videos))
+
+    def shard_of(self, row: int) -> int:
+        return row // self.shard_size
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dims"] = asdict(self.dims)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Any, source: Path) -> StoreMeta:
+        if not isinstance(d, dict):
+            raise StoreError(f"{source}: expected a JSON object, got {type(d).__name__}; the store metadata is damaged")
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreError(
+                f"{source}: store format version {version!r}, but this vlpcache reads version {FORMAT_VERSION}; "
+                f"use the vlpcache version that wrote it, or re-extract"
+            )
+        try:
+            meta = cls(
+                backend=d["backend"],
+                dims=Dims(**d["dims"]),
+                n_videos=int(d["n_videos"]),
+                shard_size=int(d["shard_size"]),
+                compression=d["compression"],
+                provenance=d["provenance"],
+                provenance_hash=d["provenance_hash"],
+                format_version=version,
+                code_version=d.get("code_version", "unknown"),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"{source}: store metadata is missing or has a bad field ({e!r}); the store is damaged") from e
+        if meta.backend not in BACKENDS:
+            raise StoreError(f"{source}: unknown backend {meta.backend!r}; expected one of {BACKENDS}")
+        if meta.compression not in COMPRESSIONS:
+            raise StoreError(f"{source}: unknown compression {meta.compression!r}; expected one of {COMPRESSIONS}")
+        if provenance_hash(meta.provenance) != meta.provenance_hash:
+            raise StoreError(f"{source}: provenance does not match its recorded hash; the store metadata was edited")
+        return meta
+
+
+def load_store_meta(layout: Layout) -> StoreMeta:
+    try:
+        d = json.loads(layout.store_json.read_bytes())
+    except FileNotFoundError as e:
+        raise StoreError(f"{layout.out} is not a vlpcache store ({layout.store_json.name} is missing); "
+                         f"check the path, or run `vlpcache extract --out {layout.out}`") from e
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{layout.store_json} is unreadable ({e}); the store metadata is damaged") from e
+    return StoreMeta.from_json(d, layout.store_json)
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    row: int
+    video_id: str
+    caption: str
+    status: str  # "ok" | "failed"
+    error: str | None = None
+    flags: tuple[str, ...] = ()
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    path: str  # relative to OUT
+    nbytes: int
+    crc32c: int
+
+
+@dataclass(frozen=True)
+class ShardLedger:
+    """OUT/ledgers/shard-NNNNNN.json, written last: its presence is the commit."""
+
+    shard: int
+    row_start: int
+    row_stop: int
+    videos: tuple[VideoRecord, ...]
+    files: dict[str, FileRecord]  # array name (zarr) or "shard" (hdf5) -> file written for this shard
+    provenance_hash: str
+    provenance: dict[str, Any]
+    backend: str
+    format_version: int = FORMAT_VERSION
+    code_version: str = field(default_factory=code_version)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        ok = sum(v.status == "ok" for v in self.videos)
+        return {"ok": ok, "failed": len(self.videos) - ok}
+
+    def record(self, row: int) -> VideoRecord:
+        return self.videos[row - self.row_start]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "code_version": self.code_version,
+            "backend": self.backend,
+            "shard": self.shard,
+            "row_start": self.row_start,
+            "row_stop": self.row_stop,
+            "counts": self.counts,
+            "provenance_hash": self.provenance_hash,
+            "provenance": self.provenance,
+            "files": {name: asdict(f) for name, f in self.files.items()},
+            "videos": [
+                {**asdict(v), "flags": list(v.flags)} for v in self.videos
+            ],
+        }
+
+    @classmethod
+    def load(cls, path: Path) -> ShardLedger:
+        try:
+            d = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{path}: shard ledger is unreadable ({e}); delete it to redo the shard, or re-extract") from e
+        if not isinstance(d, dict) or d.get("format_version") != FORMAT_VERSION:
+            version = d.get("format_version") if isinstance(d, dict) else None
+            raise StoreError(
+                f"{path}: ledger format version {version!r}, but this vlpcache reads version {FORMAT_VERSION}; "
+                f"use the vlpcache version that wrote it, or re-extract"
+            )
+        try:
+            videos = tuple(
+                VideoRecord(
+                    row=int(v["row"]), video_id=str(v["video_id"]), caption=str(v["caption"]), status=v["status"],
+                    error=v["error"], flags=tuple(v["flags"]), meta=dict(v["meta"]),
+                )
+                for v in d["videos"]
+            )
+            ledger = cls(
+                shard=int(d["shard"]), row_start=int(d["row_start"]), row_stop=int(d["row_stop"]), videos=videos,
+                files={k: FileRecord(**f) for k, f in d["files"].items()},
+                provenance_hash=d["provenance_hash"], provenance=d["provenance"], backend=d["backend"],
+                format_version=d["format_version"], code_version=d.get("code_version", "unknown"),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"{path}: shard ledger is missing or has a bad field ({e!r}); delete it to redo the shard") from e
+        rows = [v.row for v in videos]
+        if rows != list(range(ledger.row_start, ledger.row_stop)):
+            raise StoreError(f"{path}: ledger rows do not cover {ledger.row_start}..{ledger.row_stop - 1} in order")
+        if any(v.status not in ("ok", "failed") for v in videos):
+            raise StoreError(f"{path}: ledger has a video status other than ok/failed")
+        if d.get("counts") != ledger.counts:
+            raise StoreError(f"{path}: ledger counts {d.get('counts')} disagree with its videos {ledger.counts}")
+        return ledger
+
+
+def load_ledger(layout: Layout, meta: StoreMeta, shard: int) -> ShardLedger:
+    """A shard's ledger, checked against the store: shard/rows, provenance hash, backend."""
+    path = layout.ledger(shard)
+    if shard >= meta.n_shards:
+        raise StoreError(f"{path}: shard {shard} is beyond this store's {meta.n_shards} shards; the ledger does not belong here")
+    ledger = ShardLedger.load(path)
+    rows = meta.shard_rows(shard)
+    if (ledger.shard, ledger.row_start, ledger.row_stop) != (shard, rows.start, rows.stop):
+        raise StoreError(f"{path}: ledger is for shard {ledger.shard} rows {ledger.row_start}..{ledger.row_stop - 1}, "
+                         f"expected shard {shard} rows {rows.start}..{rows.stop - 1}; the ledger was moved or damaged")
+    if ledger.provenance_hash != meta.provenance_hash or ledger.backend != meta.backend:
+        raise StoreError(f"{path}: ledger was written by another extraction (provenance hash {ledger.provenance_hash[:12]}, "
+                         f"store {meta.provenance_hash[:12]}); delete the ledger to redo the shard")
+    return ledger
+
+
+@dataclass(frozen=True)
+class StoreStatus:
+    ok: int
+    failed: int
+    pending: int
+    failures: list[tuple[str, str]]  # (video_id, error) of each failed video, in row order
+    shards_committed: int = 0
+    shards_total: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok, "failed": self.failed, "pending": self.pending,
+            "failures": [{"video_id": v, "error": e} for v, e in self.failures],
+            "shards": {"committed": self.shards_committed, "total": self.shards_total},
+        }
+
+
+_LEDGER_NAME = re.compile(r"^shard-(\d{6})\.json$")
+
+
+def committed_shards(layout: Layout) -> set[int]:
+    if not layout.ledgers.exists():
+        return set()
+    return {int(m.group(1)) for p in layout.ledgers.iterdir() if (m := _LEDGER_NAME.match(p.name))}

@@ -1,0 +1,218 @@
+"""open_store(OUT): one reader over either backend; random access by video id or row; batched reads."""
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stores.backends import BACKENDS
+from stores.errors import StoreError, VideoNotStoredError
+from stores.ledger import Layout, ShardLedger, StoreMeta, StoreStatus, VideoRecord, committed_shards, load_ledger, load_store_meta
+from stores.schema import ARRAYS, Dims
+
+
+def open_store(out: str | Path, *, verify_checksums: bool = False, max_open_shards: int = 64) -> StoreReader:
+    """Open a store for reading.
+
+    verify_checksums: check each chunk's checksum on every read (crc32c for Zarr, fletcher32 for HDF5).
+    Off by default: the hot path reads chunk bytes straight from the shard files; `vlpcache verify`
+    checks everything. Shard files are opened lazily, at most max_open_shards at a time.
+    """
+    return StoreReader(out, verify_checksums=verify_checksums, max_open_shards=max_open_shards)
+
+
+class StoreReader:
+    """A snapshot of the committed shards at open time; open the store again to see shards added since."""
+
+    def __init__(self, out: str | Path, *, verify_checksums: bool = False, max_open_shards: int = 64) -> None:
+        self.layout = Layout(out)
+        self.store_meta: StoreMeta = load_store_meta(self.layout)
+        self.backend = BACKENDS[self.store_meta.backend]
+        self.backend.validate_layout(self.layout, self.store_meta)
+        self.verify_checksums = verify_checksums
+        self.max_open_shards = max_open_shards
+        self.ledgers: dict[int, ShardLedger] = {}
+        for shard in sorted(committed_shards(self.layout)):
+            self.ledgers[shard] = self._load_ledger(shard)
+        self._pending_ids = self._load_video_ids()
+        self._index()
+        self._open: OrderedDict[int, Any] = OrderedDict()
+
+    def _load_ledger(self, shard: int) -> ShardLedger:
+        return load_ledger(self.layout, self.store_meta, shard)
+
+    def _load_video_ids(self) -> list[str] | None:
+        path = self.layout.video_ids_json
+        if not path.exists():
+            return None
+        try:
+            ids = json.loads(path.read_bytes())
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{path} is unreadable ({e}); delete it (only pending videos' names are lost)") from e
+        if not isinstance(ids, list) or len(ids) != self.store_meta.n_videos:
+            raise StoreError(f"{path}: expected a list of {self.store_meta.n_videos} video ids; delete it or re-extract")
+        return ids
+
+    def _index(self) -> None:
+        self._row_of: dict[str, int] = {}
+        self._failed: dict[str, tuple[int, str]] = {}
+        self.video_ids: list[str] = []
+        for ledger in self.ledgers.values():
+            for v in ledger.videos:
+                if v.video_id in self._row_of or v.video_id in self._failed:
+                    raise StoreError(f"video id {v.video_id!r} appears twice in {self.layout.out} (rows "
+                                     f"{self._row_of.get(v.video_id, self._failed.get(v.video_id, (None,))[0])} and {v.row}); "
+                                     f"video ids must be unique in the manifest")
+                if v.status == "ok":
+                    self._row_of[v.video_id] = v.row
+                    self.video_ids.append(v.video_id)
+                else:
+                    self._failed[v.video_id] = (v.row, v.error or "")
+
+    # ---- what is in the store
+
+    @property
+    def dims(self) -> Dims:
+        return self.store_meta.dims
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return self.store_meta.provenance
+
+    @property
+    def backend_name(self) -> str:
+        return self.store_meta.backend
+
+    @property
+    def status(self) -> StoreStatus:
+        pending = self.store_meta.n_videos - sum(len(lg.videos) for lg in self.ledgers.values())
+        failures = [(v.video_id, v.error or "") for lg in self.ledgers.values() for v in lg.videos if v.status == "failed"]
+        return StoreStatus(ok=len(self.video_ids), failed=len(failures), pending=pending, failures=failures,
+                           shards_committed=len(self.ledgers), shards_total=self.store_meta.n_shards)
+
+    def pending_shards(self) -> list[int]:
+        return [s for s in range(self.store_meta.n_shards) if s not in self.ledgers]
+
+    def __len__(self) -> int:
+        return len(self.video_ids)
+
+    def __contains__(self, video_id: object) -> bool:
+        return video_id in self._row_of
+
+    def row_of(self, video_id: str) -> int:
+        """Manifest row of an ok video; VideoNotStoredError (a StoreError) for a failed/pending/unknown one."""
+        row = self._row_of.get(video_id)
+        if row is not None:
+            return row
+        if video_id in self._failed:
+            row, error = self._failed[video_id]
+            raise VideoNotStoredError(video_id, "failed", f"video {video_id!r} (row {row}) failed during extraction: "
+                                      f"{error}; see `vlpcache status {self.layout.out}`, or re-run extract to retry failed videos")
+        if self._pending_ids is not None and video_id in self._pending_ids:
+            row = self._pending_ids.index(video_id)
+            raise VideoNotStoredError(video_id, "pending", f"video {video_id!r} (row {row}) is pending: shard "
+                                      f"{self.store_meta.shard_of(row)} is not committed yet; resume `vlpcache extract` to finish it")
+        pending = self.status.pending
+        raise VideoNotStoredError(video_id, "unknown" if not pending else "pending",
+                                  f"video {video_id!r} is not in {self.layout.out} (ok: {len(self.video_ids)}, "
+                                  f"pending: {pending} in shards {self.pending_shards()[:10]}); check the id, or resume extract")
+
+    def record(self, row: int) -> VideoRecord:
+        """The ledger record (video_id, caption, status, error, flags, meta) of any committed row."""
+        self._check_row(row)
+        shard = self.store_meta.shard_of(row)
+        if shard not in self.ledgers:
+            raise VideoNotStoredError(str(row), "pending", f"row {row} is pending: shard {shard} is not committed yet; resume `vlpcache extract`")
+        return self.ledgers[shard].record(row)
+
+    def meta(self, video_id: str) -> dict[str, str]:
+        """Extra manifest columns recorded for a video (ok or failed)."""
+        row = self._failed[video_id][0] if video_id in self._failed else self.row_of(video_id)
+        return self.record(row).meta
+
+    # ---- reads
+
+    def __getitem__(self, video_id: str) -> dict[str, Any]:
+        return self.read_row(self.row_of(video_id))
+
+    def read_row(self, row: int) -> dict[str, Any]:
+        """All arrays of one ok row (owned copies), plus its caption."""
+        record = self._ok_record(row)
+        shard_reader = self._shard(self.store_meta.shard_of(row))
+        local = row - self.store_meta.shard_of(row) * self.store_meta.shard_size
+        out: dict[str, Any] = {name: np.array(shard_reader.read(name, local)) for name in ARRAYS}
+        out["caption"] = record.caption
+        return out
+
+    def read_many(self, video_ids: Sequence[str]) -> dict[str, Any]:
+        """Batched read: name -> [B, ...] arrays in the order asked, caption -> list[str]."""
+        return self.read_rows([self.row_of(v) for v in video_ids])
+
+    def read_rows(self, rows: Sequence[int]) -> dict[str, Any]:
+        rows = [int(r) for r in rows]
+        records = [self._ok_record(r) for r in rows]
+        out: dict[str, Any] = {
+            name: np.empty((len(rows), *spec.shape(self.store_meta.dims)), dtype=spec.dtype) for name, spec in ARRAYS.items()
+        }
+        by_shard: dict[int, list[tuple[int, int]]] = {}  # shard -> [(batch position, row within the shard)]
+        size = self.store_meta.shard_size
+        for b, row in enumerate(rows):
+            by_shard.setdefault(row // size, []).append((b, row % size))
+        for shard, items in by_shard.items():  # each shard file is opened (mapped) once per call at most
+            shard_reader = self._shard(shard)
+            for name in ARRAYS:
+                dest = out[name]
+                for b, local in items:
+                    dest[b] = shard_reader.read(name, local)
+        out["caption"] = [r.caption for r in records]
+        return out
+
+    def _check_row(self, row: int) -> None:
+        if not isinstance(row, (int, np.integer)) or not 0 <= row < self.store_meta.n_videos:
+            raise IndexError(f"row {row!r} out of range: the store has rows 0..{self.store_meta.n_videos - 1}")
+
+    def _ok_record(self, row: int) -> VideoRecord:
+        record = self.record(row)
+        if record.status != "ok":
+            raise VideoNotStoredError(record.video_id, "failed", f"video {record.video_id!r} (row {row}) failed during "
+                                      f"extraction: {record.error}; re-run extract to retry failed videos")
+        return record
+
+    def _shard(self, shard: int):
+        reader = self._open.get(shard)
+        if reader is not None:
+            self._open.move_to_end(shard)
+            return reader
+        reader = self.backend.reader(self.layout, self.store_meta, shard, self.ledgers[shard].files, self.verify_checksums)
+        self._open[shard] = reader
+        if len(self._open) > self.max_open_shards:
+            _, oldest = self._open.popitem(last=False)
+            oldest.close()
+        return reader
+
+    def close(self) -> None:
+        while self._open:
+            _, reader = self._open.popitem()
+            reader.close()
+
+    def __enter__(self) -> StoreReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Picklable for DataLoader workers: open maps stay behind; each worker opens its own lazily.
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()
+        return state
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing useful to do
+            pass

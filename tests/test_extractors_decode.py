@@ -1,0 +1,146 @@
+"""Sparse decoding returns exactly the planned frames: every plan and mode against a full PyAV decode."""
+from __future__ import annotations
+
+import av
+import numpy as np
+import pytest
+from _extractors_helpers import digest, full_decode, full_decode_digests, made_videos, real_videos  # noqa: F401 (fixtures)
+
+from extractors.config import SamplingConfig
+from extractors.decode import decode_clip, video_info
+
+PLANS = {
+    "uniform": SamplingConfig(num_frames=8),
+    "clips": SamplingConfig(plan="clips", num_clips=3, frames_per_clip=4),
+    "fps": SamplingConfig(plan="fps", fps=3.0, max_frames=12),
+    "dense": SamplingConfig(num_frames=40),
+}
+
+
+def assert_exact(path, cfg, window=None, rotation_k=0):
+    """The frames at clip.indices are pixel-identical to those of a full decode; returns the clip."""
+    full = full_decode_digests(path, rotation_k)
+    clip = decode_clip(str(path), cfg, window)
+    assert len(clip.frames) == len(clip.indices) == len(clip.valid) == len(clip.times) == cfg.T
+    assert clip.indices.max() < len(full), f"index {clip.indices.max()} beyond the {len(full)} decoded frames"
+    real = clip.indices >= 0
+    assert real.any()
+    for i, frame in zip(clip.indices, clip.frames):
+        if i < 0:
+            continue
+        assert digest(frame) == full[i], f"{path}: frame {i} differs from the full decode"
+    assert np.all(np.diff(clip.indices[real]) >= 0), "frames are not in time order"
+    return clip
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+def test_every_plan_exact_on_real_h264(real_videos, plan):
+    for path in real_videos:
+        clip = assert_exact(path, PLANS[plan])
+        assert clip.flags.count("keyframe") == 0
+
+
+@pytest.mark.parametrize("name", ["bheavy", "pheavy", "vfr", "overreported"])
+def test_every_plan_exact_on_made_clips(made_videos, name):
+    for cfg in PLANS.values():
+        assert_exact(made_videos[name], cfg)
+
+
+def test_every_plan_exact_on_demo_corpus(demo_corpus):
+    videos = sorted((demo_corpus["root"] / "videos").glob("*.mp4"))[:4]
+    assert videos, f"no demo videos under {demo_corpus['root']}"
+    for path in videos:
+        for cfg in PLANS.values():
+            assert_exact(path, cfg)
+
+
+def test_uniform_takes_middle_of_each_segment(real_videos):
+    path = real_videos[1]  # bikes.mp4: 250 frames, B-frames
+    n = len(full_decode_digests(path))
+    clip = decode_clip(str(path), SamplingConfig(num_frames=8))
+    assert clip.indices.tolist() == [int((i + 0.5) * n / 8) for i in range(8)]
+    assert clip.valid.all() and clip.flags == ()
+
+
+def test_clips_are_consecutive_frames(made_videos):
+    clip = decode_clip(str(made_videos["bheavy"]), SamplingConfig(plan="clips", num_clips=3, frames_per_clip=4))
+    groups = clip.indices.reshape(3, 4)
+    assert (np.diff(groups, axis=1) == 1).all() and (np.diff(groups[:, 0]) > 4).all()
+
+
+def test_fps_plan_times(made_videos):
+    clip = decode_clip(str(made_videos["bheavy"]), SamplingConfig(plan="fps", fps=2.0, max_frames=12))
+    # 4 s at 2 fps = 8 frames, then 4 padding/repeat slots marked invalid
+    assert clip.valid.tolist() == [True] * 8 + [False] * 4 and "short" in clip.flags
+    assert np.allclose(clip.times[:8], np.arange(8) / 2.0, atol=1 / 30)
+
+
+def test_window_limits_frames_to_the_span(made_videos):
+    path = made_videos["bheavy"]
+    clip = assert_exact(path, SamplingConfig(num_frames=6), window=(1.0, 2.0))
+    assert (clip.times >= 1.0 - 1e-6).all() and (clip.times < 2.0).all()
+    with pytest.raises(Exception, match="window"):
+        decode_clip(str(path), SamplingConfig(), window=(10.0, 12.0))
+
+
+def test_keyframe_mode_returns_real_keyframes(made_videos):
+    path = made_videos["pheavy"]  # keyint=50 at 30 fps: keyframes at 0, 50, 100
+    with av.open(str(path)) as c:
+        keys = [i for i, f in enumerate(c.decode(video=0)) if f.key_frame]
+    clip = decode_clip(str(path), SamplingConfig(num_frames=6, mode="keyframe"))
+    assert "keyframe" in clip.flags and set(clip.indices.tolist()) <= set(keys)
+    assert np.allclose(clip.times, clip.indices / 30.0, atol=1e-3), "frame_times must be the keyframes' own times"
+    assert_exact(path, SamplingConfig(num_frames=6, mode="keyframe"))
+    # repeats of one keyframe are marked, the first occurrence is valid
+    _, first = np.unique(clip.indices, return_index=True)
+    assert clip.valid.sum() == len(first)
+
+
+def test_vfr_uses_real_timestamps(made_videos):
+    clip = decode_clip(str(made_videos["vfr"]), SamplingConfig(num_frames=4))
+    times = np.array([0, 0.033, 0.1, 0.5, 0.55, 1.0, 1.9, 2.0, 2.02, 3.0, 3.4, 3.45])
+    assert np.allclose(clip.times, times[clip.indices], atol=1e-4)
+    # planned times are the segment middles of [0, end): the frame on screen at each
+    end = video_info(str(made_videos["vfr"]))["duration"]
+    for t, i in zip((np.arange(4) + 0.5) * end / 4, clip.indices):
+        assert times[i] <= t + 1e-6 and (i + 1 == len(times) or times[i + 1] > t)
+
+
+def test_short_video_repeat_and_pad(made_videos):
+    path = made_videos["short"]  # 3 frames
+    rep = assert_exact(path, SamplingConfig(num_frames=8, short_policy="repeat"))
+    assert "short" in rep.flags and rep.valid.sum() == 3 and (rep.indices >= 0).all()
+    pad = assert_exact(path, SamplingConfig(num_frames=8, short_policy="pad"))
+    assert "short" in pad.flags and (pad.indices == -1).sum() == 5 and pad.valid.sum() == 3
+    for i, frame in zip(pad.indices, pad.frames):
+        if i < 0:
+            assert not frame.any() and frame.shape == pad.frames[0].shape
+
+
+def test_overreported_frame_count_is_ignored(made_videos):
+    path = made_videos["overreported"]
+    with av.open(str(path)) as c:
+        header = c.streams.video[0].frames
+    actual = len(full_decode_digests(path))
+    assert header > actual, "the test file must over-report its frame count"
+    clip = decode_clip(str(path), SamplingConfig(num_frames=8))
+    assert video_info(str(path))["frames"] == actual and clip.indices.max() < actual
+
+
+def test_rotation_metadata_turns_frames_upright(made_videos):
+    path = made_videos["rot90"]
+    clip = assert_exact(path, SamplingConfig(num_frames=4), rotation_k=1)  # +90 deg (ccw) -> np.rot90(k=1)
+    assert "rotated" in clip.flags
+    assert clip.frames[0].shape[:2] == (160, 96) and (clip.width, clip.height) == (96, 160)
+
+
+def test_resize_policy_short_and_max_side(real_videos):
+    path = real_videos[0]  # bigbuckbunny 1280x720
+    clip = decode_clip(str(path), SamplingConfig(num_frames=2, short_side=144))
+    assert clip.frames[0].shape == (144, 256, 3) and (clip.width, clip.height) == (1280, 720)
+    capped = decode_clip(str(path), SamplingConfig(num_frames=2, short_side=400, max_side=320))
+    assert capped.frames[0].shape == (180, 320, 3)
+    # the resized frame is the full frame scaled once (close to scaling the full decode's frame)
+    full = full_decode(path)[clip.indices[0]]
+    small = full.reshape(144, 5, 256, 5, 3).mean(axis=(1, 3))
+    assert np.abs(small - clip.frames[0].astype(np.float64)).mean() < 6

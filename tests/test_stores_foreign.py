@@ -1,0 +1,91 @@
+"""Foreign readers open what we write: zarr-python, tensorstore's zarr3 driver, h5py, h5dump, h5ls."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import h5py
+import numpy as np
+import pytest
+import tensorstore as ts
+import zarr
+
+from stores import open_store
+from stores.schema import ARRAYS, FORMAT_VERSION
+
+from _stores_helpers import DIMS, make_store, row_arrays
+
+FAILED = (4,)
+
+
+def expected(name: str, row: int) -> np.ndarray:
+    """What a foreign reader must see: the row's data, or the fill value for a failed row."""
+    if row in FAILED:
+        spec = ARRAYS[name]
+        return np.full(spec.shape(DIMS), spec.fill, dtype=spec.dtype)
+    return row_arrays(row)[name]
+
+
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_zarr_python_and_tensorstore_read_every_array(tmp_path, compression):
+    make_store(tmp_path, "zarr", compression, failed=FAILED)
+    group = zarr.open_group(str(tmp_path / "features.zarr"), mode="r")
+    assert group.attrs["vlpcache"]["format_version"] == FORMAT_VERSION
+    for name, spec in ARRAYS.items():
+        arr = group[name]
+        assert arr.dtype == spec.dtype and arr.shape == (8, *spec.shape(DIMS))
+        assert arr.metadata.dimension_names[0] == "video"
+        all_rows = arr[:]  # whole array at once: every shard file decoded by zarr-python
+        t = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "features.zarr" / name)}},
+                    read=True).result()
+        assert t.dtype.numpy_dtype == spec.dtype
+        via_ts = t.read().result()
+        for row in range(8):
+            assert all_rows[row].tobytes() == expected(name, row).tobytes(), (name, row)
+            assert via_ts[row].tobytes() == expected(name, row).tobytes(), (name, row)
+
+
+def test_h5py_reads_virtual_datasets_and_shard_files(tmp_path):
+    make_store(tmp_path, "hdf5", failed=FAILED, shards=(0, 1))  # shard 2 (rows 6, 7) pending
+    with h5py.File(tmp_path / "features.h5", "r") as f:
+        for name, spec in ARRAYS.items():
+            ds = f[name]
+            assert ds.is_virtual and ds.dtype == spec.dtype and ds.shape == (8, *spec.shape(DIMS))
+            data = ds[:]
+            for row in range(6):
+                assert data[row].tobytes() == expected(name, row).tobytes(), (name, row)
+            assert (data[6:] == spec.fill).all()  # missing shard file reads as the fill value
+    with h5py.File(tmp_path / "shards" / "shard-000001.h5", "r") as f:
+        assert f.attrs["row_start"] == 3
+        assert f["region_features"][0].tobytes() == row_arrays(3)["region_features"].tobytes()
+    make_store(tmp_path, "hdf5", failed=FAILED, shards=(2,))  # features.h5 picks up the new shard file
+    with h5py.File(tmp_path / "features.h5", "r") as f:
+        assert f["frame_times"][7].tobytes() == row_arrays(7)["frame_times"].tobytes()
+
+
+@pytest.mark.skipif(shutil.which("h5dump") is None or shutil.which("h5ls") is None, reason="hdf5-tools not installed (make sysdeps)")
+def test_h5dump_and_h5ls(tmp_path):
+    make_store(tmp_path, "hdf5", failed=FAILED)
+    listing = subprocess.run(["h5ls", "-r", str(tmp_path / "features.h5")], capture_output=True, text=True, check=True).stdout
+    for name, spec in ARRAYS.items():
+        dims = ", ".join(map(str, (8, *spec.shape(DIMS))))
+        assert re.search(rf"^/{name}\s+Dataset \{{{dims}\}}$", listing, re.M), listing
+    dump = subprocess.run(["h5dump", "-d", "/region_counts", "-w", "0", str(tmp_path / "features.h5")],
+                          capture_output=True, text=True, check=True).stdout
+    assert "H5T_STD_I16LE" in dump
+    rows = re.findall(r"^\s*\((\d+),0\): ([-\d, ]+?),?$", dump, re.M)
+    assert [int(r) for r, _ in rows] == list(range(8))
+    for row, values in rows:
+        assert [int(v) for v in values.split(",")] == expected("region_counts", int(row)).tolist()
+    header = subprocess.run(["h5dump", "-H", "-p", str(tmp_path / "shards" / "shard-000000.h5")],
+                            capture_output=True, text=True, check=True).stdout
+    assert "CHECKSUM FLETCHER32" in header and "CHUNKED ( 1, 3, 4, 6 )" in header
+
+
+def test_our_reader_agrees_with_zarr_python_on_the_same_files(tmp_path):
+    make_store(tmp_path, "zarr", failed=FAILED)
+    r = open_store(tmp_path)
+    arr = zarr.open_array(str(tmp_path / "features.zarr" / "region_features"), mode="r")
+    for vid in r.video_ids:
+        assert r[vid]["region_features"].tobytes() == arr[r.row_of(vid)].tobytes()

@@ -1,0 +1,321 @@
+"""The training loop: AdamW, warmup + cosine, clipping, bf16 autocast on CUDA, accumulation, DDP
+(torchrun; gloo on CPU, nccl on GPU), checkpoints every N steps and on exit, exact resume."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from train.config import TrainConfig
+from train.data import EpochSampler, SplitData, geom_dim, load_split
+from train.evaluate import evaluate
+from train.model import VideoTextModel
+from train.objectives import Objectives, TextBatch
+from train.text import CaptionTokenizer, frozen_token_features, load_minilm, resolve_model_dir
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+
+
+class RunError(ValueError):
+    """The run folder cannot be used as asked (existing run without --resume, missing checkpoint...)."""
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_pref: str) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; gloo on CPU, nccl on CUDA."""
+    use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(0, 1, torch.device("cuda" if use_cuda else "cpu"))
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if use_cuda else "cpu"))
+
+
+def lr_lambda(cfg: TrainConfig):
+    o = cfg.optim
+
+    def f(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        progress = min(1.0, (step - o.warmup_steps) / max(1, o.steps - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def text_batch(cfg: TrainConfig, captions: list[str], cache_dir: Path | None) -> TextBatch:
+    model_dir = resolve_model_dir(cfg.text.model_dir)
+    tokens = CaptionTokenizer(model_dir, cfg.text.max_tokens, cfg.text.long_captions)(captions)
+    inputs = frozen_token_features(model_dir, tokens, cache_dir) if cfg.text.frozen else tokens.ids
+    return TextBatch(inputs, tokens.mask, tokens.phrase)
+
+
+def build_model(cfg: TrainConfig, signature: dict) -> VideoTextModel:
+    torch.manual_seed(cfg.run.seed)  # seeded init: the same config gives the same weights
+    minilm = None if cfg.text.frozen else load_minilm(resolve_model_dir(cfg.text.model_dir))
+    return VideoTextModel(cfg, signature["Df"], signature["Dr"], geom_dim(cfg.model.units, signature["T"]),
+                          signature["T"], minilm)
+
+
+def _optimizer(model: VideoTextModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay, text = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("text.minilm."):
+            text.append(p)
+        elif p.ndim < 2 or "logit_scale" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if text:
+        groups.append({"params": text, "weight_decay": cfg.optim.weight_decay, "lr": cfg.optim.text_lr})
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def load_checkpoint(run: str | Path) -> dict:
+    path = Path(run)
+    path = path / CHECKPOINT if path.is_dir() else path
+    if not path.is_file():
+        raise RunError(f"no checkpoint at {str(path)!r}; give a run folder written by `vlpcache train` "
+                       f"(it holds {CHECKPOINT}) or a checkpoint file")
+    # Checkpoints hold RNG states (numpy arrays, python tuples): written by us, loaded with the full unpickler.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line; on resume, lines after the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in keep))
+        elif path.exists():
+            path.unlink()
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+
+def plot_curves(metrics: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln]
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for key in sorted({k for r in train for k in r if k.startswith("loss")}):
+        axes[0].plot([r["step"] for r in train if key in r], [r[key] for r in train if key in r], label=key)
+    axes[0].set(xlabel="step", ylabel="loss", title="training loss")
+    axes[0].legend(fontsize=7)
+    for key in ("t2v_R@1", "v2t_R@1", "binding_acc", "moment_R@1_IoU0.5"):
+        pts = [(r["step"], r[key]) for r in evals if key in r]
+        if pts:
+            axes[1].plot(*zip(*pts), marker="o", label=key)
+    axes[1].set(xlabel="step", ylabel="%", title="validation")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, features: str, out: str | Path, resume: bool = False):
+        self.cfg, self.features, self.out = cfg.validate(), features, Path(out)
+        self.dist = setup_distributed(cfg.run.device)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        ckpt_path = self.out / CHECKPOINT
+        if ckpt_path.exists() and not resume:
+            raise RunError(f"{str(self.out)!r} already holds a run ({CHECKPOINT}); pass --resume to continue it "
+                           "or choose a new --out")
+        self.ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
+        if self.ckpt is not None and self.ckpt["config"] != cfg.to_dict():
+            raise RunError(f"--resume with a config that differs from the run's ({ckpt_path}); "
+                           "resume with the same config (it is saved in config.json)")
+        c = cfg.data
+        self.train_split, self.signature = load_split(features, c.split, cfg.model.units, cfg.model.max_units, c.max_videos,
+                                            expected=self.ckpt["store"] if self.ckpt else None)
+        cache = Path(cfg.text.cache_dir) if cfg.text.cache_dir else self.out / "text_cache"
+        self.train_text = text_batch(cfg, self.train_split.captions, cache)
+        self.eval_split: SplitData | None = None
+        if c.eval_split:
+            self.eval_split, _ = load_split(features, c.eval_split, cfg.model.units, cfg.model.max_units,
+                                            expected=self.signature)
+            self.eval_text = text_batch(cfg, self.eval_split.captions, cache)
+        self.model = build_model(cfg, self.signature).to(self.dist.device)
+        self.objectives = Objectives(self.model, cfg, self.dist.rank, self.dist.world_size)
+        self.wrapped: nn.Module = self.objectives
+        if self.dist.world_size > 1:
+            self.wrapped = nn.parallel.DistributedDataParallel(
+                self.objectives, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None,
+                find_unused_parameters=True)
+        self.optimizer = _optimizer(self.model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.sampler = EpochSampler(len(self.train_split), cfg.optim.batch_size, cfg.run.seed,
+                                    self.dist.rank, self.dist.world_size)
+        self.step = 0
+        if self.ckpt is not None:
+            self._restore(self.ckpt)
+        self._mark_resume_point()
+
+    def _mark_resume_point(self) -> None:
+        """What a checkpoint records as "the next step starts here" (taken between steps only, so a
+        checkpoint written after an interrupted step replays that step exactly)."""
+        self._resume_point = (self.step, self.sampler.state_dict(), _rng_state())
+
+    def _restore(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.sampler.load_state_dict(ckpt["sampler"])
+        _set_rng_state(ckpt["rng"][self.dist.rank])
+        self.step = ckpt["step"]
+        log.info("resumed %s at step %d", self.out, self.step)
+
+    def checkpoint(self) -> None:
+        step, sampler, rng_state = self._resume_point
+        rng = [rng_state]
+        if self.dist.world_size > 1:
+            import torch.distributed as dist
+
+            rng = [None] * self.dist.world_size
+            dist.all_gather_object(rng, rng_state)
+        if not self.dist.main:
+            return
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "sampler": sampler, "rng": rng,
+                 "step": step, "config": self.cfg.to_dict(), "store": self.signature,
+                 "world_size": self.dist.world_size}
+        save_atomic(state, self.out / CHECKPOINT)
+        log.info("checkpoint at step %d -> %s", self.step, self.out / CHECKPOINT)
+
+    def _micro_batches(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        n = self.cfg.optim.accum_steps
+        return [part for part in idx.chunk(n) if len(part)]
+
+    def train_step(self) -> dict[str, float]:
+        self.wrapped.train()
+        idx = self.sampler.next()
+        parts = self._micro_batches(idx)
+        device, use_amp = self.dist.device, self.cfg.optim.amp and self.dist.device.type == "cuda"
+        gen = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + self.step * self.dist.world_size + self.dist.rank)
+        totals: dict[str, float] = {}
+        for i, part in enumerate(parts):
+            sync = nullcontext() if i == len(parts) - 1 or self.dist.world_size == 1 else self.wrapped.no_sync()
+            vb = self.train_split.batch(part).to(device)
+            t = self.train_text
+            tb = TextBatch(t.inputs[part], t.mask[part], t.phrase[part]).to(device)
+            with sync, torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                terms = self.wrapped(vb, tb, gen)
+                loss = sum(terms.values()) / len(parts)
+                loss.backward()
+            for k, v in terms.items():
+                totals[f"loss_{k}"] = totals.get(f"loss_{k}", 0.0) + float(v.detach()) / len(parts)
+        if self.cfg.optim.grad_clip > 0:
+            totals["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self._mark_resume_point()
+        totals["loss"] = sum(v for k, v in totals.items() if k.startswith("loss_"))
+        return totals
+
+    def run_eval(self) -> dict[str, float]:
+        return evaluate(self.model, self.cfg, self.eval_split, self.eval_text, self.dist.device,
+                        self.dist.rank, self.dist.world_size)
+
+    def fit(self) -> dict[str, float]:
+        cfg, r = self.cfg, self.cfg.run
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        metrics = MetricsLog(self.out / "metrics.jsonl", self.step if self.ckpt else None) if self.dist.main else None
+        last_eval: dict[str, float] = {}
+        start, failed = time.time(), True
+        try:
+            while self.step < cfg.optim.steps:
+                record = self.train_step()
+                if metrics and (self.step % r.log_every == 0 or self.step == cfg.optim.steps):
+                    metrics.write({"kind": "train", "step": self.step, "lr": self.scheduler.get_last_lr()[0],
+                                   "scale": float(self.model.scale()), "elapsed_s": time.time() - start, **record})
+                    log.info("step %d/%d loss %.4f", self.step, cfg.optim.steps, record["loss"])
+                if self.eval_split is not None and (self.step % r.eval_every == 0 or self.step == cfg.optim.steps):
+                    last_eval = self.run_eval()
+                    if metrics:
+                        metrics.write({"kind": "eval", "step": self.step, "split": cfg.data.eval_split, **last_eval})
+                        log.info("eval step %d: %s", self.step, _brief(last_eval))
+                if r.ckpt_every and self.step % r.ckpt_every == 0 and self.step < cfg.optim.steps:
+                    self.checkpoint()
+            failed = False
+        finally:
+            if failed and self.dist.world_size > 1:
+                log.warning("not checkpointing after an error in a %d-process run (the other ranks may be gone); "
+                            "resume from the last periodic checkpoint", self.dist.world_size)
+            else:
+                self.checkpoint()  # on exit, Ctrl-C included: completed steps are never lost
+            if metrics and metrics.path.exists():
+                plot_curves(metrics.path, self.out / "curves.png")
+        return last_eval
+
+
+def _brief(m: dict[str, float]) -> str:
+    keys = ("t2v_R@1", "v2t_R@1", "binding_acc", "moment_R@1_IoU0.5")
+    return " ".join(f"{k}={m[k]:.1f}" for k in keys if k in m)
