@@ -20,11 +20,12 @@ class Clip:
 
     frames: list[np.ndarray]  # T × [H, W, 3] uint8 RGB, after the decode-time resize policy
     times: np.ndarray  # [T] float32, presentation time in seconds of each returned frame
-    indices: np.ndarray  # [T] int64, index of each returned frame in decode order of the stream
-    valid: np.ndarray  # [T] bool, False where a frame repeats/pads a video shorter than the plan
+    indices: np.ndarray  # [T] int64, index of each returned frame among all frames a full decode yields
+    #                      (display order); -1 = a black padding frame
+    valid: np.ndarray  # [T] bool, False where a slot pads or repeats a frame an earlier slot already holds
     width: int  # source width before resize (after rotation)
     height: int  # source height before resize (after rotation)
-    flags: tuple[str, ...] = ()  # e.g. ("short", "keyframe", "rotated") -> recorded in the shard ledger
+    flags: tuple[str, ...] = ()  # "short", "keyframe", "rotated", "sequential" -> recorded in the shard ledger
 
 
 @dataclass

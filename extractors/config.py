@@ -20,6 +20,7 @@ FRAME_MODELS = ("efficientnet_lite0", "resnet50", "vit_b_16")
 REGION_KINDS = ("detector", "given", "grid")
 DETECTOR_MODELS = ("fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_resnet50_fpn_v2")
 REGION_BACKBONES = ("detector", "frame_encoder")
+TRUNK_LEVELS = ("multi", "head")
 AMP_DTYPES = ("none", "bf16", "fp16")
 
 
@@ -94,6 +95,7 @@ class RegionConfig:
     backbone: str = "detector"  # given/grid: "detector" (FPN + box head, 1024-d) or "frame_encoder" (RoIAlign)
     trunk_weights: str = "pkg:efficientnet_lite0"  # frame_encoder backbone, when not shared with the frame encoder
     grid_size: int = 3  # grid: grid_size^2 cells (must be <= max_boxes)
+    levels: str = "multi"  # frame_encoder backbone: "multi" = stride 32+16+8 maps (1432-d), "head" = stride 32 (1280-d)
     roi_size: int = 3  # frame_encoder backbone: RoIAlign output size before average pooling
     region_input_size: int = 320  # frame_encoder backbone: frames are resized to this square before the trunk
     batch_size: int = 16  # frames per forward pass
@@ -104,9 +106,10 @@ class RegionConfig:
         _choice("regions.detector", self.detector, DETECTOR_MODELS)
         _choice("regions.backbone", self.backbone, REGION_BACKBONES)
         _choice("regions.amp", self.amp, AMP_DTYPES)
+        _choice("regions.levels", self.levels, TRUNK_LEVELS)
         for name in ("max_boxes", "grid_size", "roi_size", "region_input_size", "batch_size"):
             _positive(f"regions.{name}", getattr(self, name))
-        if not 0 <= self.min_boxes <= self.max_boxes:
+        if self.kind == "detector" and not 0 <= self.min_boxes <= self.max_boxes:
             raise ValueError(f"regions.min_boxes must be in [0, max_boxes={self.max_boxes}], got {self.min_boxes}")
         for name in ("score_threshold", "nms_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:

@@ -2,7 +2,7 @@
 
 When the region features come from the same EfficientNet-Lite0 trunk as the frame features, the trunk
 runs once per frame for both: the frame feature is the global average of the feature map that the
-RoIs are pooled from (frames squashed to regions.region_input_size^2, no crop).
+RoIs are pooled from (its head map; frames squashed to regions.region_input_size^2, no crop).
 """
 from __future__ import annotations
 
@@ -53,9 +53,9 @@ class ExtractionStage:
         with self.runtime.context():
             for start in range(0, len(frames), self.cfg.regions.batch_size):
                 sl = slice(start, start + self.cfg.regions.batch_size)
-                fmap = feat.feature_map(frames[sl])  # [b, C, h, w]
-                frame_feats.append(fmap.float().mean(dim=(2, 3)).cpu().numpy())  # [b, C]
-                region_feats += feat.pool(fmap, frames[sl], boxes[sl])
+                maps = feat.feature_maps(frames[sl])  # maps[0]: head [b, 1280, h, w]
+                frame_feats.append(maps[0].float().mean(dim=(2, 3)).cpu().numpy())  # [b, 1280]
+                region_feats += feat.pool(maps, frames[sl], boxes[sl])
         scores = [np.ones(len(b), np.float32) for b in boxes]
         regions = pad_regions(boxes, scores, classes, region_feats, frames, source.max_boxes, source.dim)
         frame = np.concatenate(frame_feats) if frame_feats else np.zeros((0, self.frame_dim), np.float32)

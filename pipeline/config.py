@@ -50,7 +50,9 @@ class RunConfig:
     num_cpus: int = 0  # CPUs of the embedded Ray (0 = all cores of this machine)
     model_actors: int = 1  # long-lived actors holding the frame encoder + region source
     actor_gpus: float = 0.0  # GPUs per model actor (1 on GPU nodes)
-    actor_cpus: float = 1.0  # CPUs reserved per model actor (also its torch threads)
+    actor_cpus: float = 1.0  # CPUs reserved per model actor
+    actor_threads: int = 0  # torch threads per model holder, both runners (0 = actor_cpus, at least 1);
+    # on CPU the thread count changes a forward pass's bits: keep it fixed across reruns of one store
     decode_cpus: float = 1.0  # CPUs reserved per decode task
     device: str = "cpu"  # torch device of the models ("cuda" with actor_gpus=1)
     batch_videos: int = 8  # videos whose frames go through one forward pass (fixed per shard: bitwise resume)

@@ -2,10 +2,10 @@
 
 Every reader returns the rows in a deterministic order (the manifest's order; for a video2dataset
 folder, sorted by shard folder then key), because row i of the store is manifest row i and the shard
-plan is cut from that order. A row that cannot be extracted (duplicate id, empty caption, an id that
+plan is cut from that order. A row that cannot be extracted (empty caption, an id that
 would escape the output folder as a path, a malformed duration) keeps its place with `error` set: the
 pipeline records it as a failed video in the shard ledger, so it is never lost silently. A manifest
-that cannot be read at all (missing file, missing columns) raises ManifestError.
+that cannot be read at all (missing file, missing columns, duplicate ids) raises ManifestError.
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def read_manifest(
         rows, kind = _read_jsonl(source, root), "generic"
     else:
         rows, kind = _read_csv(source, root, fmt, path_template)
-    _mark_bad_rows(rows)
+    _mark_bad_rows(rows, source)
     log.info("manifest %s (%s): %d rows, %d unusable", source, kind, len(rows), sum(r.error is not None for r in rows))
     return Manifest(rows=rows, source=str(source), format=kind)
 
@@ -223,14 +223,19 @@ def _video2dataset_row(shard: Path, key: str) -> ManifestRow:
     return _row(key, str(mp4_path), caption, meta, error)
 
 
-def _mark_bad_rows(rows: list[ManifestRow]) -> None:
-    """Duplicate ids, empty captions and path-unsafe ids become per-video failures, in place."""
+def _mark_bad_rows(rows: list[ManifestRow], source: Path) -> None:
+    """Empty captions and path-unsafe ids become per-video failures, in place. Duplicate ids are a
+    manifest error: the store is keyed by video_id, so a second row with an id cannot be recorded."""
     first_row: dict[str, int] = {}
+    duplicates = []
     for i, row in enumerate(rows):
+        if row.video_id in first_row:
+            duplicates.append(f"{row.video_id!r} (rows {first_row[row.video_id]} and {i})")
+        first_row.setdefault(row.video_id, i)
         if row.error is None:
             row.error = unsafe_id_reason(row.video_id)
-        if row.error is None and row.video_id in first_row:
-            row.error = f"duplicate video_id {row.video_id!r} (first at manifest row {first_row[row.video_id]}); make ids unique"
         if row.error is None and not row.caption:
             row.error = f"empty caption for video_id {row.video_id!r}; give every row a caption"
-        first_row.setdefault(row.video_id, i)
+    if duplicates:
+        shown = ", ".join(duplicates[:5]) + (f" and {len(duplicates) - 5} more" if len(duplicates) > 5 else "")
+        raise ManifestError(f"manifest {source} has duplicate video_id(s): {shown}; make the ids unique (drop or rename the repeats)")

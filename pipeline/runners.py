@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import JobConfig
+from pipeline.config import ConfigError, JobConfig, RunConfig
 from pipeline.shard import ShardJob, ShardProgress, ShardResult, process_shard
 from pipeline.work import Decoded, DecodeStatus, Decoder, Encoded, ModelRunner, VideoTask
 from stores.schema import Dims
@@ -69,6 +68,12 @@ class _Attempts:
         return ShardRetry(index, attempt, message, ok, failed), True
 
 
+def model_threads(run: RunConfig) -> int:
+    """Torch threads of a model holder, the same for both runners: on CPU the thread count changes
+    the bits of a forward pass, and a resumed or compared run must reproduce them."""
+    return run.actor_threads or max(1, int(run.actor_cpus))
+
+
 class LocalExecutor:
     """Runs each stage in this process, when asked: handles are the results themselves."""
 
@@ -94,7 +99,7 @@ class LocalRunner:
 
     def __init__(self, config: JobConfig) -> None:
         run = config.run
-        self.model = ModelRunner(config.extractor, run.device)
+        self.model = ModelRunner(config.extractor, run.device, model_threads(run))
         need_boxes = self.model.config.regions.kind == "given"
         self.executor = LocalExecutor(Decoder(self.model.config.sampling, run.timeout_s, need_boxes), self.model)
         self.retries = run.shard_retries
@@ -130,6 +135,8 @@ def ray_init(address: str, num_cpus: int) -> bool:
     this process started Ray (and must shut it down)."""
     import ray
 
+    if ray.is_initialized():  # a caller (a test, a notebook) runs Ray already: use it, leave it running
+        return False
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
         log.info("joining the Ray cluster at %s", address)
@@ -210,29 +217,40 @@ class RayRunner:
     at once; decode tasks and model actors do the compute."""
 
     def __init__(self, config: JobConfig) -> None:
-        import ray
-
         from extractors.config import ExtractorConfig
 
-        run = config.run
-        self.run_config = run
+        self.run_config = run = config.run
+        self.actors: list[Any] = []
         self.started = ray_init(run.ray_address, run.num_cpus)
-        threads = max(1, int(run.actor_cpus)) if run.actor_gpus > 0 else (run.num_cpus or os.cpu_count() or 1)
+        try:
+            self._dims = self._start_actors(config)
+        except BaseException:
+            self.close()
+            raise
+        extractor = ExtractorConfig.from_dict(config.extractor)
+        decoder = Decoder(extractor.sampling, run.timeout_s, extractor.regions.kind == "given")
+        import ray
+
+        self.decoder_ref = ray.put(decoder)
+        self.shard_task = ray.remote(_shard_task).options(num_cpus=0, max_retries=0)
+
+    def _start_actors(self, config: JobConfig) -> Dims:
+        """Start the model actors and wait until their models are built (a bad weights file fails here)."""
+        import ray
+
+        run = config.run
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        if run.actor_gpus * run.model_actors > gpus:
+            raise ConfigError(
+                f"run.actor_gpus={run.actor_gpus} x run.model_actors={run.model_actors} needs more GPUs than the Ray "
+                f"cluster has ({gpus:g}); on CPU use --set run.actor_gpus=0 --set run.device=cpu"
+            )
+        threads = model_threads(run)
         actor_cls = ray.remote(_ModelActor).options(
             num_cpus=run.actor_cpus, num_gpus=run.actor_gpus, max_restarts=-1, max_task_retries=0
         )
-        # On CPU the actor's torch may use every core: decode and write tasks are light next to it.
         self.actors = [actor_cls.remote(config.extractor, run.device, threads) for _ in range(run.model_actors)]
-        try:
-            dims = ray.get([a.dims.remote() for a in self.actors])
-        except Exception:
-            self.close()
-            raise
-        self._dims = dims[0]
-        sampling = ExtractorConfig.from_dict(config.extractor).sampling
-        need_boxes = ExtractorConfig.from_dict(config.extractor).regions.kind == "given"
-        self.decoder_ref = ray.put(Decoder(sampling, run.timeout_s, need_boxes))
-        self.shard_task = ray.remote(_shard_task).options(num_cpus=0, max_retries=0)
+        return ray.get([a.dims.remote() for a in self.actors])[0]
 
     @property
     def dims(self) -> Dims:
@@ -277,9 +295,10 @@ class RayRunner:
     def close(self) -> None:
         import ray
 
+        for actor in self.actors:
+            ray.kill(actor)
         if self.started and ray.is_initialized():
             ray.shutdown()
-        time.sleep(0)
 
 
 def make_runner(config: JobConfig) -> LocalRunner | RayRunner:

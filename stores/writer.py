@@ -229,7 +229,8 @@ class ShardWriter:
         return ledger
 
     def abort(self) -> None:
-        """Drop the partial shard; the committed state (if any) is untouched."""
+        """Drop the partial shard. Before commit() the committed state (if any) is untouched; after a failure
+        inside commit() the shard may be left pending (old ledger removed), never visible half-written."""
         self._close()
 
     def _close(self) -> None:

@@ -9,7 +9,7 @@ from _extractors_helpers import made_videos, real_videos  # noqa: F401 (fixtures
 from extractors import build_extraction_stage, build_frame_encoder, build_region_source, extractor_provenance
 from extractors.config import ExtractorConfig, FrameEncoderConfig, RegionConfig, SamplingConfig
 from extractors.decode import decode_clip
-from extractors.encoders import PKG_EFFICIENTNET_LITE0, load_state_dict, map_by_order, resolve_weights
+from extractors.encoders import PKG_EFFICIENTNET_LITE0, load_state_dict, map_by_order, resolve_weights, to_batch
 from extractors.regions import DetectorRoIFeatures, given_boxes_for_clip
 
 
@@ -80,7 +80,7 @@ def check_regions(regions, n_frames, k, dim):
         assert (real[:, 2] >= real[:, 0]).all() and (real[:, 3] >= real[:, 1]).all()
         assert (regions.classes[i, :c] >= 0).all() and (regions.classes[i, c:] == -1).all()
         assert not regions.features[i, c:].any() and not regions.boxes[i, c:].any()
-        assert np.abs(regions.features[i, :c]).sum(axis=1).min() > 0
+        assert c == 0 or np.abs(regions.features[i, :c]).sum(axis=1).min() > 0
 
 
 def test_detector_boxes_counts_padding_and_final_box_features(frames):
@@ -122,7 +122,7 @@ def test_detector_selection_is_bottom_up_style():
     assert torch.equal(kept, torch.stack([box, box + 100, box + 1]))
 
 
-@pytest.mark.parametrize("backbone, dim", [("detector", 1024), ("frame_encoder", 1280)])
+@pytest.mark.parametrize("backbone, dim", [("detector", 1024), ("frame_encoder", 1432)])
 def test_grid_regions(frames, backbone, dim):
     regions = build_region_source(RegionConfig(kind="grid", grid_size=2, max_boxes=6, backbone=backbone))(frames)
     check_regions(regions, len(frames), 6, dim)
@@ -134,7 +134,7 @@ def test_given_regions_mark_absent_objects(frames):
     source = build_region_source(RegionConfig(kind="given", max_boxes=3, backbone="frame_encoder"))
     boxes = [np.array([[0, 0, 40, 40], [np.nan] * 4, [20, 20, 60, 70]], np.float32)] * len(frames)
     regions = source(frames, boxes)
-    check_regions(regions, len(frames), 3, 1280)
+    check_regions(regions, len(frames), 3, 1432)
     assert regions.counts.tolist() == [2] * len(frames) and regions.classes[0].tolist() == [0, 2, -1]
     with pytest.raises(ValueError, match="one box array per frame"):
         source(frames, None)
@@ -148,7 +148,12 @@ def test_shared_trunk_stage_matches_separate_stages(frames):
     out = stage(frames)
     alone = build_region_source(ExtractorConfig.from_dict(raw).regions)(frames)
     assert np.allclose(out.regions.features, alone.features, atol=1e-5)
-    assert out.frame_features.shape == (len(frames), 1280)
+    assert out.frame_features.shape == (len(frames), 1280) and out.regions.features.shape[-1] == 1432
+    # the frame feature is the global average of the same head map the RoIs come from: the trunk ran once
+    with torch.inference_mode():
+        x = to_batch(frames, 320, crop=False, device=torch.device("cpu"))
+        head = stage.trunk.forward_features(x).mean(dim=(2, 3)).numpy()
+    assert np.allclose(out.frame_features, head, atol=1e-5)
     prov = extractor_provenance(ExtractorConfig.from_dict(raw))
     assert prov["shared_trunk"] and len(prov["weights_sha256"]["frame_encoder"]) == 64
     assert prov == extractor_provenance(ExtractorConfig.from_dict(raw))
@@ -166,7 +171,7 @@ def test_given_on_demo_corpus_separates_objects(demo_corpus):
         boxes = given_boxes_for_clip(root / row["boxes"], clip)
         assert len(boxes) == 6 and all(b.shape[1] == 4 for b in boxes)
         regions = source(clip.frames, boxes)
-        check_regions(regions, 6, 4, 1280)
+        check_regions(regions, 6, 4, 1432)
         feats = {}
         for t in range(6):
             for s in range(regions.counts[t]):

@@ -35,7 +35,6 @@ def test_generic_csv_keeps_extra_columns_and_resolves_paths(tmp_path):
 def test_bad_rows_become_failures_in_place_never_dropped(tmp_path):
     m = write_csv(tmp_path / "m.csv", ["video_id", "path", "caption"], [
         ["a", "a.mp4", "ok"],
-        ["a", "a2.mp4", "duplicate id"],
         ["b", "b.mp4", "   "],
         ["../evil", "c.mp4", "escapes"],
         ["x/y", "d.mp4", "separator"],
@@ -44,14 +43,20 @@ def test_bad_rows_become_failures_in_place_never_dropped(tmp_path):
         ["g", "", "no path"],
     ])
     rows = read_manifest(m).rows
-    assert len(rows) == 8
+    assert len(rows) == 7
     assert rows[0].error is None
-    assert "duplicate video_id 'a'" in rows[1].error and "row 0" in rows[1].error
-    assert "empty caption" in rows[2].error
-    for row in rows[3:6]:
+    assert "empty caption" in rows[1].error
+    for row in rows[2:5]:
         assert "escape" in row.error or "hide" in row.error
-    assert "empty video_id" in rows[6].error
-    assert "empty path" in rows[7].error
+    assert "empty video_id" in rows[5].error
+    assert "empty path" in rows[6].error
+
+
+def test_duplicate_ids_are_a_manifest_error(tmp_path):
+    m = write_csv(tmp_path / "m.csv", ["video_id", "path", "caption"],
+                  [["a", "a.mp4", "x"], ["b", "b.mp4", "y"], ["a", "c.mp4", "z"]])
+    with pytest.raises(ManifestError, match=r"duplicate video_id\(s\): 'a' \(rows 0 and 2\); make the ids unique"):
+        read_manifest(m)
 
 
 def test_missing_columns_and_missing_file_are_job_errors(tmp_path):

@@ -73,19 +73,20 @@ def test_read_many_maps_each_shard_once_and_reader_pickles(tmp_path):
     assert_row_equal(clone[video_id(5)], 5)
 
 
-def test_concurrent_writers_in_processes_own_their_shards(tmp_path):
-    create_store(tmp_path, "zarr", dims=DIMS, n_videos=8, shard_size=3, provenance=PROVENANCE)
+@pytest.mark.parametrize("backend", ["zarr", "hdf5"])
+def test_concurrent_writers_in_processes_create_and_own_their_shards(tmp_path, backend):
+    """Processes race to create the same fresh store, then each writes its own shards."""
     child = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {HERE!r})
         from _stores_helpers import DIMS, PROVENANCE, fill_shard
         from stores import create_store
-        w = create_store({str(tmp_path)!r}, "zarr", dims=DIMS, n_videos=8, shard_size=3, provenance=PROVENANCE)
+        w = create_store({str(tmp_path)!r}, {backend!r}, dims=DIMS, n_videos=8, shard_size=3, provenance=PROVENANCE)
         for shard in map(int, sys.argv[1:]):
             fill_shard(w, shard)
     """)
-    procs = [subprocess.Popen([sys.executable, "-c", child, *shards]) for shards in (["0", "2"], ["1"])]
-    assert [p.wait() for p in procs] == [0, 0]
+    procs = [subprocess.Popen([sys.executable, "-c", child, *shards]) for shards in (["0"], ["1"], ["2"])]
+    assert [p.wait() for p in procs] == [0, 0, 0]
     assert verify_store(tmp_path).exit_code == 0
     r = open_store(tmp_path, verify_checksums=True)
     for row in range(8):
@@ -150,3 +151,20 @@ def test_bench_runs_and_reports_every_goal(tmp_path):
     assert len(report["goals"]) == 9 and all(g["value"] > 0 for g in report["goals"].values())
     assert report["ms_per_video"]["np.memmap copy (limit)"] > 0
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # layouts cleaned up
+
+
+def test_vlpcache_status_and_verify_commands(tmp_path):
+    """The real CLI dispatch (python -m pipeline) reaches stores.cli; exit codes and JSON as documented."""
+    make_store(tmp_path, "hdf5", shards=(0, 1), failed=(2,))
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True)
+
+    status = run("status", str(tmp_path), "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["failures"] == [{"video_id": video_id(2), "error": "DecodeError: bad video 2"}]
+    verify = run("verify", str(tmp_path), "--json")
+    assert verify.returncode == 2 and json.loads(verify.stdout)["pending_shards"] == [2]
+    (tmp_path / "shards" / "shard-000001.h5").write_bytes(b"not hdf5")
+    verify = run("verify", str(tmp_path))
+    assert verify.returncode == 1 and "BAD shard 1" in verify.stdout

@@ -44,6 +44,14 @@ def _gather_rows(local: dict[str, torch.Tensor], idx: torch.Tensor, n: int, worl
     return out
 
 
+def _cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate on axis 0, zero-padding axis 1 (word units differ in length between chunks)."""
+    if parts[0].ndim < 2:
+        return torch.cat(parts)
+    n = max(p.shape[1] for p in parts)
+    return torch.cat([F.pad(p, (0, 0) * (p.ndim - 2) + (0, n - p.shape[1])) for p in parts])
+
+
 @torch.no_grad()
 def embed_split(model: VideoTextModel, cfg: TrainConfig, split: SplitData, text: TextBatch,
                 device: torch.device, rank: int = 0, world_size: int = 1, chunk: int = 128) -> Embeddings:
@@ -53,14 +61,14 @@ def embed_split(model: VideoTextModel, cfg: TrainConfig, split: SplitData, text:
     pieces: dict[str, list[torch.Tensor]] = {}
     for s in range(0, len(idx), chunk):
         rows = idx[s:s + chunk]
-        vb, tb = split.batch(rows).to(device), TextBatch(text.inputs[rows], text.mask[rows], text.phrase[rows]).to(device)
+        vb, tb = split.batch(rows).to(device), text.rows(rows).to(device)
         vo, to = model.encode_video(vb), model.encode_text(tb.inputs, tb.mask)
         units, umask, regions, rmask = align_inputs(model, vo, to, vb, tb, cfg.loss.align_unit, P)
         got = {"video": model.global_video(vo), "text": model.global_text(to), "text_cls": to.cls,
                "frames": vo.frames, "units": units, "unit_mask": umask, "regions": regions, "region_mask": rmask}
         for k, v in got.items():
             pieces.setdefault(k, []).append(v.float().cpu() if v.is_floating_point() else v.cpu())
-    local = {k: torch.cat(v) for k, v in pieces.items()}
+    local = {k: _cat_padded(v) for k, v in pieces.items()}
     return Embeddings(**_gather_rows(local, idx, len(split), world_size))
 
 

@@ -22,6 +22,12 @@ class TextBatch:
     def to(self, device: torch.device) -> "TextBatch":
         return TextBatch(self.inputs.to(device), self.mask.to(device), self.phrase.to(device))
 
+    def rows(self, idx: torch.Tensor) -> "TextBatch":
+        """The captions idx, cut to their longest real length (padding past it costs time, changes nothing)."""
+        mask = self.mask[idx]
+        L = max(int(mask.sum(1).max()), 1)
+        return TextBatch(self.inputs[idx][:, :L], mask[:, :L], self.phrase[idx][:, :L])
+
 
 def text_units(tokens: torch.Tensor, mask: torch.Tensor, phrase: torch.Tensor, unit: str, P: int = 0
                ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -260,8 +260,7 @@ class Trainer:
         for i, part in enumerate(parts):
             sync = nullcontext() if i == len(parts) - 1 or self.dist.world_size == 1 else self.wrapped.no_sync()
             vb = self.train_split.batch(part).to(device)
-            t = self.train_text
-            tb = TextBatch(t.inputs[part], t.mask[part], t.phrase[part]).to(device)
+            tb = self.train_text.rows(part).to(device)
             with sync, torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 terms = self.wrapped(vb, tb, gen)
                 loss = sum(terms.values()) / len(parts)

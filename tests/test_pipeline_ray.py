@@ -1,0 +1,169 @@
+"""The extraction job on Ray: equal to the in-process runner bit for bit, surviving a killed worker,
+a driver killed with kill -9, and spread over a two-node cluster on loopback."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from _pipeline_helpers import (REPO, assert_same_store, cli, job_config, kill_group, ledgers, partials, start_cli,
+                               tiny_sets, wait_for)
+from pipeline.job import Job
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One embedded Ray on loopback for the in-process tests of this module."""
+    from pipeline.runners import ray_init
+
+    ray_init("", 2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(demo_corpus, tmp_path_factory):
+    """The uninterrupted in-process run every Ray result must equal."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    stats = Job(job_config(demo_corpus["manifest"], out, runner="local")).run()
+    assert stats.videos_ok == len(demo_corpus["rows"]) and stats.exit_reason == ""
+    return out
+
+
+def test_ray_equals_in_process_bitwise(ray_local, demo_corpus, reference, tmp_path):
+    stats = Job(job_config(demo_corpus["manifest"], tmp_path / "out", runner="ray", concurrent_shards=2)).run()
+    assert stats.shards_done == 3 and stats.shard_retries == 0 and stats.exit_reason == ""
+    assert stats.times["encode_s"] > 0 and stats.times["decode_s"] > 0
+    assert_same_store(reference, tmp_path / "out")
+
+
+def test_model_actor_killed_mid_shard_is_retried(ray_local, demo_corpus, reference, tmp_path):
+    out = tmp_path / "out"
+    killed = []
+
+    def kill_when_writing(runner):
+        def killer():
+            # A shard writer is open (partial folder) and no shard committed yet: the actor is mid-shard.
+            wait_for(lambda: partials(out), 120, "a shard writer to open")
+            time.sleep(0.3)
+            pid = runner.actor_pids()[0]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+        threading.Thread(target=killer, daemon=True).start()
+
+    cfg = job_config(demo_corpus["manifest"], out, runner="ray", concurrent_shards=1, shard_retries=3)
+    stats = Job(cfg).run(on_runner_ready=kill_when_writing)
+    assert killed, "the model actor was never killed"
+    assert stats.shard_retries >= 1 and not stats.shards_failed
+    assert_same_store(reference, out)
+
+
+def test_driver_killed_then_rerun_equals_uninterrupted(demo_corpus, reference, tmp_path):
+    """kill -9 of the driver (with its embedded Ray) once a shard is committed; the rerun completes it."""
+    out = tmp_path / "out"
+    args = ["extract", "--manifest", demo_corpus["manifest"], "--out", out, "--shard-size", 4, "--batch-videos", 2,
+            "--set", "run.max_inflight_videos=4", "--no-progress", *tiny_sets()]
+    proc = start_cli(*args, log=tmp_path / "killed.log")
+    try:
+        wait_for(lambda: ledgers(out), 180, "the first shard commit", proc)
+    finally:
+        kill_group(proc)
+    assert len(ledgers(out)) < 3, "the run finished before the kill; nothing was interrupted"
+    rerun = cli(*args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_same_store(reference, out)
+    assert not partials(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["store_created", "first_partial", "first_commit", "second_commit"])
+@pytest.mark.parametrize("runner", ["ray", "local"])
+def test_driver_kill_sweep(demo_corpus, reference, tmp_path, point, runner):
+    out = tmp_path / "out"
+    args = ["extract", "--manifest", demo_corpus["manifest"], "--out", out, "--shard-size", 4, "--batch-videos", 2,
+            "--runner", runner, "--set", "run.max_inflight_videos=4", "--no-progress", *tiny_sets()]
+    reached = {
+        "store_created": lambda: (out / "store.json").exists(),
+        "first_partial": lambda: bool(partials(out)),
+        "first_commit": lambda: len(ledgers(out)) >= 1,
+        "second_commit": lambda: len(ledgers(out)) >= 2,
+    }[point]
+    proc = start_cli(*args, log=tmp_path / "killed.log")
+    try:
+        wait_for(reached, 180, point, proc)
+    finally:
+        kill_group(proc)
+    rerun = cli(*args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_same_store(reference, out)
+
+
+def _ray_cli(*args, env, temp_dir):
+    return subprocess.run([str(REPO / ".venv" / "bin" / "ray"), *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def _pids_of_session(temp_dir: str) -> list[int]:
+    """The Ray processes whose command line names our own --temp-dir (and no one else's)."""
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(temp_dir in part for part in p.info["cmdline"] or []):
+                pids.append(p.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return pids
+
+
+def test_two_node_cluster_on_loopback(demo_corpus, reference, tmp_path):
+    import psutil
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp_dir = f"/tmp/vlpr-{uuid.uuid4().hex[:8]}"  # short: Ray's unix socket paths must stay < 108 chars
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        head = _ray_cli("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
+                        "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}", env=env,
+                        temp_dir=temp_dir)
+        assert head.returncode == 0, head.stderr[-2000:]
+        worker = _ray_cli("start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                          f"--temp-dir={temp_dir}", env=env, temp_dir=temp_dir)
+        assert worker.returncode == 0, worker.stderr[-2000:]
+        out = tmp_path / "out"
+        # One CPU per node: the model actor holds one node's CPU, so every decode task runs on the other node.
+        result = cli("extract", "--manifest", demo_corpus["manifest"], "--out", out, "--ray-address",
+                     f"127.0.0.1:{port}", "--shard-size", 4, "--batch-videos", 2, "--set", "run.max_inflight_videos=4",
+                     "--no-progress", *tiny_sets(), env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert_same_store(reference, out)
+        nodes = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-c",
+                                f"import ray; ray.init(address='127.0.0.1:{port}', log_to_driver=False); "
+                                "print(sum(n['Alive'] for n in ray.nodes()))"],
+                               env=env, capture_output=True, text=True, timeout=120)
+        assert nodes.stdout.strip().splitlines()[-1] == "2", nodes.stderr[-2000:]
+    finally:
+        pids = _pids_of_session(temp_dir)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=15)
+        for pid in _pids_of_session(temp_dir):
+            os.kill(pid, signal.SIGKILL)
