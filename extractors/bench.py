@@ -7,7 +7,7 @@ each clip and method it reports the median CPU seconds (user + sys of this proce
 
 - exact: extractors.decode.decode_clip, exact mode (everything included: open, demux, decode, RGB);
 - keyframe: decode_clip in keyframe mode;
-- decord: decord.VideoReader(...).get_batch(indices) with one thread (open included);
+- decord: decord.VideoReader(path).get_batch(indices), as users call it (open included);
 - full: a full PyAV decode of every frame, RGB only for the targets (open included);
 - refonly: PyAV decoding only the reference frames of the whole clip (skip_frame=NONREF);
 - limit: the decode limit - from the keyframe before each target up to it, non-reference frames
@@ -48,7 +48,7 @@ def targets_of(path: Path, cfg: SamplingConfig) -> np.ndarray:
 def run_decord(path: Path, indices: np.ndarray) -> None:
     import decord
 
-    reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    reader = decord.VideoReader(str(path))  # as users call it (default threads)
     reader.get_batch(list(map(int, indices))).asnumpy()
 
 

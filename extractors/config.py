@@ -39,6 +39,7 @@ class SamplingConfig:
     short_side: int = 0  # resize at decode time so the short side is this many pixels (0 = keep)
     max_side: int = 0  # then cap the long side at this many pixels (0 = no cap)
     threads: int = 1  # decoder threads per video (1: the pipeline parallelises across videos)
+    buffer_mb: int = 256  # files up to this size keep their packets in memory; bigger ones are re-read by seeking
 
     def __post_init__(self) -> None:
         _choice("sampling.plan", self.plan, SAMPLING_PLANS)
@@ -47,7 +48,7 @@ class SamplingConfig:
         for name in ("num_frames", "num_clips", "frames_per_clip", "max_frames", "threads"):
             _positive(f"sampling.{name}", getattr(self, name))
         _positive("sampling.fps", self.fps)
-        for name in ("short_side", "max_side"):
+        for name in ("short_side", "max_side", "buffer_mb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"sampling.{name} must be >= 0 (0 = off), got {getattr(self, name)}")
 

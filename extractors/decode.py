@@ -30,13 +30,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StreamIndex:
-    """The demuxed video stream of one file: packets in decode order and frames in presentation order."""
+    """The demuxed video stream of one file: packets in decode order and frames in display order."""
 
-    packets: list[av.Packet]  # decode order, non-empty packets only
-    order: np.ndarray  # [N] int64, packet position of the i-th frame in presentation order
-    times: np.ndarray  # [N] float64, presentation time of the i-th frame, seconds from the first frame
+    packets: PacketSource  # the non-empty packets of the stream, in decode order
+    pts: np.ndarray  # [P] int64, pts of each packet in decode order
+    order: np.ndarray  # [N] int64, packet position of the i-th frame in display order
+    times: np.ndarray  # [N] float64, presentation time of the i-th frame, seconds from the first shown frame
     end: float  # end time of the last frame, seconds
-    keyframes: np.ndarray  # [nK] int64, presentation indices of the keyframes
+    keyframes: np.ndarray  # [nK] int64, display indices of the shown keyframes
+    key_positions: np.ndarray  # int64, packet positions of every keyframe (shown or not): decode start points
     width: int  # coded width, before rotation
     height: int
     sequential: bool  # packet timestamps do not give the display order (e.g. AVI with B-frames)
@@ -59,7 +61,7 @@ def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConf
         raise DecodeError(f"{path}: no video stream (streams: {', '.join(kinds)}); is it audio-only or not a video?")
     stream = container.streams.video[0]
     _check_complete(stream, path)
-    index = _index(container, stream, path)
+    index = _index(container, stream, path, cfg.buffer_mb)
     try:
         plan = plan_frames(index.times, index.end, cfg, window)
     except ValueError as e:
@@ -97,34 +99,94 @@ def _check_complete(stream: av.video.stream.VideoStream, path: str) -> None:
         )
 
 
-def _index(container: av.container.InputContainer, stream: av.video.stream.VideoStream, path: str) -> StreamIndex:
-    packets = [p for p in container.demux(stream) if p.size > 0]
-    if not packets:
+class PacketSource:
+    """The video stream's non-empty packets in decode order, by position.
+
+    Files up to `buffer_mb` keep every packet in memory after the one demux pass (fastest); bigger
+    files keep only timestamps and re-read each run of packets by seeking to its keyframe.
+    """
+
+    def __init__(self, container: av.container.InputContainer, stream, path: str, keep: bool) -> None:
+        self.container, self.stream, self.path = container, stream, path
+        self.kept: list[av.Packet] | None = [] if keep else None
+        pts, dts, key, discard, duration = [], [], [], [], []
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                continue
+            if self.kept is not None:
+                self.kept.append(packet)
+            pts.append(packet.pts)
+            dts.append(packet.dts)
+            key.append(packet.is_keyframe)
+            discard.append(packet.is_discard)
+            duration.append(packet.duration or 0)
+        self.pts_list, self.dts, self.key, self.discard, self.duration = pts, dts, key, discard, duration
+
+    def __len__(self) -> int:
+        return len(self.pts_list)
+
+    def run(self, start: int, stop: int):
+        """Packets at positions start..stop (inclusive); start must be a keyframe."""
+        if self.kept is not None:
+            yield from self.kept[start : stop + 1]
+            return
+        target_dts = self.dts[start]
+        self.container.seek(int(target_dts if target_dts is not None else self.pts_list[start]),
+                            stream=self.stream, backward=True, any_frame=False)
+        pos = None
+        for packet in self.container.demux(self.stream):
+            if packet.size == 0:
+                continue
+            if pos is None:
+                if packet.pts != self.pts_list[start]:
+                    if packet.dts is not None and target_dts is not None and packet.dts > target_dts:
+                        raise DecodeError(f"{self.path}: seeking to packet {start} overshot it; "
+                                          "the container index is inconsistent: remux the file")
+                    continue
+                pos = start
+            yield packet
+            if pos == stop:
+                return
+            pos += 1
+        if pos is None or pos < stop:
+            raise DecodeError(f"{self.path}: packets {start}..{stop} could not be read again after seeking")
+
+
+def _index(container: av.container.InputContainer, stream, path: str, buffer_mb: int) -> StreamIndex:
+    keep = not os.path.isfile(path) or os.path.getsize(path) <= buffer_mb * 2**20
+    packets = PacketSource(container, stream, path, keep)
+    if not len(packets):
         raise DecodeError(f"{path}: the video stream holds no packets (empty or truncated file)")
-    if any(p.pts is None for p in packets):
+    if any(p is None for p in packets.pts_list):
         raise DecodeError(
             f"{path}: video packets without timestamps (raw elementary stream?); remux it first, "
             "e.g. `ffmpeg -i IN -c copy OUT.mp4`"
         )
-    pts = np.array([p.pts for p in packets], dtype=np.int64)  # [N] decode order
-    order = np.argsort(pts, kind="stable")  # presentation order -> packet position
-    if len(np.unique(pts)) != len(pts):
+    pts = np.array(packets.pts_list, dtype=np.int64)  # [P] decode order
+    # packets an edit list cuts away (is_discard) are decoded as references but never shown
+    shown = np.flatnonzero(~np.array(packets.discard, dtype=bool))
+    if not len(shown):
+        raise DecodeError(f"{path}: the edit list hides every frame of the video stream")
+    order = shown[np.argsort(pts[shown], kind="stable")]  # [N] display index -> packet position
+    sorted_pts = pts[order]
+    if len(np.unique(sorted_pts)) != len(sorted_pts):
         raise DecodeError(f"{path}: duplicate frame timestamps in the video stream; remux or re-encode it")
     tb = float(stream.time_base)
-    sorted_pts = pts[order]
-    times = (sorted_pts - sorted_pts[0]) * tb  # [N]
-    last = packets[int(order[-1])]
-    step = last.duration if last.duration else (np.median(np.diff(sorted_pts)) if len(pts) > 1 else 1 / tb / 25)
-    is_key = np.array([packets[int(i)].is_keyframe for i in order])  # [N] presentation order
-    if not is_key.any():
+    times = (sorted_pts - sorted_pts[0]) * tb  # [N] seconds from the first shown frame
+    last_duration = packets.duration[int(order[-1])]
+    step = last_duration or (np.median(np.diff(sorted_pts)) if len(order) > 1 else 1 / tb / 25)
+    key = np.array(packets.key, dtype=bool)  # [P] decode order
+    if not key[order].any():
         raise DecodeError(f"{path}: the video stream has no keyframe; cannot decode from any point")
     cc = stream.codec_context
     return StreamIndex(
         packets=packets,
+        pts=pts,
         order=order.astype(np.int64),
         times=times,
         end=float(times[-1] + step * tb),
-        keyframes=np.flatnonzero(is_key).astype(np.int64),
+        keyframes=np.flatnonzero(key[order]).astype(np.int64),
+        key_positions=np.flatnonzero(key).astype(np.int64),
         width=cc.width,
         height=cc.height,
         # frames are reordered (B-frames) yet timestamps rise in decode order: they are decode times
@@ -149,17 +211,18 @@ def _decode_targets(
     cfg: SamplingConfig,
     path: str,
 ) -> tuple[dict[int, np.ndarray], int]:
-    """Decode the frames at presentation indices `targets`; one decoder pass per GOP holding targets.
+    """Decode the frames at display indices `targets`; one decoder pass per GOP holding targets.
 
     Returns the RGB frames by index and the display rotation (degrees counter-clockwise) they carried.
     """
     out: dict[int, np.ndarray] = {}
     rotation = 0
     for start, stop, wanted in _groups(index, targets):
-        pts_wanted = {index.packets[int(index.order[i])].pts: i for i in wanted}
-        for frame in _feed(cc, index.packets[start : stop + 1], set(pts_wanted)):
+        pts_wanted = {int(index.pts[index.order[i]]): i for i in wanted}
+        for frame in _feed(cc, index.packets.run(start, stop), set(pts_wanted)):
             i = pts_wanted.get(frame.pts)
             if i is not None:
+                _check_intact(frame, i, path)
                 rotation = _rotation(frame)
                 out[i] = _to_rgb(frame, rotation, cfg)
         missing = [i for i in wanted if i not in out]
@@ -175,9 +238,10 @@ def _decode_sequential(
 ) -> tuple[dict[int, np.ndarray], int]:
     """Fallback when only the decoder knows the display order: the i-th frame out is frame i."""
     wanted, out, rotation = set(targets), {}, 0
-    frames = _feed(cc, index.packets, set(), skip="DEFAULT")
+    frames = _feed(cc, index.packets.run(0, len(index.packets) - 1), set(), skip="DEFAULT")
     for i, frame in enumerate(frames):
         if i in wanted:
+            _check_intact(frame, i, path)
             rotation = _rotation(frame)
             out[i] = _to_rgb(frame, rotation, cfg)
             if len(out) == len(wanted):
@@ -195,19 +259,19 @@ def _groups(index: StreamIndex, targets: list[int]) -> list[tuple[int, int, list
     The first packet is the keyframe before the target in decode order whose time is not after the
     target's (an open-GOP leading frame needs the keyframe before that).
     """
-    key_pos = np.array(sorted(int(index.order[k]) for k in index.keyframes))  # packet positions of keyframes
-    key_pts = np.array([index.packets[p].pts for p in key_pos])
+    key_pos = index.key_positions
+    key_pts = index.pts[key_pos]
     runs: dict[int, list[int]] = {}
     for i in targets:
         pos = int(index.order[i])
-        pts = index.packets[pos].pts
+        pts = index.pts[pos]
         ok = np.flatnonzero((key_pos <= pos) & (key_pts <= pts))
-        start = int(key_pos[ok[-1]]) if len(ok) else int(key_pos[0])
+        start = int(key_pos[ok[-1]]) if len(ok) else 0
         runs.setdefault(start, []).append(i)
     return [(s, max(int(index.order[i]) for i in w), w) for s, w in sorted(runs.items())]
 
 
-def _feed(cc, packets: list[av.Packet], target_pts: set[int], skip: str = "NONREF"):
+def _feed(cc, packets, target_pts: set[int], skip: str = "NONREF"):
     """Decode `packets` from a clean decoder state; non-reference non-targets are skipped."""
     cc.flush_buffers()
     try:
@@ -220,6 +284,12 @@ def _feed(cc, packets: list[av.Packet], target_pts: set[int], skip: str = "NONRE
     finally:
         cc.skip_frame = "DEFAULT"
         cc.flush_buffers()
+
+
+def _check_intact(frame: av.VideoFrame, index: int, path: str) -> None:
+    """A frame the decoder concealed errors in is not the frame the video holds: never pass it on."""
+    if frame.is_corrupt:
+        raise DecodeError(f"{path}: frame {index} decoded with errors (corrupt data); re-download or re-encode it")
 
 
 def _rotation(frame: av.VideoFrame) -> int:
@@ -264,7 +334,7 @@ def video_info(path: str) -> dict:
         with av.open(str(path), metadata_errors="ignore") as container:
             if not container.streams.video:
                 raise DecodeError(f"{path}: no video stream")
-            index = _index(container, container.streams.video[0], str(path))
+            index = _index(container, container.streams.video[0], str(path), buffer_mb=0)
     except (av.FFmpegError, OSError) as e:
         raise DecodeError(f"{path}: {type(e).__name__}: {e}") from e
     return {"frames": len(index.times), "duration": index.end, "width": index.width, "height": index.height,

@@ -12,6 +12,9 @@ from extractors.encoders import resolve_weights
 from extractors.stage import shares_trunk
 
 
+RUNTIME_ONLY = (("sampling", "threads"), ("sampling", "buffer_mb"), ("frame_encoder", "batch_size"), ("regions", "batch_size"))
+
+
 @lru_cache(maxsize=16)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
     del size, mtime_ns  # part of the cache key only: a rewritten file is hashed again
@@ -43,11 +46,14 @@ def extractor_provenance(cfg: ExtractorConfig) -> dict:
     else:
         prov.models["regions"] = f"{r.kind}:efficientnet_lite0-roialign"
         prov.weights_sha256["regions"] = weights_id(r.trunk_weights, r.seed)
+    config = cfg.to_dict()
+    for section, key in RUNTIME_ONLY:  # how fast, not what: changing them must not block a resume
+        config[section].pop(key)
     versions = {name: importlib.metadata.version(name) for name in ("torch", "torchvision", "timm", "av")}
     return {
         "models": prov.models,
         "weights_sha256": prov.weights_sha256,
         "shared_trunk": shares_trunk(cfg),
-        "config": cfg.to_dict(),
+        "config": config,
         "versions": versions,
     }

@@ -45,7 +45,7 @@ def real_videos() -> list[Path]:
 
 @pytest.fixture(scope="session")
 def made_videos(tmp_path_factory) -> dict[str, Path]:
-    """Small clips made here: x264 defaults (B-heavy), bframes=0, VFR, rotated, over-reported AVI."""
+    """Small clips made here: x264 defaults (B-heavy), bframes=0, VFR, rotated, over-reported AVI, edit list."""
     root = tmp_path_factory.mktemp("made_videos")
     out = {
         "bheavy": make_clip(root / "bheavy.mp4", 160, 96, seconds=4, fps=30),
@@ -62,6 +62,11 @@ def made_videos(tmp_path_factory) -> dict[str, Path]:
         avi = root / "plain.avi"
         subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(out["bheavy"]), "-c", "copy", str(avi)], check=True)
         out["overreported"] = overreport_avi(avi, root / "overreported.avi", frames=5000)
+        # cut mid-GOP without re-encoding: an mp4 edit list hides the frames before 1.5 s (is_discard)
+        gop30 = make_clip(root / "gop30.mp4", 96, 64, seconds=4, fps=30, x264_params="keyint=30")
+        out["editlist"] = root / "editlist.mp4"
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-ss", "1.5", "-i", str(gop30), "-c", "copy",
+                        str(out["editlist"])], check=True)
     return out
 
 

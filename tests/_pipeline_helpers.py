@@ -112,3 +112,33 @@ def partials(out) -> list[str]:
 def copy_corpus(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def start_worker_node(gcs_address: str, temp_dir: str, env: dict) -> subprocess.Popen:
+    """A second Ray node on loopback, in its own process group (the caller kills the group).
+
+    `ray start --address` cannot do this: with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (needed to keep every
+    listener on 127.0.0.1) it refuses to start a worker node, and with it on it rewrites 127.0.0.1 to the
+    machine's address and binds every interface. This runs the same ray._private.node.Node that
+    `ray start --address` constructs, with the loopback settings."""
+    proc = subprocess.Popen([sys.executable, __file__, "worker-node", gcs_address, temp_dir], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    line = proc.stdout.readline()
+    if "node started" not in line:
+        proc.kill()
+        raise AssertionError(f"worker node did not start: {line}{proc.stdout.read()[-2000:]}")
+    return proc
+
+
+def _worker_node_main(gcs_address: str, temp_dir: str) -> None:
+    from ray._private.node import Node
+    from ray._private.parameter import RayParams
+
+    params = RayParams(gcs_address=gcs_address, node_ip_address="127.0.0.1", num_cpus=1, temp_dir=temp_dir)
+    Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
+    print("node started", flush=True)
+    time.sleep(3600)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["worker-node"]:
+    _worker_node_main(sys.argv[2], sys.argv[3])

@@ -14,6 +14,7 @@ PLANS = {
     "clips": SamplingConfig(plan="clips", num_clips=3, frames_per_clip=4),
     "fps": SamplingConfig(plan="fps", fps=3.0, max_frames=12),
     "dense": SamplingConfig(num_frames=40),
+    "keyframe": SamplingConfig(num_frames=6, mode="keyframe"),
 }
 
 
@@ -37,10 +38,10 @@ def assert_exact(path, cfg, window=None, rotation_k=0):
 def test_every_plan_exact_on_real_h264(real_videos, plan):
     for path in real_videos:
         clip = assert_exact(path, PLANS[plan])
-        assert clip.flags.count("keyframe") == 0
+        assert ("keyframe" in clip.flags) == (plan == "keyframe")
 
 
-@pytest.mark.parametrize("name", ["bheavy", "pheavy", "vfr", "overreported"])
+@pytest.mark.parametrize("name", ["bheavy", "pheavy", "vfr", "overreported", "editlist"])
 def test_every_plan_exact_on_made_clips(made_videos, name):
     for cfg in PLANS.values():
         assert_exact(made_videos[name], cfg)
@@ -79,6 +80,10 @@ def test_window_limits_frames_to_the_span(made_videos):
     path = made_videos["bheavy"]
     clip = assert_exact(path, SamplingConfig(num_frames=6), window=(1.0, 2.0))
     assert (clip.times >= 1.0 - 1e-6).all() and (clip.times < 2.0).all()
+    for cfg in PLANS.values():
+        if cfg.mode == "exact":
+            times = assert_exact(path, cfg, window=(1.0, 3.0)).times
+            assert (times >= 1.0 - 1e-6).all() and (times < 3.0).all()
     with pytest.raises(Exception, match="window"):
         decode_clip(str(path), SamplingConfig(), window=(10.0, 12.0))
 
@@ -144,3 +149,30 @@ def test_resize_policy_short_and_max_side(real_videos):
     full = full_decode(path)[clip.indices[0]]
     small = full.reshape(144, 5, 256, 5, 3).mean(axis=(1, 3))
     assert np.abs(small - clip.frames[0].astype(np.float64)).mean() < 6
+
+
+def test_exact_with_decoder_threads(made_videos):
+    """skip_frame is applied per packet also when FFmpeg decodes with several threads."""
+    for threads in (2, 3):
+        assert_exact(made_videos["bheavy"], SamplingConfig(num_frames=8, threads=threads))
+        assert_exact(made_videos["bheavy"], SamplingConfig(plan="clips", num_clips=3, frames_per_clip=3, threads=threads))
+
+
+def test_edit_list_hidden_frames_are_not_frames(made_videos):
+    path = made_videos["editlist"]
+    with av.open(str(path)) as c:
+        packets = [p for p in c.demux(video=0) if p.size]
+    hidden = sum(p.is_discard for p in packets)
+    shown = len(full_decode_digests(path))
+    assert hidden > 0 and shown == len(packets) - hidden, "the test file must hide frames with an edit list"
+    clip = decode_clip(str(path), SamplingConfig(num_frames=8))
+    assert clip.indices.tolist() == [int((i + 0.5) * shown / 8) for i in range(8)] and clip.times[0] < 0.2
+
+
+def test_seek_path_for_big_files_is_exact(made_videos, real_videos):
+    """buffer_mb=0: packets are not held in memory but re-read by seeking to each run's keyframe."""
+    names = ["bheavy", "pheavy", "vfr", "overreported", "editlist", "rot90"]
+    for path in [made_videos[n] for n in names] + list(real_videos):
+        k = 1 if path == made_videos["rot90"] else 0
+        for cfg in (PLANS["uniform"], PLANS["clips"], PLANS["keyframe"]):
+            assert_exact(path, SamplingConfig(**{**cfg.__dict__, "buffer_mb": 0}), rotation_k=k)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from _pipeline_helpers import (REPO, assert_same_store, cli, job_config, kill_group, ledgers, partials, start_cli,
-                               tiny_sets, wait_for)
+                               start_worker_node, tiny_sets, wait_for)
 from pipeline.job import Job
 
 ray = pytest.importorskip("ray")
@@ -107,27 +108,17 @@ def test_driver_kill_sweep(demo_corpus, reference, tmp_path, point, runner):
     assert_same_store(reference, out)
 
 
-def _ray_cli(*args, env, temp_dir):
-    return subprocess.run([str(REPO / ".venv" / "bin" / "ray"), *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=120)
-
-
-def _pids_of_session(temp_dir: str) -> list[int]:
-    """The Ray processes whose command line names our own --temp-dir (and no one else's)."""
-    import psutil
-
-    pids = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
+def _kill_group(pgid: int) -> None:
+    """Stop a Ray node we started: every process of its process group, by that group only."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
-            if any(temp_dir in part for part in p.info["cmdline"] or []):
-                pids.append(p.info["pid"])
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return pids
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        time.sleep(2)
 
 
 def test_two_node_cluster_on_loopback(demo_corpus, reference, tmp_path):
-    import psutil
     import socket
 
     with socket.socket() as s:
@@ -137,14 +128,18 @@ def test_two_node_cluster_on_loopback(demo_corpus, reference, tmp_path):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
            "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
+    groups = []
     try:
-        head = _ray_cli("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
-                        "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}", env=env,
-                        temp_dir=temp_dir)
-        assert head.returncode == 0, head.stderr[-2000:]
-        worker = _ray_cli("start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                          f"--temp-dir={temp_dir}", env=env, temp_dir=temp_dir)
-        assert worker.returncode == 0, worker.stderr[-2000:]
+        # `ray start` leaves its daemons in its own process group: that group is what we stop after.
+        head = subprocess.Popen([str(REPO / ".venv" / "bin" / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+                                 f"--port={port}", "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats",
+                                 f"--temp-dir={temp_dir}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        groups.append(head.pid)
+        head_log = head.communicate(timeout=120)[0]
+        assert head.returncode == 0, head_log[-2000:]
+        node = start_worker_node(f"127.0.0.1:{port}", temp_dir, env)
+        groups.append(node.pid)
         out = tmp_path / "out"
         # One CPU per node: the model actor holds one node's CPU, so every decode task runs on the other node.
         result = cli("extract", "--manifest", demo_corpus["manifest"], "--out", out, "--ray-address",
@@ -152,18 +147,10 @@ def test_two_node_cluster_on_loopback(demo_corpus, reference, tmp_path):
                      "--no-progress", *tiny_sets(), env=env)
         assert result.returncode == 0, result.stderr[-3000:]
         assert_same_store(reference, out)
-        nodes = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-c",
-                                f"import ray; ray.init(address='127.0.0.1:{port}', log_to_driver=False); "
-                                "print(sum(n['Alive'] for n in ray.nodes()))"],
+        nodes = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='127.0.0.1:{port}', "
+                                "log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))"],
                                env=env, capture_output=True, text=True, timeout=120)
         assert nodes.stdout.strip().splitlines()[-1] == "2", nodes.stderr[-2000:]
     finally:
-        pids = _pids_of_session(temp_dir)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=15)
-        for pid in _pids_of_session(temp_dir):
-            os.kill(pid, signal.SIGKILL)
+        for pgid in reversed(groups):
+            _kill_group(pgid)

@@ -104,19 +104,18 @@ def test_clip_word_aligned_beats_shuffled_and_ignores_padding():
     assert torch.allclose(loss(clips, clips, other_padding, mask, shift), aligned)
 
 
-def test_temporal_aware_part_prefers_ordered_neighbours():
-    """Keys that follow the queries' order (with the shift embeddings that encode it) beat reversed keys."""
+def test_temporal_aware_part_encodes_order():
+    """Shift +1 points to direction u, shift -1 to w; keys drift from w to u over time. The loss is lower
+    when the clips are in that order than when the same clips are reversed in time."""
     B, C, E = 3, 4, 16
-    keys = _unit(B, C, E, seed=7)
-    shift = torch.zeros(2, E)
-    queries = keys.clone()
-    loss = ClipWordLoss(temporal_weight=1.0)
-    # with the query of clip c equal to key c + 1 (and shift +1 learned as 0), order is recoverable
-    forward = F.normalize(keys[:, [1, 2, 3, 3]], dim=-1)
-    ordered = loss._temporal(forward, keys, shift)
-    reversed_ = loss._temporal(F.normalize(keys[:, [0, 0, 1, 2]], dim=-1), keys, shift)
-    assert ordered.isfinite() and reversed_.isfinite()
-    assert loss._temporal(queries, keys, shift) > 0
+    u, w = torch.eye(E)[0], torch.eye(E)[1]
+    c = torch.arange(C, dtype=torch.float)[:, None]
+    keys = F.normalize(c * u + (C - 1 - c) * w, dim=-1)[None].repeat(B, 1, 1)  # [B, C, E]
+    keys = F.normalize(keys + 0.05 * _unit(B, C, E, seed=13), dim=-1)
+    queries = torch.zeros(B, C, E)
+    shift = torch.stack([w, u]) * 3  # embeddings of shift -1 and +1
+    loss = ClipWordLoss(temperature=0.07, temporal_weight=1.0)
+    assert loss._temporal(queries, keys, shift) < loss._temporal(queries, keys.flip(1), shift) - 0.1
 
 
 def test_localization_loss_and_targets():

@@ -32,8 +32,7 @@ class SplitData:
         return len(self.video_ids)
 
     def batch(self, idx: torch.Tensor) -> VideoBatch:
-        v = self.video.index(idx)
-        return VideoBatch(v.frames.float(), v.frame_mask, v.units.float(), v.unit_geom, v.unit_frame, v.unit_mask)
+        return self.video.index(idx).float()
 
 
 def geom_dim(units: str, T: int) -> int:
@@ -46,8 +45,7 @@ def store_signature(reader) -> dict:
     return {"format_version": reader.store_meta.format_version, "T": d.T, "K": d.K, "Df": d.Df, "Dr": d.Dr}
 
 
-def check_signature(reader, expected: dict, what: str) -> None:
-    got = store_signature(reader)
+def check_signature(got: dict, expected: dict, what: str) -> None:
     diff = {k: (expected.get(k), got[k]) for k in got if expected.get(k) != got[k]}
     if diff:
         raise DataError(f"store {what} does not match the checkpoint: " +
@@ -63,13 +61,15 @@ def _centre_size(boxes: np.ndarray) -> np.ndarray:
 
 def track_tokens(a: dict[str, np.ndarray], max_units: int) -> tuple[np.ndarray, ...]:
     """One token per region class per video (with "given" boxes, class = object index = one object).
-    Where a class has several boxes in a frame, the best-scoring one is its box there."""
+    Where a class has several boxes in a frame, the best-scoring one is its box there.
+    -> features [N, R, Dr], geometry [N, R, 7T], frame index [N, R] (= T), mask [N, R], class [N, R]."""
     feats, boxes, classes, scores = (a["region_features"], a["region_boxes"], a["region_classes"],
                                      a["region_scores"].astype(np.float32))
     N, T, K, Dr = feats.shape
     out_f = np.zeros((N, max_units, Dr), np.float16)  # [N, R, Dr]
     out_g = np.zeros((N, max_units, T, TRACK_GEOM), np.float32)  # [N, R, T, 7]
     out_m = np.zeros((N, max_units), bool)  # [N, R]
+    out_c = np.full((N, max_units), -1, np.int64)  # [N, R] region class of each track
     for n in range(N):
         cls = classes[n]  # [T, K]
         present = sorted(set(cls[cls >= 0].tolist()))
@@ -88,9 +88,10 @@ def track_tokens(a: dict[str, np.ndarray], max_units: int) -> tuple[np.ndarray, 
             step[:-1] = (cs[1:, :2] - cs[:-1, :2]) * both[:, None] * 10.0  # displacement to the next frame
             out_g[n, j] = np.concatenate([cs, here[:, None], step], axis=1)
             out_m[n, j] = True
+            out_c[n, j] = c
     R = max(1, int(out_m.sum(1).max()))  # drop slots no video uses
     unit_frame = np.full((N, R), T, np.int64)
-    return out_f[:, :R], out_g[:, :R].reshape(N, R, T * TRACK_GEOM), unit_frame, out_m[:, :R]
+    return out_f[:, :R], out_g[:, :R].reshape(N, R, T * TRACK_GEOM), unit_frame, out_m[:, :R], out_c[:, :R]
 
 
 def region_tokens(a: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
@@ -113,12 +114,21 @@ def region_tokens(a: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
             frame.reshape(N, T * K).astype(np.int64), real.reshape(N, T * K))
 
 
+def video_batch(a: dict[str, np.ndarray], units: str, max_units: int) -> VideoBatch:
+    """Store arrays of N videos -> video tokens (features kept in float16)."""
+    tokens = track_tokens(a, max_units)[:4] if units == "track" else region_tokens(a)
+    unit_f, unit_g, unit_t, unit_m = (torch.from_numpy(np.ascontiguousarray(x)) for x in tokens)
+    frames = torch.from_numpy(np.ascontiguousarray(a["frame_features"].astype(np.float16)))  # [N, T, Df]
+    return VideoBatch(frames, torch.ones(frames.shape[:2], dtype=torch.bool), unit_f.half(), unit_g.float(),
+                      unit_t, unit_m)
+
+
 def load_split(features: str, split: str, units: str, max_units: int, max_videos: int = 0,
                expected: dict | None = None) -> tuple[SplitData, dict]:
     """Read the videos of `split` ("" = all stored videos) into memory as video tokens."""
     reader = open_store(features)
     if expected is not None:
-        check_signature(reader, expected, repr(features))
+        check_signature(store_signature(reader), expected, repr(features))
     ids = [v for v in reader.video_ids if not split or reader.meta(v).get("split", "") == split]
     if max_videos:
         ids = ids[:max_videos]
@@ -127,14 +137,10 @@ def load_split(features: str, split: str, units: str, max_units: int, max_videos
         raise DataError(f"split {split!r} of store {features!r} has no stored videos (splits present: {splits}, "
                         f"{len(reader.video_ids)} videos stored ok); pick another split or check `vlpcache status`")
     a = reader.read_many(ids)
-    tokens = track_tokens(a, max_units) if units == "track" else region_tokens(a)
-    unit_f, unit_g, unit_t, unit_m = (torch.from_numpy(np.ascontiguousarray(x)) for x in tokens)
-    frames = torch.from_numpy(np.ascontiguousarray(a["frame_features"].astype(np.float16)))  # [N, T, Df]
-    video = VideoBatch(frames, torch.ones(frames.shape[:2], dtype=torch.bool), unit_f.half(), unit_g.float(),
-                       unit_t, unit_m)
+    video = video_batch(a, units, max_units)
     twins = [reader.meta(v).get("twin", "") for v in ids]
     log.info("split %r of %s: %d videos, T=%d, %d %s tokens per video", split, features, len(ids),
-             reader.dims.T, unit_f.shape[1], units)
+             reader.dims.T, video.units.shape[1], units)
     return SplitData(ids, list(a["caption"]), twins, np.asarray(a["frame_times"]), video), store_signature(reader)
 
 

@@ -58,6 +58,20 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
+def _unit_attention(a: torch.Tensor, um: torch.Tensor, rm: torch.Tensor, lam: float) -> torch.Tensor:
+    """Units attend to regions: a normalised over the units (masked), focal softmax over regions."""
+    a_u = F.normalize(a * um, dim=2)
+    return _focal_attention(a_u, rm.expand_as(a_u), lam)
+
+
+def unit_region_attention(units: torch.Tensor, unit_mask: torch.Tensor, regions: torch.Tensor,
+                          region_mask: torch.Tensor, lam: float = 20.0) -> torch.Tensor:
+    """The weights alpha_tk with which each unit (phrase/word) of one text attends to each region of one
+    video: units [P, E], regions [R, E] -> [P, R] (rows of padded units are meaningless)."""
+    a = F.leaky_relu(units @ regions.t(), 0.1)[None, None]  # [1, 1, P, R]
+    return _unit_attention(a, unit_mask[None, None, :, None], region_mask[None, None, None, :], lam)[0, 0]
+
+
 def alignment_similarity(units: torch.Tensor, unit_mask: torch.Tensor, regions: torch.Tensor,
                          region_mask: torch.Tensor, lam: float = 20.0) -> torch.Tensor:
     """DemoVLP's bidirectional fine-grained score S_loc = S_w->r + S_r->w for every text-video pair.
@@ -65,13 +79,10 @@ def alignment_similarity(units: torch.Tensor, unit_mask: torch.Tensor, regions: 
     units [Bt, P, E] (phrases or words) and regions [Bv, R, E], both L2-normalised, with masks
     [Bt, P] / [Bv, R] (True = real). Returns [Bt, Bv]. Padding never contributes on either side.
     """
-    dots = torch.einsum("ipe,jre->ijpr", units, regions)  # [Bt, Bv, P, R]
-    a = F.leaky_relu(dots, 0.1)
+    a = F.leaky_relu(torch.einsum("ipe,jre->ijpr", units, regions), 0.1)  # [Bt, Bv, P, R]
     um = unit_mask[:, None, :, None]  # [Bt, 1, P, 1]
     rm = region_mask[None, :, None, :]  # [1, Bv, 1, R]
-    # units attend to regions: a normalised over the units (masked), softmax over regions
-    a_u = F.normalize(a * um, dim=2)
-    alpha = _focal_attention(a_u, rm.expand_as(a_u), lam)  # [Bt, Bv, P, R]
+    alpha = _unit_attention(a, um, rm, lam)  # [Bt, Bv, P, R]
     ctx = torch.einsum("ijpr,jre->ijpe", alpha, regions)  # [Bt, Bv, P, E]
     s_u2r = _masked_mean(F.cosine_similarity(units[:, None], ctx, dim=-1), unit_mask[:, None].float())
     # regions attend to units: a normalised over the regions (masked), softmax over units

@@ -35,6 +35,11 @@ class VideoBatch:
     def index(self, idx: torch.Tensor) -> "VideoBatch":
         return VideoBatch(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
 
+    def float(self) -> "VideoBatch":
+        """Features cast to float32 (they are kept in float16 in memory, as in the store)."""
+        return VideoBatch(self.frames.float(), self.frame_mask, self.units.float(), self.unit_geom.float(),
+                          self.unit_frame, self.unit_mask)
+
 
 @dataclass
 class VideoOut:

@@ -163,13 +163,14 @@ def plot_curves(metrics: Path, png: Path) -> None:
     for key in sorted({k for r in train for k in r if k.startswith("loss")}):
         axes[0].plot([r["step"] for r in train if key in r], [r[key] for r in train if key in r], label=key)
     axes[0].set(xlabel="step", ylabel="loss", title="training loss")
-    axes[0].legend(fontsize=7)
     for key in ("t2v_R@1", "v2t_R@1", "binding_acc", "moment_R@1_IoU0.5"):
         pts = [(r["step"], r[key]) for r in evals if key in r]
         if pts:
             axes[1].plot(*zip(*pts), marker="o", label=key)
     axes[1].set(xlabel="step", ylabel="%", title="validation")
-    axes[1].legend(fontsize=7)
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=80)
     plt.close(fig)
@@ -186,6 +187,8 @@ class Trainer:
             raise RunError(f"{str(self.out)!r} already holds a run ({CHECKPOINT}); pass --resume to continue it "
                            "or choose a new --out")
         self.ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
         if self.ckpt is not None and self.ckpt["config"] != cfg.to_dict():
             raise RunError(f"--resume with a config that differs from the run's ({ckpt_path}); "
                            "resume with the same config (it is saved in config.json)")
@@ -284,7 +287,6 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         cfg, r = self.cfg, self.cfg.run
         if self.dist.main:
-            self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         metrics = MetricsLog(self.out / "metrics.jsonl", self.step if self.ckpt else None) if self.dist.main else None
         last_eval: dict[str, float] = {}
@@ -294,7 +296,7 @@ class Trainer:
                 record = self.train_step()
                 if metrics and (self.step % r.log_every == 0 or self.step == cfg.optim.steps):
                     metrics.write({"kind": "train", "step": self.step, "lr": self.scheduler.get_last_lr()[0],
-                                   "scale": float(self.model.scale()), "elapsed_s": time.time() - start, **record})
+                                   "scale": float(self.model.scale().detach()), "elapsed_s": time.time() - start, **record})
                     log.info("step %d/%d loss %.4f", self.step, cfg.optim.steps, record["loss"])
                 if self.eval_split is not None and (self.step % r.eval_every == 0 or self.step == cfg.optim.steps):
                     last_eval = self.run_eval()
