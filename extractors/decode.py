@@ -59,7 +59,7 @@ def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConf
     if not container.streams.video:
         kinds = sorted({s.type for s in container.streams}) or ["none"]
         raise DecodeError(f"{path}: no video stream (streams: {', '.join(kinds)}); is it audio-only or not a video?")
-    stream = container.streams.video[0]
+    stream = container.streams.best("video")  # FFmpeg's choice: skips cover art (attached pictures)
     _check_complete(stream, path)
     index = _index(container, stream, path, cfg.buffer_mb)
     try:
@@ -334,7 +334,7 @@ def video_info(path: str) -> dict:
         with av.open(str(path), metadata_errors="ignore") as container:
             if not container.streams.video:
                 raise DecodeError(f"{path}: no video stream")
-            index = _index(container, container.streams.video[0], str(path), buffer_mb=0)
+            index = _index(container, container.streams.best("video"), str(path), buffer_mb=0)
     except (av.FFmpegError, OSError) as e:
         raise DecodeError(f"{path}: {type(e).__name__}: {e}") from e
     return {"frames": len(index.times), "duration": index.end, "width": index.width, "height": index.height,

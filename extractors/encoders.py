@@ -105,6 +105,7 @@ def map_by_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor
 def build_trunk(model: str, input_size: int, weights: str, seed: int) -> tuple[nn.Module, int]:
     """The pooled-feature network for `model` and its feature width, weights loaded or seeded."""
     path = resolve_weights(weights)
+    log.info("%s: %s", model, f"weights {path}" if path else f"seeded random init (seed {seed})")
     with seeded(seed):
         if model == "efficientnet_lite0":
             import timm

@@ -28,16 +28,20 @@ def make_clip(
     fps: int = 30,
     x264_params: str = "",
     frame_times: list[float] | None = None,
+    codec: str = "libx264",
 ) -> Path:
-    """Write an H.264 mp4 (x264 defaults: GOP 250, 3 B-frames; x264_params e.g. "bframes=0").
+    """Write a clip (default H.264 with x264 defaults: GOP 250, 3 B-frames; x264_params e.g. "bframes=0").
 
     frame_times: explicit presentation times in seconds, for a variable-frame-rate clip.
+    codec: another FFmpeg encoder (libx265, libvpx-vp9, mpeg4) for the container that `path` names.
     """
     path = Path(path)
     times = frame_times if frame_times is not None else [i / fps for i in range(int(round(seconds * fps)))]
     options = {"x264-params": x264_params} if x264_params else {}
+    if codec == "libx265":
+        options = {"x265-params": "log-level=error"}
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps, options=options)
+        stream = container.add_stream(codec, rate=fps, options=options)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         time_base = Fraction(1, 90000)
         stream.codec_context.time_base = time_base

@@ -162,6 +162,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`, recursing into mappings (a later config file refines an earlier one)."""
+    merged = dict(base)
+    for key, value in over.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """`section.key[.sub]=value` (value parsed as YAML) set in the nested dict `data`, in place.
     Keys are checked when the dict is turned into a JobConfig / ExtractorConfig."""

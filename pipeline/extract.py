@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, JobConfig, apply_override, job_config_from_dict, load_yaml
+from pipeline.config import ConfigError, JobConfig, apply_override, deep_merge, job_config_from_dict, load_yaml
 from pipeline.manifest import ManifestError
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     src = p.add_argument_group("input")
     src.add_argument("--dataset", help="read configs/datasets/NAME.yaml (e.g. demo, webvid); flags override it")
-    src.add_argument("--config", type=Path, help="a job config YAML (sections input, run, extractor)")
+    src.add_argument("--config", type=Path, help="a job config YAML (sections input, run, extractor), merged over --dataset's")
     src.add_argument("--manifest", help="CSV/JSONL manifest, WebVid CSV, or a video2dataset output folder")
     src.add_argument("--video-root", help="folder that relative video paths resolve against (default: the manifest's)")
     src.add_argument("--format", choices=("auto", "generic", "webvid", "video2dataset"), help="manifest format (default auto)")
@@ -76,11 +76,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[JobConfig, dict[str, Any] 
     """Config file(s), then flags, then --set; returns the config and the dataset's demo section."""
     data: dict[str, Any] = dataset_config(args.dataset) if args.dataset else {}
     if args.config:
-        for section, values in load_yaml(args.config).items():
-            if isinstance(values, dict) and isinstance(data.get(section), dict):
-                data[section] = {**data[section], **values}
-            else:
-                data[section] = values
+        data = deep_merge(data, load_yaml(args.config))
     for flag, (section, key) in FLAG_KEYS.items():
         value = getattr(args, flag)
         if value is not None:

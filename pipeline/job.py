@@ -114,20 +114,34 @@ class Job:
         stats = RunStats(str(self.out), run.runner, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
         stats.n_videos = len(self.manifest)
         start = time.perf_counter()
-        runner = make_runner(self.config)
-        try:
-            store_args = self._store_args(runner.dims)
+        jobs = None
+        existing = self._existing_dims()
+        if existing is not None:  # a rerun: find the work left before building any model
+            store_args = self._store_args(existing)
             jobs = self._pending_jobs(store_args, stats)
+        if jobs == []:
             save_config(self.config, self.extractor, self.out / CONFIG_FILE)
-            if on_runner_ready is not None:
-                on_runner_ready(runner)
-            self._consume(runner.run(jobs), jobs, stats)
-        finally:
-            runner.close()
+        else:
+            runner = make_runner(self.config)
+            try:
+                store_args = self._store_args(runner.dims)  # checks the models' dims against an existing store
+                jobs = self._pending_jobs(store_args, stats)
+                save_config(self.config, self.extractor, self.out / CONFIG_FILE)
+                if on_runner_ready is not None:
+                    on_runner_ready(runner)
+                self._consume(runner.run(jobs), jobs, stats)
+            finally:
+                runner.close()
         stats.wall_s = time.perf_counter() - start
         stats.videos_per_s = (stats.videos_ok + stats.videos_failed) / stats.wall_s if stats.wall_s else 0.0
         self._finish(stats)
         return stats
+
+    def _existing_dims(self):
+        from stores import open_store
+        from stores.ledger import Layout
+
+        return open_store(self.out).dims if Layout(self.out).store_json.exists() else None
 
     def _store_args(self, dims) -> dict[str, Any]:
         from stores import create_store

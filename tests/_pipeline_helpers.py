@@ -12,27 +12,18 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import job_config_from_dict
+from pipeline.config import job_config_from_dict, load_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A real, seeded EfficientNet-Lite0 at a small input size; the "grid" regions are RoI-pooled from the
-# same trunk. Cheap enough for many runs on 2 cores, and still a real forward pass per frame.
-TINY_EXTRACTOR = {
-    "sampling": {"num_frames": 4},
-    "frame_encoder": {"model": "efficientnet_lite0", "input_size": 64, "weights": ""},
-    "regions": {"kind": "grid", "backbone": "frame_encoder", "trunk_weights": "", "region_input_size": 64,
-                "grid_size": 2, "max_boxes": 4, "min_boxes": 0},
-}
+# configs/extract/tiny.yaml: a real, seeded EfficientNet-Lite0 at a small input size; the "grid" regions
+# are RoI-pooled from the same trunk. Cheap enough for many runs on 2 cores, still a real forward pass.
+TINY_EXTRACTOR = load_yaml(REPO / "configs" / "extract" / "tiny.yaml")["extractor"]
 
 
 def tiny_sets() -> list[str]:
-    """TINY_EXTRACTOR as --set arguments for the CLI."""
-    out = []
-    for section, values in TINY_EXTRACTOR.items():
-        for key, value in values.items():
-            out += ["--set", f"extractor.{section}.{key}={value if value != '' else chr(39) * 2}"]
-    return out
+    """TINY_EXTRACTOR for the CLI."""
+    return ["--config", str(REPO / "configs" / "extract" / "tiny.yaml")]
 
 
 def job_config(manifest, out, video_root=None, extractor=None, **run):

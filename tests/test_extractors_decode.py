@@ -41,7 +41,8 @@ def test_every_plan_exact_on_real_h264(real_videos, plan):
         assert ("keyframe" in clip.flags) == (plan == "keyframe")
 
 
-@pytest.mark.parametrize("name", ["bheavy", "pheavy", "vfr", "overreported", "editlist"])
+@pytest.mark.parametrize(
+    "name", ["bheavy", "pheavy", "vfr", "overreported", "editlist", "cover_first", "hevc", "vp9"])
 def test_every_plan_exact_on_made_clips(made_videos, name):
     for cfg in PLANS.values():
         assert_exact(made_videos[name], cfg)
@@ -176,3 +177,10 @@ def test_seek_path_for_big_files_is_exact(made_videos, real_videos):
         k = 1 if path == made_videos["rot90"] else 0
         for cfg in (PLANS["uniform"], PLANS["clips"], PLANS["keyframe"]):
             assert_exact(path, SamplingConfig(**{**cfg.__dict__, "buffer_mb": 0}), rotation_k=k)
+
+
+def test_cover_image_stream_is_not_the_video(made_videos):
+    with av.open(str(made_videos["cover_first"])) as c:
+        assert c.streams.video[0].codec_context.name == "mjpeg", "the test file must list the cover first"
+    clip = decode_clip(str(made_videos["cover_first"]), SamplingConfig(num_frames=4))
+    assert video_info(str(made_videos["cover_first"]))["frames"] == 120 and clip.indices.tolist() == [15, 45, 75, 105]

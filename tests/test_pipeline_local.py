@@ -180,6 +180,10 @@ def test_cli_refuses_what_it_cannot_run(demo_corpus, bad_run, tmp_path, capsys):
             "--set", "extractor.sampling.num_frames=2"]
     assert extract_main(args) == 2
     assert "already holds a store" in capsys.readouterr().err
+    args = ["--manifest", str(demo_corpus["manifest"]), "--out", str(tmp_path / "w"), "--runner", "local", *tiny_sets(),
+            "--set", "extractor.frame_encoder.weights=/nonexistent/weights.pth"]
+    assert extract_main(args) == 2
+    assert "could not build the models" in capsys.readouterr().err and not (tmp_path / "w").exists()
 
 
 def test_webvid_dataset_config_says_what_to_put_where(tmp_path):
@@ -194,3 +198,73 @@ def test_timeout_kills_the_decode(demo_corpus, tmp_path):
     reader = open_store(tmp_path / "out")
     assert stats.videos_failed == len(demo_corpus["rows"]) and reader.status.pending == 0
     assert all("did not finish within" in e for _, e in reader.status.failures)
+
+
+def test_webvid_csv_extraction(demo_corpus, sample_videos, tmp_path):
+    """A results_2M-style CSV, videos at {video_root}/{page_dir}/{videoid}.mp4, one of them absent."""
+    root = tmp_path / "videos"
+    ids = ["1066673279", "1045532581", "31336285"]
+    for vid, src in zip(ids, [sample_videos[2], sample_videos[1]]):
+        (root / "027701_027750").mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, root / "027701_027750" / f"{vid}.mp4")
+    header = ["videoid", "name", "page_idx", "page_dir", "duration", "contentUrl"]
+    with open(tmp_path / "results_2M_val.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for i, vid in enumerate(ids):
+            w.writerow([vid, f"clip number {i}", "5", "027701_027750", "PT00H00M10S", f"https://example.org/{vid}.mp4"])
+    stats = Job(job_config(tmp_path / "results_2M_val.csv", tmp_path / "out", video_root=root, runner="local")).run()
+    reader = open_store(tmp_path / "out")
+    assert reader.video_ids == ids[:2] and stats.videos_failed == 1
+    assert "video file not found" in dict(reader.status.failures)["31336285"]
+    assert reader[ids[0]]["caption"] == "clip number 0"
+    assert reader.meta(ids[0])["duration_s"] == "10.0" and reader.meta(ids[0])["page_dir"] == "027701_027750"
+    times = reader[ids[1]]["frame_times"]
+    assert np.all(np.diff(times) > 0) and times[-1] < 10.0  # 4 frames spread over the 10 s video
+
+
+def test_jsonl_and_video2dataset_extraction(demo_corpus, sample_videos, tmp_path):
+    rows = demo_corpus["rows"][:3]
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_text("".join(json.dumps({"video_id": r["video_id"], "path": r["path"], "caption": r["caption"],
+                                         "split": r["split"], "start": 0.5, "end": 2.5}) + "\n" for r in rows))
+    Job(job_config(jsonl, tmp_path / "out_jsonl", video_root=demo_corpus["root"], runner="local")).run()
+    reader = open_store(tmp_path / "out_jsonl")
+    assert reader.video_ids == [r["video_id"] for r in rows]
+    times = reader[rows[0]["video_id"]]["frame_times"]
+    assert times.min() >= 0.5 and times.max() <= 2.5  # the start/end window was honoured
+
+    v2d = tmp_path / "v2d"
+    for i, src in enumerate(sample_videos[1:]):
+        shard = v2d / f"{i // 2:05d}"
+        shard.mkdir(parents=True, exist_ok=True)
+        key = f"{i // 2:05d}{i % 2:04d}"
+        shutil.copy(src, shard / f"{key}.mp4")
+        (shard / f"{key}.txt").write_text(f"sample {src.stem}")
+        (shard / f"{key}.json").write_text(json.dumps({"key": key, "url": f"http://x/{src.name}", "status": "success"}))
+    stats = Job(job_config(v2d, tmp_path / "out_v2d", runner="local", shard_size=2)).run()
+    reader = open_store(tmp_path / "out_v2d")
+    assert stats.videos_ok == 3 and reader.video_ids == ["000000000", "000000001", "000010000"]
+    assert reader["000000000"]["caption"] == f"sample {sample_videos[1].stem}"
+    assert reader.meta("000000001")["url"] == f"http://x/{sample_videos[2].name}"
+
+
+def test_a_video_the_models_fail_on_fails_alone(demo_corpus):
+    """A real stage behind a fault injector that rejects one video's frames: only that video fails."""
+    from extractors.decode import decode_clip
+    from pipeline.work import Decoded
+
+    runner = ModelRunner(TINY_EXTRACTOR)
+    real = runner.stage
+    clips = [decode_clip(str(demo_corpus["root"] / r["path"]), runner.config.sampling) for r in demo_corpus["rows"][:3]]
+    poison = clips[1].frames[0]
+
+    def picky(frames, given=None):
+        if any(f is poison for f in frames):
+            raise ValueError("unsupported frame (injected)")
+        return real(frames, given)
+
+    runner.stage = picky
+    encoded = runner([Decoded(i, c) for i, c in enumerate(clips)])
+    assert encoded.rows == [0, 2] and list(encoded.errors) == [1]
+    assert encoded.errors[1] == "encode: ValueError: unsupported frame (injected)"

@@ -158,3 +158,12 @@ def test_config_is_strict():
         job_config_from_dict({"input": {"manifest": "m.csv"}}).validate()
     with pytest.raises(ConfigError, match="max_inflight_videos"):
         job_config_from_dict({"input": {"manifest": "m"}, "run": {"out": "o", "batch_videos": 8, "max_inflight_videos": 4}}).validate()
+
+
+def test_config_files_merge_deeply():
+    from pipeline.config import deep_merge
+
+    base = {"run": {"out": "o", "shard_size": 8}, "extractor": {"regions": {"kind": "detector", "max_boxes": 10}}}
+    over = {"run": {"shard_size": 4}, "extractor": {"regions": {"kind": "grid"}, "sampling": {"num_frames": 4}}}
+    assert deep_merge(base, over) == {"run": {"out": "o", "shard_size": 4},
+                                      "extractor": {"regions": {"kind": "grid", "max_boxes": 10}, "sampling": {"num_frames": 4}}}
