@@ -2,6 +2,7 @@
 a driver killed with kill -9, and spread over a two-node cluster on loopback."""
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from _pipeline_helpers import (REPO, assert_same_store, cli, job_config, kill_group, ledgers, partials, start_cli,
+from _pipeline_helpers import (REPO, TINY_EXTRACTOR, assert_same_store, cli, job_config, kill_group, ledgers, partials, start_cli,
                                start_worker_node, tiny_sets, wait_for)
 from pipeline.job import Job
 
@@ -46,26 +47,42 @@ def test_ray_equals_in_process_bitwise(ray_local, demo_corpus, reference, tmp_pa
     assert_same_store(reference, tmp_path / "out")
 
 
-def test_model_actor_killed_mid_shard_is_retried(ray_local, demo_corpus, reference, tmp_path):
+def _wait_busy(pid: int, timeout: float) -> None:
+    """Until process `pid` burns CPU (> 50% over 0.1 s): a model actor in the middle of a forward pass."""
+    import psutil
+
+    proc, deadline = psutil.Process(pid), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = sum(proc.cpu_times()[:2])
+        time.sleep(0.1)
+        if sum(proc.cpu_times()[:2]) - before > 0.05:
+            return
+    raise AssertionError(f"model actor {pid} never got busy within {timeout} s")
+
+
+def test_model_actor_killed_mid_shard_is_retried(ray_local, demo_corpus, tmp_path):
     out = tmp_path / "out"
     killed = []
 
-    def kill_when_writing(runner):
+    def kill_when_encoding(runner):
         def killer():
-            # A shard writer is open (partial folder) and no shard committed yet: the actor is mid-shard.
-            wait_for(lambda: partials(out), 120, "a shard writer to open")
-            time.sleep(0.3)
             pid = runner.actor_pids()[0]
+            wait_for(lambda: partials(out), 120, "a shard writer to open")
+            _wait_busy(pid, 120)  # killed mid-forward, its in-flight call fails: the shard must be retried
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
         threading.Thread(target=killer, daemon=True).start()
 
-    cfg = job_config(demo_corpus["manifest"], out, runner="ray", concurrent_shards=1, shard_retries=3)
-    stats = Job(cfg).run(on_runner_ready=kill_when_writing)
+    # Frames at 192 px: forward passes long enough (~0.5 s a batch) for the kill to land inside one.
+    heavier = copy.deepcopy(TINY_EXTRACTOR)
+    heavier["frame_encoder"]["input_size"] = heavier["regions"]["region_input_size"] = 192
+    Job(job_config(demo_corpus["manifest"], tmp_path / "ref", extractor=heavier, runner="local")).run()
+    cfg = job_config(demo_corpus["manifest"], out, extractor=heavier, runner="ray", concurrent_shards=1, shard_retries=3)
+    stats = Job(cfg).run(on_runner_ready=kill_when_encoding)
     assert killed, "the model actor was never killed"
     assert stats.shard_retries >= 1 and not stats.shards_failed
-    assert_same_store(reference, out)
+    assert_same_store(tmp_path / "ref", out)
 
 
 def test_driver_killed_then_rerun_equals_uninterrupted(demo_corpus, reference, tmp_path):
