@@ -85,6 +85,38 @@ def test_model_actor_killed_mid_shard_is_retried(ray_local, demo_corpus, tmp_pat
     assert_same_store(tmp_path / "ref", out)
 
 
+def _shard_writer_pid() -> int | None:
+    """A Ray worker of ours (a descendant of this process) now running a shard's writer task."""
+    import psutil
+
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "_shard_task" in " ".join(p.cmdline()):
+                return p.pid
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+def test_shard_writer_killed_mid_shard_is_retried(ray_local, demo_corpus, reference, tmp_path):
+    out = tmp_path / "out"
+    killed = []
+
+    def kill_writer(runner):
+        def killer():
+            wait_for(lambda: partials(out) and _shard_writer_pid(), 120, "a shard writer task mid-shard")
+            pid = _shard_writer_pid()
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+        threading.Thread(target=killer, daemon=True).start()
+
+    cfg = job_config(demo_corpus["manifest"], out, runner="ray", concurrent_shards=1, shard_retries=3)
+    stats = Job(cfg).run(on_runner_ready=kill_writer)
+    assert killed and stats.shard_retries >= 1 and not stats.shards_failed
+    assert_same_store(reference, out)
+
+
 def test_driver_killed_then_rerun_equals_uninterrupted(demo_corpus, reference, tmp_path):
     """kill -9 of the driver (with its embedded Ray) once a shard is committed; the rerun completes it."""
     out = tmp_path / "out"
