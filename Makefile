@@ -6,8 +6,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATASET ?= demo
 ARGS ?=
+# An embedded Ray stays on loopback with no token (DESIGN.md); a real cluster keeps its own settings.
+ifeq ($(RAY_ADDRESS),)
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_AUTH_MODE := disabled
+else
+export RAY_ADDRESS
+endif
 export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1

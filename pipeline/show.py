@@ -128,7 +128,7 @@ def main(argv: list[str]) -> int:
                             f"{args.video_id!r}: the video file is not the one that was extracted")
         attention = None
         if args.checkpoint:
-            from train.inspect import caption_attention
+            from train.attention import caption_attention
 
             attention = caption_attention(args.checkpoint, arrays, caption)
         render(frames, arrays, caption, Path(args.png), attention)

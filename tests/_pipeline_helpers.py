@@ -3,7 +3,6 @@ and subprocess runs of the real CLI."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -98,11 +97,6 @@ def ledgers(out) -> list[str]:
 def partials(out) -> list[str]:
     d = Path(out) / ".partial"
     return sorted(p.name for p in d.iterdir()) if d.exists() else []
-
-
-def copy_corpus(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
 
 
 def start_worker_node(gcs_address: str, temp_dir: str, env: dict) -> subprocess.Popen:

@@ -13,12 +13,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+import ray
 
-from _pipeline_helpers import (REPO, TINY_EXTRACTOR, assert_same_store, cli, job_config, kill_group, ledgers, partials, start_cli,
-                               start_worker_node, tiny_sets, wait_for)
+from _pipeline_helpers import (TINY_EXTRACTOR, assert_same_store, cli, job_config, kill_group, ledgers, partials,
+                               start_cli, start_worker_node, tiny_sets, wait_for)
 from pipeline.job import Job
-
-ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +179,7 @@ def test_two_node_cluster_on_loopback(demo_corpus, reference, tmp_path):
     groups = []
     try:
         # `ray start` leaves its daemons in its own process group: that group is what we stop after.
-        head = subprocess.Popen([str(REPO / ".venv" / "bin" / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+        head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
                                  f"--port={port}", "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats",
                                  f"--temp-dir={temp_dir}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)

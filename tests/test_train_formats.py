@@ -2,9 +2,8 @@
 import csv
 import json
 
-import pytest
 
-from train.formats import FormatError, main
+from train.formats import main
 
 
 def _read(path):
