@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --manifest FILE --video-root DIR --out DIR, or --dataset NAME, or --config FILE")
     try:
         config, demo = resolve_config(args)
-        ensure_inputs(config, demo, args.dataset)
+        # A manifest named on the command line is the user's own: never write a demo corpus over it.
+        ensure_inputs(config, None if args.manifest else demo, args.dataset)
         stats = Job(config).run()
     except (ConfigError, ManifestError, StoreError, ValueError) as e:
         print(f"vlpcache extract: error: {e}", file=sys.stderr)
