@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # row name -> (label, overrides on configs/train/ablation.yaml)
 ROWS: dict[str, tuple[str, list[str]]] = {
     "global": ("global contrastive only", []),
-    "word": ("+ naive word-region alignment", ["loss.align_weight=1.0", "loss.align_unit=word"]),
+    "word": ("+ word-region alignment (contextual words)", ["loss.align_weight=1.0", "loss.align_unit=word"]),
     "align": ("+ region-phrase alignment", ["loss.align_weight=1.0"]),
     "clipword": ("+ clip-word / temporal-aware", ["loss.clip_word_weight=0.5"]),
     "loc": ("+ localization (TemPVL)", ["loss.loc_weight=1.0"]),
