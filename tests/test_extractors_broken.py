@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 
 import av
@@ -31,7 +32,8 @@ def broken(tmp_path_factory, made_videos):
     root = tmp_path_factory.mktemp("broken")
     good = made_videos["bheavy"].read_bytes()
     faststart = root / "faststart.mp4"  # moov first, so a cut file still opens and lists every frame
-    os.system(f"ffmpeg -v error -y -i {made_videos['bheavy']} -c copy -movflags +faststart {faststart}")
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(made_videos["bheavy"]), "-c", "copy",
+                    "-movflags", "+faststart", str(faststart)], check=True)
     files = {
         "truncated_moov_last": good[: len(good) // 2],  # moov (the index) at the end is cut off
         "truncated_moov_first": faststart.read_bytes()[: len(good) * 2 // 3],

@@ -57,5 +57,5 @@ def test_trainer_under_ddp_evaluates_every_item(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     evals = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
     assert evals and evals[-1]["videos"] == 10 and evals[-1]["binding_pairs"] == 10
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 4 and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2

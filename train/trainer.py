@@ -101,7 +101,10 @@ def _optimizer(model: VideoTextModel, cfg: TrainConfig) -> torch.optim.Optimizer
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # numpy's key array as a tensor, so checkpoints load with torch.load(weights_only=True)
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -109,7 +112,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -129,8 +133,7 @@ def load_checkpoint(run: str | Path) -> dict:
     if not path.is_file():
         raise RunError(f"no checkpoint at {str(path)!r}; give a run folder written by `vlpcache train` "
                        f"(it holds {CHECKPOINT}) or a checkpoint file")
-    # Checkpoints hold RNG states (numpy arrays, python tuples): written by us, loaded with the full unpickler.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class MetricsLog:
