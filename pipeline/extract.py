@@ -103,12 +103,10 @@ def ensure_inputs(config: JobConfig, demo: dict[str, Any] | None, dataset: str |
             raise ConfigError(f"dataset demo section wrote {made}, but input.manifest is {manifest}: make them agree")
         return
     if config.input.manifest and not manifest.exists():
-        where = f"configs/datasets/{dataset}.yaml" if dataset else "--manifest"
-        hint = (
-            f"manifest {manifest} does not exist. Put the manifest there (or point input.manifest in {where} at it); "
-            f"videos go under {config.input.video_root or manifest.parent}"
-        )
-        if config.input.format in ("webvid", "auto") and "{" in config.input.path_template:
+        fix = f"point input.manifest in configs/datasets/{dataset}.yaml at it" if dataset else "fix --manifest"
+        hint = (f"manifest {manifest} does not exist. Put the manifest there (or {fix}); "
+                f"videos go under {config.input.video_root or manifest.parent}")
+        if config.input.format == "webvid" or (dataset and "{" in config.input.path_template):
             hint += f" following the path template {config.input.path_template!r}"
         raise ConfigError(hint)
     if config.input.video_root and not Path(config.input.video_root).is_dir():
