@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from train.losses import (ClipWordLoss, GlobalContrastiveLoss, LocalizationLoss, RegionAlignmentLoss,
                           alignment_similarity, hard_groups, localization_targets)
-from train.objectives import merge_sequence, text_units, word_mask
+from train.model import LocalizationHead
+from train.objectives import group_match, merge_sequence, text_units, word_mask
 
 
 def _unit(*shape, seed=0):
@@ -143,3 +144,31 @@ def test_hard_groups_merge_similar_videos():
     groups = hard_groups(feats, 4, torch.Generator().manual_seed(0))
     assert sorted(sorted((g // 4).tolist()) for g in groups) == [[0] * 4, [1] * 4, [2] * 4]
     assert sorted(groups.flatten().tolist()) == list(range(12))
+
+
+def test_group_match_indexes_each_text_against_the_video_in_each_segment():
+    s_loc = torch.arange(16, dtype=torch.float).reshape(4, 4)  # s_loc[i, j] = 4 i + j
+    groups, slots = torch.tensor([[2, 0, 1]]), torch.tensor([[1, 2, 0]])  # segments hold videos 1, 2, 0
+    assert group_match(s_loc, groups, slots)[0].tolist() == [[9, 10, 8], [1, 2, 0], [5, 6, 4]]
+
+
+def test_localization_head_localizes_by_the_phrase_region_match():
+    """A fresh head given a match that favours each text's own video (by 1 S_loc unit) puts every
+    text's start and end inside its own segment and matches every segment to its text; the same head
+    with the match pointing at the wrong videos (as a twin would) does not. The [CLS] query alone is
+    the same for both, so the match is what localizes."""
+    torch.manual_seed(0)
+    G, M, T, d = 2, 4, 3, 16
+    head = LocalizationHead(d, 4, 0.0, M * T, init_temperature=0.05).eval()
+    seq, texts = torch.randn(G, M * T, d), torch.randn(G, M, d)
+    slots = torch.stack([torch.randperm(M) for _ in range(G)])  # [G, M] segment of text m's video
+    right = F.one_hot(slots, M).float()  # [G, M text, M segment]
+    with torch.no_grad():
+        for match, ok in ((right, True), (right.roll(1, dims=2), False)):
+            out = head(seq, texts, T, match)
+            hit = (out["start"].argmax(-1) // T == slots) & (out["end"].argmax(-1) // T == slots)
+            seg_hit = out["segment"].argmax(-1) == torch.argsort(slots, 1)  # segment k -> its text
+            assert bool(hit.all()) is ok and bool(seg_hit.all()) is ok
+    loss = LocalizationLoss()
+    with torch.no_grad():
+        assert loss(head(seq, texts, T, right), slots, T) < loss(head(seq, texts, T, right.roll(1, 2)), slots, T)

@@ -1,20 +1,22 @@
 """`make ablation`: the objective ablation on the demo corpus, 3 seeds, one table.
 
 Makes (once, cached under data/ablation/) the demo corpus with `vlpcache demo-data` and its features with
-`vlpcache extract --config configs/train/ablation_extract.yaml` (ground-truth boxes as regions, the
+`vlpcache extract --config configs/train/ablation_extract.yaml` (cached per hash of that file; ground-truth boxes as regions, the
 pretrained EfficientNet-Lite0 as frame and region trunk), trains every row over the seeds and prints a
 paper-style table of mean ± std of t2v R@1, binding accuracy and moment R@1 at IoU 0.5 on the held-out
-test clips. Finished runs are cached (runs/ablation/ROW_seedS/result.json), so a re-run only trains what
-is missing; --fresh retrains.
+test clips. Finished runs are cached (runs/ablation/ROW_seedS/result.json, valid for the same config and
+features), so a re-run only trains what is missing; --fresh retrains.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import shutil
 import subprocess
 import sys
+import resource
 import time
 from pathlib import Path
 
@@ -35,6 +37,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "loc": ("+ localization (TemPVL)", ["loss.loc_weight=1.0"]),
     "all": ("all objectives", ["loss.align_weight=1.0", "loss.clip_word_weight=0.5", "loss.loc_weight=1.0"]),
 }
+EXTRACT_CONFIG = "configs/train/ablation_extract.yaml"
 DEFAULT_ROWS = "global,align,clipword,loc,all"
 COLUMNS = (("t2v_R@1", "t2v R@1"), ("binding_acc", "binding acc"), ("moment_R@1_IoU0.5", "moment R@1@0.5"))
 
@@ -72,13 +75,15 @@ def prepare_features(args: argparse.Namespace) -> Path:
     from stores import open_store
 
     tag = f"v{args.videos}_t{args.test_videos}_s{args.corpus_seed}"
-    corpus, features = Path(args.data) / f"demo_{tag}", Path(args.data) / f"features_{tag}"
+    # features are keyed by the extraction config too, so editing it never reuses stale features
+    config_key = hashlib.sha256(Path(EXTRACT_CONFIG).read_bytes()).hexdigest()[:8]
+    corpus, features = Path(args.data) / f"demo_{tag}", Path(args.data) / f"features_{tag}_{config_key}"
     if not (corpus / "demo.json").is_file():
         _vlpcache("demo-data", str(corpus), "--videos", str(args.videos), "--seed", str(args.corpus_seed),
                   "--test-videos", str(args.test_videos), "--val-videos", str(args.val_videos))
     done = (features / "store.json").is_file() and open_store(features).status.pending == 0
     if not done:
-        _vlpcache("extract", "--config", "configs/train/ablation_extract.yaml", "--manifest",
+        _vlpcache("extract", "--config", EXTRACT_CONFIG, "--manifest",
                   str(corpus / "manifest.csv"), "--video-root", str(corpus), "--out", str(features),
                   "--runner", "local", "--no-progress")
     status = open_store(features).status
@@ -94,7 +99,7 @@ def run_one(args: argparse.Namespace, features: Path, row: str, seed: int) -> di
     result_path = out / "result.json"
     if result_path.is_file() and not args.fresh:
         cached = json.loads(result_path.read_text())
-        if cached.get("config") == cfg.to_dict():
+        if cached.get("config") == cfg.to_dict() and cached.get("features") == str(features):
             return cached
     shutil.rmtree(out, ignore_errors=True)
     start = time.time()
@@ -107,7 +112,7 @@ def run_one(args: argparse.Namespace, features: Path, row: str, seed: int) -> di
                        trainer.dist.device)
     result = {"row": row, "seed": seed, "metrics": metrics, "train_videos": len(trainer.train_split),
               "steps": cfg.optim.steps, "batch_size": cfg.optim.batch_size, "wall_s": time.time() - start,
-              "config": cfg.to_dict()}
+              "config": cfg.to_dict(), "features": str(features)}
     result_path.write_text(json.dumps(result, indent=2))
     log.info("%s seed %d: %s (%.0f s)", row, seed, {k: round(metrics.get(k, float("nan")), 1) for k, _ in COLUMNS},
              result["wall_s"])
@@ -136,6 +141,12 @@ def table(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def cpu_minutes() -> float:
+    """User + system CPU time of this process and its finished subprocesses (corpus, extraction)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime) / 60
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -147,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "table.md").write_text(text + "\n")
     print(text)
-    print(f"\ntotal wall time {((time.time() - start) / 60):.1f} min; table in {Path(args.out) / 'table.md'}")
+    print(f"\ntotal wall time {((time.time() - start) / 60):.1f} min, CPU time {cpu_minutes():.1f} min "
+          f"(this process and its subprocesses); table in {Path(args.out) / 'table.md'}")
     return 0
 
 

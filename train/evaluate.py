@@ -13,7 +13,7 @@ from train.data import SplitData, eval_shard
 from train.losses import alignment_similarity
 from train.metrics import binding_accuracy, moment_metrics, retrieval_metrics
 from train.model import VideoTextModel
-from train.objectives import TextBatch, align_inputs, merge_sequence
+from train.objectives import TextBatch, align_inputs, group_match, merge_sequence
 
 
 @dataclass
@@ -93,12 +93,17 @@ def binding(sims: np.ndarray, split: SplitData) -> dict[str, float]:
     return {"binding_acc": binding_accuracy(own, twin), "binding_pairs": float(len(pairs))}
 
 
-def _best_window(score: torch.Tensor) -> torch.Tensor:
-    """score [Q, S, S] (start s, end e) -> [Q, 2] best (s, e + 1) with s <= e."""
+def best_window(score: torch.Tensor) -> torch.Tensor:
+    """score [Q, S, S] (start s, end e) -> [Q, 2] best (s, e + 1) with s <= e. Exact ties (a plateau of
+    equal logits, e.g. a head whose evidence is constant over a segment) go to the longest window, then
+    the earliest: argmax alone would return a 1-position window at the plateau's start."""
     S = score.shape[-1]
     valid = torch.ones(S, S, dtype=torch.bool).triu()
-    flat = score.masked_fill(~valid, float("-inf")).reshape(len(score), -1).argmax(1)
-    return torch.stack([flat // S, flat % S + 1], dim=1)
+    flat = score.masked_fill(~valid, float("-inf")).reshape(len(score), -1)  # [Q, S*S]
+    best = flat == flat.max(1, keepdim=True).values
+    length = (torch.arange(S)[None, :] - torch.arange(S)[:, None]).reshape(-1)  # [S*S] e - s
+    pick = (length.float()[None] * best - (~best) * 1e9 - torch.arange(S * S) / (S * S + 1.0)).argmax(1)
+    return torch.stack([pick // S, pick % S + 1], dim=1)
 
 
 @torch.no_grad()
@@ -117,14 +122,18 @@ def moment_retrieval(model: VideoTextModel, cfg: TrainConfig, emb: Embeddings, s
     device = next(model.parameters()).device
     if cfg.loss.loc_weight > 0:
         model.eval()
-        out = model.loc(seq.to(device), emb.text_cls[groups].to(device), T)
+        match = torch.stack([alignment_similarity(emb.units[g], emb.unit_mask[g], emb.regions[g], emb.region_mask[g],
+                                                  cfg.loss.align_lambda) for g in groups])  # [G, M text, M video]
+        s_loc = torch.block_diag(*match)  # [G*M, G*M]: a group's texts against its own videos
+        match = group_match(s_loc, groups, slots)  # [G, M, K]
+        out = model.loc(seq.to(device), emb.text_cls[groups].to(device), T, match.to(device))
         score = out["start"].cpu()[..., :, None] + out["end"].cpu()[..., None, :]  # [G, M, S, S]
     else:
         frames = F.normalize(model.proj_video(seq.to(device)), dim=-1).cpu()  # [G, S, E]
         sim = torch.einsum("gme,gse->gms", emb.text[groups], frames)
         cum = F.pad((sim - sim.mean(-1, keepdim=True)).cumsum(-1), (1, 0))  # [G, M, S + 1]
         score = cum[..., None, 1:] - cum[..., :-1, None]  # sum over [s, e]
-    pred = _best_window(score.reshape(G * M, M * T, M * T)).numpy()
+    pred = best_window(score.reshape(G * M, M * T, M * T)).numpy()
     gt = torch.stack([slots * T, slots * T + T], dim=-1).reshape(G * M, 2).numpy()
     out = moment_metrics(pred, gt)
     out["moment_queries"] = float(G * M)

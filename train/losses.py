@@ -101,7 +101,10 @@ class RegionAlignmentLoss(nn.Module):
         self.lam, self.temperature = lam, temperature
 
     def forward(self, units, unit_mask, regions, region_mask) -> torch.Tensor:
-        s = alignment_similarity(units, unit_mask, regions, region_mask, self.lam)  # [B, B]
+        return self.from_similarity(alignment_similarity(units, unit_mask, regions, region_mask, self.lam))
+
+    def from_similarity(self, s: torch.Tensor) -> torch.Tensor:
+        """s [B, B] = S_loc of every text-video pair of the batch."""
         return symmetric_infonce(s / self.temperature)
 
 

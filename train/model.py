@@ -87,28 +87,42 @@ class VideoEncoder(nn.Module):
 
 
 class LocalizationHead(nn.Module):
-    """TemPVL: over a merged sequence of M videos' frame tokens, per-position start/end logits for each
-    text, and for each video segment which of the M texts it matches."""
+    """TemPVL over a merged sequence of M videos: per-position start/end logits for each text and, for
+    each video segment, which of the M texts it shows.
 
-    def __init__(self, dim: int, heads: int, dropout: float, max_positions: int):
+    A text's logit at position s = (text-independent boundary logit of s: a one-layer transformer with
+    position embeddings over the merged frame tokens) + (text [CLS] query . position key) + match / tau,
+    where match is the binding-aware score of the text against the video that fills position s: the
+    region-phrase alignment S_loc of its phrases against that video's region/track tokens (phrase ->
+    region attention and back, as in DemoVLP). The [CLS] query alone cannot tell a caption from its
+    colour-swapped twin; the phrase-region match can, so hard-sampled groups become learnable."""
+
+    def __init__(self, dim: int, heads: int, dropout: float, max_positions: int, init_temperature: float):
         super().__init__()
         self.pos = nn.Embedding(max_positions, dim)
         self.blocks = _encoder(dim, 1, heads, dropout)
         self.query = nn.Linear(dim, dim)
         self.start = nn.Linear(dim, dim)
         self.end = nn.Linear(dim, dim)
+        self.boundary = nn.Linear(dim, 2)  # start / end logit of a position, whatever the text
         self.segment = nn.Linear(dim, dim)
+        self.match_scale = nn.Parameter(torch.tensor(1.0 / init_temperature).log())
 
-    def forward(self, seq: torch.Tensor, texts: torch.Tensor, segment_len: int) -> dict[str, torch.Tensor]:
-        """seq [G, S, d] merged frame tokens, texts [G, M, d] -> start/end [G, M, S], segment [G, M, M]."""
+    def forward(self, seq: torch.Tensor, texts: torch.Tensor, segment_len: int, match: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+        """seq [G, S, d] merged frame tokens, texts [G, M, d], match [G, M, M] (text m vs the video in
+        segment k) -> start/end [G, M, S], segment [G, M, M] (segment k, text m)."""
         G, S, d = seq.shape
         h = self.blocks(seq + self.pos.weight[:S])  # [G, S, d]
         q = self.query(texts)  # [G, M, d]
         scale = d ** -0.5
-        start = torch.einsum("gmd,gsd->gms", q, self.start(h)) * scale
-        end = torch.einsum("gmd,gsd->gms", q, self.end(h)) * scale
-        segs = self.segment(h).reshape(G, S // segment_len, segment_len, d).mean(2)  # [G, M, d]
-        segment = torch.einsum("gkd,gmd->gkm", segs, q) * scale  # [G, segment k, text m]
+        m = match * self.match_scale.exp().clamp(max=100.0)  # [G, M, K]
+        m_pos = m.repeat_interleave(segment_len, dim=2)  # [G, M, S]: each position gets its video's match
+        bound = self.boundary(h)  # [G, S, 2]
+        start = torch.einsum("gmd,gsd->gms", q, self.start(h)) * scale + bound[:, None, :, 0] + m_pos
+        end = torch.einsum("gmd,gsd->gms", q, self.end(h)) * scale + bound[:, None, :, 1] + m_pos
+        segs = self.segment(h).reshape(G, S // segment_len, segment_len, d).mean(2)  # [G, K, d]
+        segment = torch.einsum("gkd,gmd->gkm", segs, q) * scale + m.transpose(1, 2)  # [G, segment k, text m]
         return {"start": start, "end": end, "segment": segment}
 
 
@@ -125,7 +139,7 @@ class VideoTextModel(nn.Module):
         self.clip_context = nn.Sequential(nn.Linear(3 * m.dim, m.dim), nn.GELU(), nn.Linear(m.dim, E))
         self.clip_key, self.word = nn.Linear(m.dim, E), nn.Linear(m.dim, E)
         self.shift = nn.Embedding(2, E)  # temporal-aware: signed shift -1 / +1
-        self.loc = LocalizationHead(m.dim, m.heads, m.dropout, cfg.loss.loc_videos * T)  # (4) TemPVL
+        self.loc = LocalizationHead(m.dim, m.heads, m.dropout, cfg.loss.loc_videos * T, cfg.loss.align_temperature)  # (4) TemPVL
         self.logit_scale = nn.Parameter(torch.tensor(1.0 / cfg.loss.init_temperature).log())
 
     def encode_video(self, v: VideoBatch) -> VideoOut:

@@ -9,7 +9,7 @@ from torch import nn
 
 from train.config import TrainConfig
 from train.losses import (ClipWordLoss, GlobalContrastiveLoss, LocalizationLoss, RegionAlignmentLoss,
-                          hard_groups)
+                          alignment_similarity, hard_groups)
 from train.model import TextOut, VideoBatch, VideoOut, VideoTextModel
 
 
@@ -66,24 +66,36 @@ class Objectives(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         if lc.global_weight > 0:
             terms["global"] = lc.global_weight * self.global_loss(m.global_video(vo), m.global_text(to), m.scale())
+        use_loc = lc.loc_weight > 0 and video.frames.shape[0] >= lc.loc_videos
+        if lc.align_weight > 0 or use_loc:  # S_loc of every pair: the alignment's scores, the head's match
+            s_loc = alignment_similarity(*align_inputs(m, vo, to, video, text, lc.align_unit), lc.align_lambda)
         if lc.align_weight > 0:
-            terms["align"] = lc.align_weight * self.align_loss(*align_inputs(m, vo, to, video, text, lc.align_unit))
+            terms["align"] = lc.align_weight * self.align_loss.from_similarity(s_loc)
         if lc.clip_word_weight > 0:
             queries, keys = m.clips(vo, lc.clip_frames)
             words = F.normalize(m.word(to.tokens), dim=-1)
             terms["clip_word"] = lc.clip_word_weight * self.clip_word_loss(
                 queries, keys, words, word_mask(text.mask), m.shift.weight)
-        if lc.loc_weight > 0 and video.frames.shape[0] >= lc.loc_videos:
-            terms["loc"] = lc.loc_weight * self._localization(vo, to, generator)
+        if use_loc:
+            terms["loc"] = lc.loc_weight * self._localization(vo, to, s_loc, generator)
         return terms
 
-    def _localization(self, vo: VideoOut, to: TextOut, generator: torch.Generator) -> torch.Tensor:
+    def _localization(self, vo: VideoOut, to: TextOut, s_loc: torch.Tensor, generator: torch.Generator
+                      ) -> torch.Tensor:
         M, T = self.cfg.loss.loc_videos, vo.frames.shape[1]
         groups = hard_groups(F.normalize(to.cls, dim=-1).cpu(), M, generator, self.cfg.loss.loc_hard)  # [G, M]
         slots = torch.stack([torch.randperm(M, generator=generator) for _ in range(len(groups))])  # [G, M]
         groups, slots = groups.to(vo.frames.device), slots.to(vo.frames.device)
-        out = self.model.loc(merge_sequence(vo.frames, groups, slots), to.cls[groups], T)
+        out = self.model.loc(merge_sequence(vo.frames, groups, slots), to.cls[groups], T,
+                             group_match(s_loc, groups, slots))
         return self.loc_loss(out, slots, T)
+
+
+def group_match(s_loc: torch.Tensor, groups: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """s_loc [B, B] (text i, video j), groups/slots [G, M] -> [G, M, M]: text m of a group against the
+    video placed in segment k of its merged sequence."""
+    order = torch.gather(groups, 1, torch.argsort(slots, dim=1))  # [G, K] video in each segment
+    return s_loc[groups[:, :, None], order[:, None, :]]
 
 
 def merge_sequence(frames: torch.Tensor, groups: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
