@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import av
@@ -220,6 +220,11 @@ def plan_corpus(videos: int, seed: int, val_videos: int, test_videos: int) -> li
     return planned
 
 
+def _leaves_at(boxes: list[list[float] | None]) -> int | None:
+    """First frame out of view after being in view, or None."""
+    return next((t for t in range(1, len(boxes)) if boxes[t - 1] and not boxes[t]), None)
+
+
 def _write_video(root: Path, video: DemoVideo) -> dict[str, str]:
     objects = list(video.objects)
     frames = render(objects, _background(np.random.default_rng(video.background_seed)))
@@ -227,11 +232,9 @@ def _write_video(root: Path, video: DemoVideo) -> dict[str, str]:
     sidecar = {
         "width": WIDTH, "height": HEIGHT, "fps": FPS, "num_frames": NUM_FRAMES,
         "objects": [
-            {**{k: v for k, v in asdict(o).items() if k in ("color", "shape", "speed", "enters_at")},
-             "motion": o.direction, "event": o.event,
-             "leaves_at": next((t for t in range(1, NUM_FRAMES) if o.box(t - 1) and not o.box(t)), None),
-             "boxes": [o.box(t) for t in range(NUM_FRAMES)]}
-            for o in objects
+            {"color": o.color, "shape": o.shape, "speed": o.speed, "enters_at": o.enters_at,
+             "motion": o.direction, "event": o.event, "leaves_at": _leaves_at(boxes), "boxes": boxes}
+            for o, boxes in ((o, [o.box(t) for t in range(NUM_FRAMES)]) for o in objects)
         ],
     }
     boxes_path = root / "boxes" / f"{video.video_id}.json"

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from stores.errors import StoreError
-from stores.io import durable_replace, fsync_file
+from stores.io import durable_replace, fsync_path
 from stores.ledger import FileRecord, Layout, StoreMeta
 from stores.schema import ARRAYS
 
@@ -41,7 +41,7 @@ def init_layout(layout: Layout, meta: StoreMeta) -> None:
                     src = h5py.VirtualSource(str(layout.h5_shard(shard).relative_to(layout.out)), spec.name, shape=(len(rows), *shape))
                     vds[rows.start: rows.stop] = src
                 f.create_virtual_dataset(spec.name, vds, fillvalue=spec.fill)
-        fsync_file(tmp)
+        fsync_path(tmp)
         durable_replace(tmp, layout.h5)
     finally:
         tmp.unlink(missing_ok=True)

@@ -8,16 +8,8 @@ from pathlib import Path
 from typing import Any
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename/unlink inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or (for a folder) make a rename/unlink inside it durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -39,7 +31,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -50,4 +42,4 @@ def durable_replace(src: Path, dst: Path) -> None:
     """Rename an already fsynced file into place and make the rename durable."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     os.replace(src, dst)
-    fsync_dir(dst.parent)
+    fsync_path(dst.parent)

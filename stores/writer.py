@@ -15,7 +15,7 @@ import numpy as np
 
 from stores.backends import BACKENDS
 from stores.errors import StoreError
-from stores.io import atomic_write_json, durable_replace, fsync_dir
+from stores.io import atomic_write_json, durable_replace, fsync_path
 from stores.ledger import (COMPRESSIONS, Layout, ShardLedger, StoreMeta, VideoRecord, canonical_json, committed_shards,
                            load_ledger, load_store_meta, provenance_hash)
 from stores.schema import ARRAYS, Dims
@@ -212,7 +212,7 @@ class ShardWriter:
                 # Retry of a committed shard: make it pending before replacing its files, so a crash
                 # in between leaves a shard that is redone, never a ledger over mixed files.
                 ledger_path.unlink()
-                fsync_dir(ledger_path.parent)
+                fsync_path(ledger_path.parent)
             for partial, final, _, _ in files:
                 durable_replace(partial, final)
             ledger = ShardLedger(

@@ -20,7 +20,7 @@ import numpy as np
 from numcodecs import Zstd
 
 from stores.errors import StoreError
-from stores.io import fsync_dir
+from stores.io import fsync_path
 from stores.ledger import FileRecord, Layout, StoreMeta
 from stores.schema import ARRAYS
 
@@ -66,7 +66,7 @@ def init_layout(layout: Layout, meta: StoreMeta) -> None:
         except OSError:
             if not (layout.zarr / "zarr.json").exists():  # lost a creation race only if the winner finished
                 raise
-        fsync_dir(layout.out)
+        fsync_path(layout.out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     validate_layout(layout, meta)
