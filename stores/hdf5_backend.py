@@ -20,7 +20,7 @@ import numpy as np
 from stores.errors import StoreError
 from stores.io import durable_replace, fsync_path
 from stores.ledger import FileRecord, Layout, StoreMeta
-from stores.schema import ARRAYS
+from stores.schema import ARRAYS, ROW_STATUS
 
 LIBVER = ("earliest", "v110")
 FLETCHER_BYTES = 4
@@ -32,7 +32,7 @@ def init_layout(layout: Layout, meta: StoreMeta) -> None:
     try:
         with h5py.File(tmp, "w", libver=LIBVER, track_order=True) as f:
             f.attrs["vlpcache_format_version"] = meta.format_version
-            for spec in ARRAYS.values():
+            for spec in (*ARRAYS.values(), ROW_STATUS):
                 shape = spec.shape(meta.dims)
                 vds = h5py.VirtualLayout(shape=(meta.n_videos, *shape), dtype=spec.dtype.newbyteorder("<"))
                 for shard in range(meta.n_shards):
@@ -53,14 +53,14 @@ def validate_layout(layout: Layout, meta: StoreMeta) -> None:
         raise StoreError(f"{layout.h5} is missing: not a complete vlpcache HDF5 store; re-extract")
     try:
         with h5py.File(layout.h5, "r") as f:
-            for spec in ARRAYS.values():
-                _check_dataset(f, spec.name, (meta.n_videos, *spec.shape(meta.dims)), layout.h5)
+            for spec in (*ARRAYS.values(), *((ROW_STATUS,) if meta.format_version >= 2 else ())):
+                _check_dataset(f, spec, (meta.n_videos, *spec.shape(meta.dims)), layout.h5)
     except OSError as e:
         raise StoreError(f"{layout.h5}: cannot be opened as HDF5 ({e}); re-extract") from e
 
 
-def _check_dataset(f: h5py.File, name: str, shape: tuple[int, ...], path: Path) -> h5py.Dataset:
-    spec = ARRAYS[name]
+def _check_dataset(f: h5py.File, spec, shape: tuple[int, ...], path: Path) -> h5py.Dataset:
+    name = spec.name
     if name not in f:
         raise StoreError(f"{path}: dataset {name!r} is missing; the file was not written by vlpcache or is damaged")
     ds = f[name]
@@ -69,6 +69,10 @@ def _check_dataset(f: h5py.File, name: str, shape: tuple[int, ...], path: Path) 
     if ds.shape != shape:
         raise StoreError(f"{path}: dataset {name!r} has shape {ds.shape}, expected {shape}; re-extract")
     return ds
+
+
+def status_files(layout: Layout, shard: int) -> list[Path]:
+    return []  # row_status lives inside the shard file, which one rename replaces whole
 
 
 class HDF5ShardSink:
@@ -96,7 +100,9 @@ class HDF5ShardSink:
     def keep(self, local: int, prev: HDF5ShardReader) -> None:
         self.write(local, {name: prev.read(name, local) for name in ARRAYS})
 
-    def finish(self) -> list[tuple[Path, Path, str, FileRecord]]:
+    def finish(self, status: np.ndarray) -> list[tuple[Path, Path, str, FileRecord]]:
+        """status: [rows] int8 row statuses, stored in the same file (so they appear with the data, atomically)."""
+        self.file.create_dataset(ROW_STATUS.name, data=np.asarray(status, dtype=ROW_STATUS.dtype), track_times=False)
         self.file.close()
         crc = 0
         with open(self.path, "rb+") as f:
@@ -135,7 +141,7 @@ class HDF5ShardReader:
             raise StoreError(f"{self.path}: cannot be opened as HDF5 ({e}); the file is corrupt: re-extract the shard") from e
         rows = len(meta.shard_rows(shard))
         self.datasets = {
-            spec.name: _check_dataset(self.file, spec.name, (rows, *spec.shape(meta.dims)), self.path) for spec in ARRAYS.values()
+            spec.name: _check_dataset(self.file, spec, (rows, *spec.shape(meta.dims)), self.path) for spec in ARRAYS.values()
         }
         self.offsets: dict[tuple[str, int], int] = {}  # (array, local row) -> chunk offset in the file
         self.layouts = {name: (spec.shape(meta.dims), spec.dtype.newbyteorder("<"), int(np.prod(spec.shape(meta.dims))))
