@@ -119,6 +119,7 @@ class IdIndex:
             raise StoreError(f"{folder / TABLE_FILE}: not a vlpcache id table (dtype {self._table.dtype}, "
                              f"{len(self._table)} slots); the index is damaged")
         self._mask = len(self._table) - 1
+        self._slot_hash, self._slot_row = self._table["hash"], self._table["row"]  # plain strided views
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -130,15 +131,13 @@ class IdIndex:
         h = id_hash(video_id)
         slot = h & self._mask
         for _ in range(len(self._table)):
-            entry = self._table[slot]
-            row = int(entry["row"])
+            row = int(self._slot_row[slot])
             if row < 0:
                 return None
-            if int(entry["hash"]) == h and self.video_id(row) == video_id:
+            if int(self._slot_hash[slot]) == h and self.video_id(row) == video_id:
                 return row
             slot = (slot + 1) & self._mask
         return None
 
     def close(self) -> None:
-        self._ids = None
-        self._table = None
+        self._ids = self._table = self._slot_hash = self._slot_row = None

@@ -27,6 +27,7 @@ class IndexV2:
         self.committed = frozenset(committed_shards(layout))
         self._order = np.array(sorted(self.committed), dtype=np.int64)  # [C] committed shards, ascending
         self._counts: np.ndarray | None = None  # [C, 2] (ok, failed) per committed shard, from the ledgers
+        self._has_ids = layout.index.exists()  # False: created without video_ids
         self._init_caches()
 
     def _init_caches(self) -> None:
@@ -39,7 +40,7 @@ class IndexV2:
     def __getstate__(self) -> dict[str, Any]:
         # Small whatever the corpus: shard numbers and counts; maps are reopened lazily by each process.
         return {"layout": self.layout, "meta": self.meta, "committed": self.committed, "_order": self._order,
-                "_counts": self._counts}
+                "_counts": self._counts, "_has_ids": self._has_ids}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -105,7 +106,7 @@ class IndexV2:
         return row, "ok" if part.status[local] == 1 else "failed"
 
     def _row(self, video_id: str) -> int | None:
-        if self.layout.index.exists():
+        if self._has_ids:
             if self._ids is None:
                 self._ids = IdIndex(self.layout.index)
             return self._ids.row(video_id)
@@ -145,8 +146,7 @@ class OkIds(Sequence):
     def __iter__(self) -> Iterator[str]:
         for shard, (ok, _) in zip(self.index._order, self.index.counts):
             if ok:
-                part = self.index.rows(int(shard))
-                yield from part.table.column("video_id").take(part.ok_locals).to_pylist()
+                yield from self.index.rows(int(shard)).ok_ids()
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and len(self) == len(other) and list(self) == list(other)

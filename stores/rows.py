@@ -60,6 +60,7 @@ class ShardRows:
                 or not np.isin(self.status, (1, 2)).all():
             raise StoreError(f"{path}: rows part does not hold rows {row_start}..{row_start + n_rows - 1} with "
                              f"status ok/failed; the file is damaged: re-extract the shard")
+        self._ids: list[str] | None = None
         self.ok_locals = np.flatnonzero(self.status == 1)  # [n_ok] local rows stored ok, in order
         self.meta_columns = [n for n in self.table.column_names if n.startswith(META_PREFIX)]
 
@@ -72,7 +73,9 @@ class ShardRows:
         return {"ok": len(self.ok_locals), "failed": int((self.status == 2).sum())}
 
     def video_id(self, local: int) -> str:
-        return self.table.column("video_id")[local].as_py()
+        if self._ids is None:  # one conversion per shard: lookups then cost a list index
+            self._ids = self.table.column("video_id").to_pylist()
+        return self._ids[local]
 
     def record(self, local: int) -> VideoRecord:
         col = self.table.column
@@ -87,5 +90,11 @@ class ShardRows:
 
     def failures(self) -> list[tuple[str, str]]:
         failed = np.flatnonzero(self.status == 2)
-        ids, errors = self.table.column("video_id").take(failed), self.table.column("error").take(failed)
-        return list(zip(ids.to_pylist(), (e or "" for e in errors.to_pylist())))
+        if not len(failed):
+            return []
+        errors = self.table.column("error").to_pylist()
+        return [(self.video_id(int(i)), errors[i] or "") for i in failed]
+
+    def ok_ids(self) -> list[str]:
+        self.video_id(0)
+        return [self._ids[i] for i in self.ok_locals]
