@@ -95,9 +95,11 @@ def _fill_shard(handle) -> None:
 def write_format1_copy(src: Path, dst: Path) -> None:
     """The same store in format 1, as the format-1 writer laid it out: store.json (version 1),
     video_ids.json, and one ledger per shard holding every record and the provenance. Data files are
-    hard-linked (format 1 and 2 shard files are the same bytes); index/, rows/ and row_status are left out."""
+    hard-linked (format 1 and 2 Zarr shard files are the same bytes); index/, rows/ and row_status are left out."""
     src_layout, dst_layout = Layout(src), Layout(dst)
     meta = load_store_meta(src_layout)
+    if meta.backend != "zarr":  # format-2 HDF5 shard files also hold row_status: not format-1 bytes
+        raise ValueError(f"format-1 copies are made of zarr stores only; {src} is {meta.backend}")
     dst.mkdir(parents=True)
     store = {**meta.to_json(), "format_version": 1}
     _write_json(dst_layout.store_json, store)
@@ -115,12 +117,13 @@ def write_format1_copy(src: Path, dst: Path) -> None:
             "format_version": 1, "code_version": ledger.code_version, "backend": ledger.backend, "shard": shard,
             "row_start": ledger.row_start, "row_stop": ledger.row_stop, "counts": ledger.counts,
             "provenance_hash": meta.provenance_hash, "provenance": meta.provenance, "files": files, "videos": videos})
-    for folder in ("features.zarr", "shards"):
-        if (src / folder).exists():
-            shutil.copytree(src / folder, dst / folder, copy_function=os.link,
-                            ignore=shutil.ignore_patterns("row_status"))
-    if (src / "features.h5").exists():
-        shutil.copy(src / "features.h5", dst / "features.h5")
+    shutil.copytree(src / "features.zarr", dst / "features.zarr", copy_function=os.link,
+                    ignore=shutil.ignore_patterns("row_status"))
+    group = dst / "features.zarr" / "zarr.json"  # its attributes repeat store.json
+    md = json.loads(group.read_text())
+    md["attributes"]["vlpcache"]["format_version"] = 1
+    group.unlink()  # a hard link to the source's file: replace it, never write through it
+    group.write_text(json.dumps(md, indent=2))
 
 
 def _write_json(path: Path, obj) -> None:
@@ -254,10 +257,17 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}" if v < 1000 else f"{v:,.0f}"
 
 
+def _default_workdir() -> Path | None:
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and shutil.disk_usage(shm).free > 4e9 else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stores.bench_scale", description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="store sizes (videos)")
-    parser.add_argument("--workdir", type=Path, default=None, help="where the stores are built (default: a temp dir, removed)")
+    parser.add_argument("--workdir", type=Path, default=_default_workdir(),
+                        help="where the stores are built, in a temp dir removed afterwards (default: /dev/shm where "
+                             "there is one: tmpfs skips the commits' fsyncs while building; reads are warm-cache either way)")
     parser.add_argument("--workers", type=int, default=2, help="processes writing shards")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)

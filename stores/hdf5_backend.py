@@ -72,7 +72,7 @@ def _check_dataset(f: h5py.File, spec, shape: tuple[int, ...], path: Path) -> h5
 
 
 def status_files(layout: Layout, shard: int) -> list[Path]:
-    return []  # row_status lives inside the shard file, which one rename replaces whole
+    return [layout.h5_shard(shard)]  # row_status lives inside the shard file: removing it makes the rows pending
 
 
 class HDF5ShardSink:

@@ -169,6 +169,7 @@ class ShardWriter:
         if self._prev_ledger is not None:
             self.previous = ShardRows(self.layout.out / self._prev_ledger.files["rows"].path, self.rows.start, len(self.rows))
         self._prev_reader = None
+        self._specs = [(name, spec, spec.shape(self.meta.dims), spec.dtype.newbyteorder("<")) for name, spec in ARRAYS.items()]
         self._records: dict[int, VideoRecord] = {}
         self._done = False
         prefix = f"shard-{shard:06d}"
@@ -237,11 +238,16 @@ class ShardWriter:
             raise ValueError(f"video {video_id!r}: arrays must have exactly the keys {sorted(ARRAYS)}; "
                              f"missing {sorted(set(ARRAYS) - set(arrays))}, unknown {sorted(set(arrays) - set(ARRAYS))}")
         out = {}
-        for name, spec in ARRAYS.items():
+        for name, spec, want, dtype in self._specs:
             a = np.asarray(arrays[name])
-            want = spec.shape(self.meta.dims)
             if a.shape != want:
                 raise ValueError(f"video {video_id!r}: {name} has shape {a.shape}, expected {want} for dims {self.meta.dims}")
+            if a.dtype == dtype:  # already the stored type: nothing to cast, only finiteness to check
+                cast = np.ascontiguousarray(a)
+                if dtype.kind == "f" and not np.isfinite(cast).all():
+                    raise ValueError(f"video {video_id!r}: {name} has non-finite values; fix the extractor")
+                out[name] = cast
+                continue
             if not np.can_cast(a.dtype, spec.dtype, casting="same_kind"):
                 raise ValueError(f"video {video_id!r}: {name} has dtype {a.dtype}, which does not cast to {spec.dtype}")
             with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below, by name

@@ -1,9 +1,13 @@
 """Foreign readers open what we write: zarr-python, tensorstore's zarr3 driver, h5py, h5dump, h5ls."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import textwrap
 
 import h5py
 import numpy as np
@@ -14,7 +18,7 @@ import zarr
 from stores import open_store
 from stores.schema import ARRAYS, FORMAT_VERSION
 
-from _stores_helpers import DIMS, make_store, row_arrays
+from _stores_helpers import DIMS, fill_shard, make_store, row_arrays
 
 FAILED = (4,)
 
@@ -89,3 +93,45 @@ def test_our_reader_agrees_with_zarr_python_on_the_same_files(tmp_path):
     arr = zarr.open_array(str(tmp_path / "features.zarr" / "region_features"), mode="r")
     for vid in r.video_ids:
         assert r[vid]["region_features"].tobytes() == arr[r.row_of(vid)].tobytes()
+
+
+def _foreign_row_status(out, backend) -> np.ndarray:
+    """row_status as zarr-python or h5py (through features.h5) read it: 0 pending, 1 ok, 2 failed."""
+    if backend == "zarr":
+        return zarr.open_group(str(out / "features.zarr"), mode="r")["row_status"][:]
+    with h5py.File(out / "features.h5", "r") as f:
+        return f["row_status"][:]
+
+
+@pytest.mark.parametrize("backend", ["zarr", "hdf5"])
+def test_row_status_tells_foreign_readers_what_is_committed_even_after_a_kill(tmp_path, backend):
+    w = make_store(tmp_path, backend, shards=(0,), failed=(1,))
+    pending_writer = w.shard_writer(1)  # a writer with data in flight: nothing visible yet
+    for row in pending_writer.rows:
+        pending_writer.put(row, f"vid{row:03d}", "c", row_arrays(row))
+    assert _foreign_row_status(tmp_path, backend).tolist() == [1, 2, 1, 0, 0, 0, 0, 0]
+    pending_writer.abort()
+    # A retry of shard 0's failed row, killed (SIGKILL) just before its first file is replaced.
+    child = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from _stores_helpers import row_arrays, video_id
+        import stores.writer
+        from stores import open_writer
+        stores.writer.durable_replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # die at the first rename
+        sw = open_writer({str(tmp_path)!r}).shard_writer(0)
+        sw.keep(0); sw.put(1, video_id(1), "caption 1", row_arrays(1)); sw.keep(2)
+        sw.commit()
+    """)
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert _foreign_row_status(tmp_path, backend).tolist() == [0] * 8  # marked pending before any data moved
+    assert open_store(tmp_path).status.pending == 8
+    fill_shard(w, 0)  # the resumed job redoes the shard
+    fill_shard(w, 2, failed=(7,))
+    status = _foreign_row_status(tmp_path, backend)
+    assert status.tolist() == [1, 1, 1, 0, 0, 0, 1, 2]
+    if backend == "zarr":  # the documented rule: rows with row_status 1 hold their data
+        feats = zarr.open_group(str(tmp_path / "features.zarr"), mode="r")["frame_features"][:]
+        for row in np.flatnonzero(status == 1):
+            assert feats[row].tobytes() == row_arrays(int(row))["frame_features"].tobytes()
