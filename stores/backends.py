@@ -11,10 +11,10 @@ from stores import hdf5_backend, zarr_backend
 class Backend:
     name: str
     init_layout: Callable  # (Layout, StoreMeta) -> None: metadata only, then validate
-    validate_layout: Callable  # (Layout, StoreMeta) -> None, raises StoreError
+    validate_layout: Callable  # (Layout, StoreMeta, deep=False) -> None, raises StoreError
     sink: type  # (Layout, StoreMeta, shard, partial_dir) -> .write/.keep/.finish/.close
     reader: type  # (Layout, StoreMeta, shard, files, check) -> .read(name, local)/.close
-    status_files: Callable  # (Layout, shard) -> files holding the shard's row_status apart from its data
+    status_files: Callable  # (Layout, StoreMeta, shard) -> files holding the shard's row_status apart from its data
 
 
 BACKENDS: dict[str, Backend] = {

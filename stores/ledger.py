@@ -62,7 +62,7 @@ class Layout:
     def rows_part(self, shard: int) -> Path:
         return self.rows / f"shard-{shard:06d}.arrow"
 
-    def h5_shard(self, shard: int) -> Path:
+    def h5_shard(self, shard: int) -> Path:  # format 1; format 2 names: hdf5_backend.shard_path
         return self.h5_shards / f"shard-{shard:06d}.h5"
 
     def zarr_shard(self, name: str, shard: int, ndim: int) -> Path:

@@ -38,8 +38,7 @@ class StoreReader:
         self.layout = Layout(out)
         self.store_meta: StoreMeta = load_store_meta(self.layout)
         self.backend = BACKENDS[self.store_meta.backend]
-        if self.store_meta.backend == "zarr":  # a few small zarr.json; features.h5 is checked by verify
-            self.backend.validate_layout(self.layout, self.store_meta)
+        self.backend.validate_layout(self.layout, self.store_meta)  # shallow: a few small files at most
         self.verify_checksums = verify_checksums
         self.max_open_shards = max_open_shards
         self.index = (IndexV2 if self.store_meta.format_version >= 2 else IndexV1)(self.layout, self.store_meta)

@@ -10,6 +10,7 @@ import numpy as np
 
 from stores.backends import BACKENDS
 from stores.errors import StoreError
+from stores.hdf5_backend import shard_path
 from stores.ledger import Layout, ShardLedger, StoreMeta, committed_shards, load_ledger, load_store_meta
 from stores.legacy import LedgerV1
 from stores.rows import ShardRows
@@ -52,7 +53,7 @@ def verify_store(out: str | Path) -> VerifyReport:
     report = VerifyReport(out=layout.out)
     try:
         meta = load_store_meta(layout)
-        BACKENDS[meta.backend].validate_layout(layout, meta)
+        BACKENDS[meta.backend].validate_layout(layout, meta, deep=True)
     except StoreError as e:
         report.store_error = str(e)
         return report
@@ -79,10 +80,10 @@ def verify_store(out: str | Path) -> VerifyReport:
 
 def _data_files(layout: Layout, meta: StoreMeta, shard: int) -> list[Path]:
     if meta.backend == "hdf5":
-        candidates = [layout.h5_shard(shard)]
+        candidates = [shard_path(layout, meta, shard)]
     else:
         candidates = [layout.zarr_shard(name, shard, 1 + len(spec.axes)) for name, spec in ARRAYS.items()]
-        candidates += BACKENDS[meta.backend].status_files(layout, shard)
+        candidates += BACKENDS[meta.backend].status_files(layout, meta, shard)
     return [p for p in candidates if p.exists()]
 
 

@@ -296,7 +296,7 @@ class ShardWriter:
         remove the ledger (vlpcache readers), then the row statuses (foreign readers; zarr keeps them in
         their own file, HDF5 inside the shard file, which is replaced whole by one rename). A crash from
         here on leaves a shard that is redone, never a ledger or status over mixed-attempt files."""
-        for path in (self.layout.ledger(self.shard), *self.store.backend.status_files(self.layout, self.shard)):
+        for path in (self.layout.ledger(self.shard), *self.store.backend.status_files(self.layout, self.meta, self.shard)):
             if path.exists():
                 path.unlink()
                 fsync_path(path.parent)

@@ -77,8 +77,9 @@ def init_layout(layout: Layout, meta: StoreMeta) -> None:
     validate_layout(layout, meta)
 
 
-def validate_layout(layout: Layout, meta: StoreMeta) -> None:
-    """Check every array's zarr.json against the schema: dtype, shape, chunk/shard shape, codecs."""
+def validate_layout(layout: Layout, meta: StoreMeta, deep: bool = False) -> None:
+    """Check every array's zarr.json against the schema: dtype, shape, chunk/shard shape, codecs (a few
+    small files: done as deeply on every open)."""
     for spec in ARRAYS.values():
         path = layout.zarr / spec.name / "zarr.json"
         try:
@@ -204,7 +205,7 @@ def row_status_path(layout: Layout, shard: int) -> Path:
     return layout.zarr / ROW_STATUS.name / "c" / str(shard)
 
 
-def status_files(layout: Layout, shard: int) -> list[Path]:
+def status_files(layout: Layout, meta: StoreMeta, shard: int) -> list[Path]:
     return [row_status_path(layout, shard)]
 
 

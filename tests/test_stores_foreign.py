@@ -60,7 +60,7 @@ def test_h5py_reads_virtual_datasets_and_shard_files(tmp_path):
             for row in range(6):
                 assert data[row].tobytes() == expected(name, row).tobytes(), (name, row)
             assert (data[6:] == spec.fill).all()  # missing shard file reads as the fill value
-    with h5py.File(tmp_path / "shards" / "shard-000001.h5", "r") as f:
+    with h5py.File(tmp_path / "shards" / "shard-1.h5", "r") as f:
         assert f.attrs["row_start"] == 3
         assert f["region_features"][0].tobytes() == row_arrays(3)["region_features"].tobytes()
     make_store(tmp_path, "hdf5", failed=FAILED, shards=(2,))  # features.h5 picks up the new shard file
@@ -68,12 +68,24 @@ def test_h5py_reads_virtual_datasets_and_shard_files(tmp_path):
         assert f["frame_times"][7].tobytes() == row_arrays(7)["frame_times"].tobytes()
 
 
+def test_features_h5_size_does_not_grow_with_shards(tmp_path):
+    sizes = {}
+    for shard_size in (1, 3, 8):  # 8, 3 and 1 shards
+        out = tmp_path / str(shard_size)
+        make_store(out, "hdf5", failed=FAILED, shard_size=shard_size)
+        sizes[shard_size] = (out / "features.h5").stat().st_size
+        with h5py.File(out / "features.h5", "r") as f:
+            assert len(f["frame_times"].virtual_sources()) <= 2
+            assert f["frame_times"][:].tobytes() == np.stack([expected("frame_times", r) for r in range(8)]).tobytes()
+    assert sizes[1] == sizes[3], sizes
+
+
 @pytest.mark.skipif(shutil.which("h5dump") is None or shutil.which("h5ls") is None, reason="hdf5-tools not installed (make sysdeps)")
 def test_h5dump_and_h5ls(tmp_path):
     make_store(tmp_path, "hdf5", failed=FAILED)
     listing = subprocess.run(["h5ls", "-r", str(tmp_path / "features.h5")], capture_output=True, text=True, check=True).stdout
     for name, spec in ARRAYS.items():
-        dims = ", ".join(map(str, (8, *spec.shape(DIMS))))
+        dims = ", ".join(map(str, ("8/Inf", *spec.shape(DIMS))))  # 8 rows; unlimited maxshape: the %b mapping
         assert re.search(rf"^/{name}\s+Dataset \{{{dims}\}}$", listing, re.M), listing
     dump = subprocess.run(["h5dump", "-d", "/region_counts", "-w", "0", str(tmp_path / "features.h5")],
                           capture_output=True, text=True, check=True).stdout
@@ -82,7 +94,7 @@ def test_h5dump_and_h5ls(tmp_path):
     assert [int(r) for r, _ in rows] == list(range(8))
     for row, values in rows:
         assert [int(v) for v in values.split(",")] == expected("region_counts", int(row)).tolist()
-    header = subprocess.run(["h5dump", "-H", "-p", str(tmp_path / "shards" / "shard-000000.h5")],
+    header = subprocess.run(["h5dump", "-H", "-p", str(tmp_path / "shards" / "shard-0.h5")],
                             capture_output=True, text=True, check=True).stdout
     assert "CHECKSUM FLETCHER32" in header and "CHUNKED ( 1, 3, 4, 6 )" in header
 

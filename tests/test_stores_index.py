@@ -131,3 +131,18 @@ def test_stale_partial_files_of_a_shard_are_cleaned_at_writer_open(tmp_path):
         p.write_text("left by a kill") if p.suffix == ".partial" else p.mkdir()
     w.shard_writer(1).abort()
     assert [p.exists() for p in stale + other] == [False, False, True, True]  # only its own shard's leftovers
+
+
+def test_bench_scale_runs_its_code_on_a_tiny_store(tmp_path):
+    from stores.bench_scale import MEASUREMENTS, run, table
+
+    pickled = next(m for m in MEASUREMENTS if m.name == "pickled reader")
+    results = run([2500], tmp_path, measurements=[pickled], workers=1)  # 3 shards; measured in subprocesses
+    fig = results["figures"]["pickled reader"]
+    assert fig["v2"]["values"][0] * 20 < fig["v1"]["values"][0]  # sizes, not timings
+    assert "| pickled reader (MB) |" in table(results)
+    for m in MEASUREMENTS:  # every figure's code, in this process (the subprocesses only add start-up time)
+        for fmt in ("v2", "v1"):
+            assert m.run(tmp_path / f"{fmt}-2500", 2500) > 0, (m.name, fmt)
+    v1 = open_store(tmp_path / "v1-2500")
+    assert v1.store_meta.format_version == 1 and len(v1) == len(open_store(tmp_path / "v2-2500")) == 2475
