@@ -147,3 +147,14 @@ def test_row_status_tells_foreign_readers_what_is_committed_even_after_a_kill(tm
         feats = zarr.open_group(str(tmp_path / "features.zarr"), mode="r")["frame_features"][:]
         for row in np.flatnonzero(status == 1):
             assert feats[row].tobytes() == row_arrays(int(row))["frame_features"].tobytes()
+
+
+def test_features_h5_stops_at_the_first_missing_shard_unless_the_printf_gap_is_raised(tmp_path):
+    make_store(tmp_path, "hdf5", n_videos=11, shard_size=3, shards=(1, 3), failed=(4,))  # shards 0, 2 pending
+    pending, shard1, last = [0] * 3, [1, 2, 1], [1, 1]
+    with h5py.File(tmp_path / "features.h5", "r") as f:
+        assert f["row_status"][:].tolist() == pending * 3 + last  # the pattern stops at shard-0.h5: missing
+        dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+        dapl.set_virtual_printf_gap(4)  # the number of shards, as docs/store-format.md shows
+        status = h5py.Dataset(h5py.h5d.open(f.id, b"row_status", dapl=dapl))
+        assert status.shape == (11,) and status[:].tolist() == pending + shard1 + pending + last
