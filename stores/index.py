@@ -111,8 +111,10 @@ class IndexV2:
                 self._ids = IdIndex(self.layout.index)
             return self._ids.row(video_id)
         if self._scanned is None:  # no id list was given at creation: only committed ids are known
-            self._scanned = {self.rows(int(s)).video_id(i): self.rows(int(s)).row_start + i
-                             for s in self._order for i in range(len(self.rows(int(s))))}
+            self._scanned = {}
+            for s in self._order:
+                part = self.rows(int(s))
+                self._scanned.update((part.video_id(i), part.row_start + i) for i in range(len(part)))
         return self._scanned.get(video_id)
 
     def record(self, row: int) -> VideoRecord:
