@@ -7,7 +7,8 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,14 @@ def create_store(
     shard_size: int,
     provenance: dict[str, Any],
     compression: str | None = None,
-    video_ids: Sequence[str] | None = None,
+    video_ids: Iterable[str] | None = None,
 ) -> StoreWriter:
     """Create OUT or re-open it for writing more shards.
 
     Re-opening with other dims / backend / shard size / compression / provenance hash raises StoreError.
-    `video_ids` (optional, manifest order) lets readers name pending videos, not only count them.
+    `video_ids` (optional, manifest order; any iterable, e.g. a generator streamed from the manifest) lets
+    readers name pending videos, not only count them. Shard tasks should get `writer.handle(shard)`, not
+    these arguments: a handle is O(1) whatever the corpus size.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
@@ -101,6 +104,36 @@ class StoreWriter:
 
     def shard_writer(self, shard: int) -> ShardWriter:
         return ShardWriter(self, shard)
+
+    def handle(self, shard: int) -> ShardHandle:
+        """A small picklable handle from which a shard task opens this shard's writer."""
+        self.meta.shard_rows(shard)  # range check
+        return ShardHandle(str(self.layout.out), shard, self.meta.provenance_hash)
+
+
+def open_writer(out: str | Path, provenance_hash: str | None = None) -> StoreWriter:
+    """Re-open an existing store for writing shards (no create arguments needed); with provenance_hash,
+    refuse a store made by another extraction."""
+    layout = Layout(out)
+    meta = load_store_meta(layout)
+    if provenance_hash is not None and meta.provenance_hash != provenance_hash:
+        raise StoreError(f"{layout.out} holds a store with provenance hash {meta.provenance_hash[:12]}, but this task "
+                         f"belongs to an extraction with hash {provenance_hash[:12]}; was --out reused by another job?")
+    BACKENDS[meta.backend].validate_layout(layout, meta)
+    return StoreWriter(layout, meta)
+
+
+@dataclass(frozen=True)
+class ShardHandle:
+    """What a shard task needs to write its shard: OUT, the shard index and the store's provenance hash
+    (checked on open). Picklable, and nothing in it grows with the corpus."""
+
+    out: str
+    shard: int
+    provenance_hash: str
+
+    def open(self) -> ShardWriter:
+        return open_writer(self.out, self.provenance_hash).shard_writer(self.shard)
 
 
 class ShardWriter:
