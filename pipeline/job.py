@@ -124,19 +124,19 @@ class Job:
         todo = None
         existing = self._existing_dims()
         if existing is not None:  # a rerun: find the work left before building any model
-            store_args = self._store_args(existing)
-            todo = self._pending_shards(store_args, stats)
+            store = self._open_store(existing)
+            todo = self._pending_shards(store, stats)
         if todo == []:
             save_config(self.config, self.extractor, self.out / CONFIG_FILE)
         else:
             runner = make_runner(self.config)
             try:
-                store_args = self._store_args(runner.dims)  # checks the models' dims against an existing store
-                todo = self._pending_shards(store_args, stats)
+                store = self._open_store(runner.dims)  # checks the models' dims against an existing store
+                todo = self._pending_shards(store, stats)
                 save_config(self.config, self.extractor, self.out / CONFIG_FILE)
                 if on_runner_ready is not None:
                     on_runner_ready(runner)
-                self._consume(runner.run(self.shard_jobs(todo, store_args)), sum(len(s) for s in todo), stats)
+                self._consume(runner.run(self.shard_jobs(todo, store)), sum(len(s) for s in todo), stats)
             finally:
                 runner.close()
         stats.wall_s = time.perf_counter() - start
@@ -150,24 +150,19 @@ class Job:
 
         return open_store(self.out).dims if Layout(self.out).store_json.exists() else None
 
-    def _store_args(self, dims) -> dict[str, Any]:
-        """create_store's arguments without the ids: every shard task carries them, and the ids are
-        given once, streamed, when the store is created."""
+    def _open_store(self, dims):
+        """Creates OUT (the ids streamed from the manifest, once), or checks that it is this job's store
+        (StoreError otherwise)."""
         from stores import create_store
         from stores.ledger import Layout
 
         run = self.config.run
-        args = dict(out=str(self.out), backend=run.store, dims=dims, n_videos=len(self.manifest),
-                    shard_size=run.shard_size, provenance=self.provenance(), compression=run.compression)
         new = not Layout(self.out).store_json.exists()
-        # Creates OUT, or checks that it is this job's store (StoreError otherwise).
-        create_store(**args, video_ids=self.manifest.video_ids() if new else None)
-        return args
+        return create_store(self.out, run.store, dims=dims, n_videos=len(self.manifest), shard_size=run.shard_size,
+                            provenance=self.provenance(), compression=run.compression,
+                            video_ids=self.manifest.video_ids() if new else None)
 
-    def _pending_shards(self, store_args: dict[str, Any], stats: RunStats) -> list[ShardSpec]:
-        from stores import create_store
-
-        store = create_store(**store_args)
+    def _pending_shards(self, store, stats: RunStats) -> list[ShardSpec]:
         committed = store.committed_shards()
         shards = plan_shards(len(self.manifest), self.config.run.shard_size)
         stats.shards_total = len(shards)
@@ -179,23 +174,23 @@ class Job:
         log.info("%d shards: %d committed earlier, %d to do", len(shards), len(committed), len(todo))
         return todo
 
-    def shard_jobs(self, todo: list[ShardSpec], store_args: dict[str, Any]) -> Iterator[ShardJob]:
+    def shard_jobs(self, todo: list[ShardSpec], store) -> Iterator[ShardJob]:
         """Each shard's job, built only when the runner takes it: one shard's rows in memory at a time."""
-        return (self._shard_job(spec, store_args) for spec in todo)
+        return (self._shard_job(spec, store) for spec in todo)
 
     def _has_failures(self, spec: ShardSpec) -> bool:
         from stores.ledger import Layout, ShardLedger
 
         return ShardLedger.load(Layout(self.out).ledger(spec.index)).counts["failed"] > 0
 
-    def _shard_job(self, spec: ShardSpec, store_args: dict[str, Any]) -> ShardJob:
+    def _shard_job(self, spec: ShardSpec, store) -> ShardJob:
         run = self.config.run
         rows, tasks = self.rows_and_tasks(spec.start, spec.stop)
         return ShardJob(
             spec=spec,
             rows=rows,
             tasks=tasks,
-            store_args=store_args,
+            store=store.handle(spec.index),
             batch_videos=run.batch_videos,
             max_inflight_videos=run.max_inflight_videos,
             retry_failed=run.retry_failed,
