@@ -6,8 +6,10 @@ does (tested on the demo corpus and the real sample files). Each maps its own ex
 DecodeError naming the file. A backend that is not installed is a BackendUnavailable at the first
 decode, naming the package to install: the job never falls back to another decoder on its own.
 
-Both return frames turned upright (they read the display matrix themselves) at the coded size; the
-caller applies the sample aspect ratio and the resize policy.
+Both return frames turned upright at the coded size (they read the display matrix themselves); the
+caller applies the sample aspect ratio and the resize policy. decord 3.4 mangles rotated video (4
+channels, size errors, or scaled pictures, depending on the size and angle), so rotated files are a
+DecodeError under decord rather than wrong frames.
 """
 from __future__ import annotations
 
@@ -58,20 +60,20 @@ def decode_with_backend(
     """
     decode = {"torchcodec": _torchcodec, "decord": _decord}[name]
     try:
-        frames = decode(path, index, targets, threads)
+        frames = decode(path, index, targets, threads, rotation)
     except DecodeError:
         raise
     except Exception as e:  # the backends raise RuntimeError subclasses for anything FFmpeg reports
         raise DecodeError(f"{path}: {name}: {type(e).__name__}: {e}") from e
     coded = (index.height, index.width) if rotation in (90, 270) else (index.width, index.height)
     for i, frame in frames.items():
-        if (frame.shape[1], frame.shape[0]) != coded:
-            raise DecodeError(f"{path}: {name} returned frame {i} as {frame.shape[1]}x{frame.shape[0]}, "
-                              f"expected {coded[0]}x{coded[1]} (display {upright[0]}x{upright[1]})")
+        if frame.shape != (coded[1], coded[0], 3) or frame.dtype != np.uint8:
+            raise DecodeError(f"{path}: {name} returned frame {i} as {frame.dtype} {frame.shape}, expected uint8 "
+                              f"{(coded[1], coded[0], 3)} (shown as {upright[0]}x{upright[1]})")
     return frames, "targets"
 
 
-def _torchcodec(path: str, index: StreamIndex, targets: list[int], threads: int) -> dict[int, np.ndarray]:
+def _torchcodec(path: str, index: StreamIndex, targets: list[int], threads: int, rotation: int) -> dict[int, np.ndarray]:
     """torchcodec in exact mode on our frame table (custom_frame_mappings: no second scan of the file)."""
     from torchcodec.decoders import VideoDecoder
 
@@ -94,10 +96,13 @@ def _torchcodec(path: str, index: StreamIndex, targets: list[int], threads: int)
     return {i: data[j] for j, i in enumerate(targets)}
 
 
-def _decord(path: str, index: StreamIndex, targets: list[int], threads: int) -> dict[int, np.ndarray]:
+def _decord(path: str, index: StreamIndex, targets: list[int], threads: int, rotation: int) -> dict[int, np.ndarray]:
     """decord by frame index, after checking that its frame table is ours (count and start times)."""
     import decord
 
+    if rotation:
+        raise DecodeError(f"{path}: decord does not decode rotated video correctly (display rotation {rotation} "
+                          "degrees); use sampling.backend: pyav or torchcodec")
     reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
     if len(reader) != len(index.times):
         raise DecodeError(f"{path}: decord counts {len(reader)} frames where the demuxed stream holds "

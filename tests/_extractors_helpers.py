@@ -97,3 +97,10 @@ def overreport_avi(src: Path, dst: Path, frames: int) -> Path:
     data[strh + 40 : strh + 44] = struct.pack("<I", frames)  # AVIStreamHeader.dwLength
     dst.write_bytes(bytes(data))
     return dst
+
+
+def ffmpeg(out: Path, *args: str, seconds: float = 2.0, size: str = "160x96", rate: int = 25) -> Path:
+    """Make `out` with the apt ffmpeg CLI from its moving test pattern; args are output options."""
+    source = f"testsrc2=size={size}:rate={rate}:duration={seconds}"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", source, *args, str(out)], check=True)
+    return out
