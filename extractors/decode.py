@@ -184,12 +184,23 @@ class PacketSource:
         """Packets at positions start..stop (inclusive); start must be a keyframe."""
         if self.kept is not None:
             yield from self.kept[start : stop + 1]
-            return
-        target_dts = self.dts[start]
-        # packet 0 is a start even where the container flags no keyframe
-        self.container.seek(int(target_dts if target_dts is not None else self.pts_list[start]),
-                            stream=self.stream, backward=True, any_frame=start == 0)
-        pos = None
+        elif start > 0 and self._seek(start):
+            yield from self._after_seek(start, stop)
+        else:
+            yield from self._from_the_top(start, stop)
+
+    def _seek(self, start: int) -> bool:
+        """Seek to the keyframe at `start`; False where the container cannot seek (e.g. SWF)."""
+        target = self.dts[start] if self.dts[start] is not None else self.pts_list[start]
+        try:
+            self.container.seek(int(target), stream=self.stream, backward=True, any_frame=False)
+        except av.FFmpegError as e:
+            log.info("%s: cannot seek (%s); reading from the start of the file", self.path, e)
+            return False
+        return True
+
+    def _after_seek(self, start: int, stop: int):
+        target_dts, pos = self.dts[start], None
         for packet in self.container.demux(self.stream):
             if packet.size == 0:
                 continue
@@ -204,8 +215,21 @@ class PacketSource:
             if pos == stop:
                 return
             pos += 1
-        if pos is None or pos < stop:
-            raise DecodeError(f"{self.path}: packets {start}..{stop} could not be read again after seeking")
+        raise DecodeError(f"{self.path}: packets {start}..{stop} could not be read again after seeking")
+
+    def _from_the_top(self, start: int, stop: int):
+        """Demux a fresh open of the file from its first packet (no seek needed, nor trusted)."""
+        with av.open(self.path, metadata_errors="ignore") as container:
+            pos = 0
+            for packet in container.demux(container.streams[self.stream.index]):
+                if packet.size == 0:
+                    continue
+                if pos >= start:
+                    yield packet
+                if pos == stop:
+                    return
+                pos += 1
+        raise DecodeError(f"{self.path}: packets {start}..{stop} could not be read again")
 
 
 def _index(container: av.container.InputContainer, stream, path: str, buffer_mb: int) -> StreamIndex:
