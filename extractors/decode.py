@@ -26,6 +26,7 @@ from fractions import Fraction
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from extractors.api import Clip, DecodeError
 from extractors.backends import BackendUnavailable, decode_with_backend, require_backend
@@ -39,7 +40,14 @@ TEXT_DEMUXERS = {"tty": "text rendered by FFmpeg's tty demuxer", "bin": "binary 
 IMAGE_CODECS = {"png", "mjpeg", "jpeg2000", "jpegls", "bmp", "tiff", "webp", "gif", "ppm", "pgm", "pbm", "pam",
                 "qoi", "sgi", "targa", "dpx", "exr", "hdr", "jpegxl", "pcx", "xbm", "xpm", "xwd", "sunrast"}
 
+# Containers whose header holds everything we read before decoding (timestamps, size, aspect ratio),
+# so FFmpeg's stream probe can be cut short: for an H.264 stream without B-frames it decodes 7 frames
+# to guess the reordering delay (15 ms at 1280x720, ~5% of a sparse decode), frames we decode again.
+FAST_PROBE_FORMATS = {"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm"}
+FAST_PROBE = {"probesize": "32", "analyzeduration": "1"}
+
 log = logging.getLogger(__name__)
+_local = threading.local()  # one swscale context cache per thread (VideoReformatter is not thread-safe)
 
 
 @dataclass
@@ -70,12 +78,21 @@ def decode_clip(path: str, sampling: SamplingConfig, window: tuple[float, float]
     """
     require_backend(sampling.backend)
     try:
-        with av.open(str(path), metadata_errors="ignore") as container:
+        with _open(str(path)) as container:
             return _decode(container, str(path), sampling, window)
     except (DecodeError, BackendUnavailable):
         raise
     except (av.FFmpegError, OSError, ValueError, EOFError) as e:
         raise DecodeError(f"{path}: {type(e).__name__}: {e}") from e
+
+
+def _open(path: str) -> av.container.InputContainer:
+    """Open with a short stream probe where the container header suffices, else with FFmpeg's full probe."""
+    container = av.open(path, metadata_errors="ignore", options=FAST_PROBE)
+    if container.format.name in FAST_PROBE_FORMATS:
+        return container
+    container.close()
+    return av.open(path, metadata_errors="ignore")
 
 
 def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConfig, window) -> Clip:
@@ -428,10 +445,13 @@ def _to_rgb(frame: av.VideoFrame, rotation: int, index: StreamIndex, cfg: Sampli
     turn upright."""
     w, h = _output_size(*_display_size(index, rotation), cfg)  # upright
     w, h = (h, w) if rotation in (90, 270) else (w, h)
+    if not hasattr(_local, "reformatter"):
+        _local.reformatter = VideoReformatter()
+    # one reformatter per thread keeps its swscale context between frames (0.7 -> 0.14 ms at 176x144)
     if (w, h) == (frame.width, frame.height):
-        rgb = frame.to_ndarray(format="rgb24")
+        rgb = _local.reformatter.reformat(frame, format="rgb24").to_ndarray()  # as frame.to_ndarray("rgb24")
     else:
-        rgb = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()
+        rgb = _local.reformatter.reformat(frame, width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()
     # the display matrix angle is counter-clockwise (checked against ffmpeg's autorotate)
     return np.ascontiguousarray(np.rot90(rgb, k=rotation // 90)) if rotation else rgb  # [H, W, 3]
 
@@ -466,7 +486,7 @@ def _assemble(
 def video_info(path: str) -> dict:
     """Frame count, duration and size of a video from its demuxed packets (no decoding)."""
     try:
-        with av.open(str(path), metadata_errors="ignore") as container:
+        with _open(str(path)) as container:
             index = _index(container, _video_stream(container, str(path)), str(path), buffer_mb=0)
     except (av.FFmpegError, OSError) as e:
         raise DecodeError(f"{path}: {type(e).__name__}: {e}") from e

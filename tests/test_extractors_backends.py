@@ -120,3 +120,18 @@ def test_backend_through_the_killable_decoder(tmp_path, made_videos):
             decoder(str(ffmpeg(tmp_path / "t.ogv", "-c:v", "libtheora")), cfg, None, timeout_s=60)
     finally:
         decoder.close()
+
+
+def test_bench_decode_runs_every_method_and_reports_every_goal(tmp_path, capsys):
+    """`make bench-decode` code on two tiny made clips (the figures themselves live in the bench, not here)."""
+    from extractors import bench
+
+    assert bench.main(["--frames", "2", "--repeats", "1", "--seconds", "0.5", "--clips", str(tmp_path), "--no-real"]) == 0
+    out = capsys.readouterr().out
+    for method in bench.METHODS:
+        assert method in out
+    for goal in ("exact / torchcodec, every clip <= 1.0", "exact / torchcodec, webvid_bheavy <= 0.6",
+                 "exact / limit, every clip <= 1.1", "keyframe / full, every clip <= 0.1"):
+        assert goal in out
+    assert out.count("webvid_") >= 4 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "webvid_bheavy_0s.mp4", "webvid_pheavy_0s.mp4"]
