@@ -103,6 +103,10 @@ def test_backend_not_installed_is_refused_naming_the_package(monkeypatch, made_v
     with pytest.raises(BackendUnavailable, match=f"sampling.backend is '{backend}'.*install {backend}"):
         decode_clip(str(made_videos["pheavy"]), SamplingConfig(num_frames=2, backend=backend))
     assert not issubclass(BackendUnavailable, DecodeError), "a missing backend must stop a job, not fail one video"
+    from pipeline.work import Decoder
+
+    with pytest.raises(BackendUnavailable, match=f"install {backend}"):  # the job refuses to start
+        Decoder(SamplingConfig(backend=backend), timeout_s=30, need_boxes=False)
 
 
 def test_backend_through_the_killable_decoder(tmp_path, made_videos):

@@ -196,6 +196,11 @@ def test_window_with_only_a_start_runs_to_the_end(made_videos):
         assert clip.indices.tolist() == [int(30 * (1.0 + (i + 0.5) * 0.5)) for i in range(6)]
     with pytest.raises(Exception, match="window"):
         decode_clip(str(path), SamplingConfig(), window=(5.0, None))
+    # as the pipeline reads it from a manifest row with `start` and an empty `end`
+    from pipeline.manifest import ManifestRow
+
+    window = ManifestRow("v", str(path), "", meta={"start": "1.0", "end": ""}).window
+    assert decode_clip(str(path), SamplingConfig(num_frames=6), window).indices.tolist() == clip.indices.tolist()
 
 
 def test_keyframe_mode_stays_inside_the_window(made_videos):
