@@ -52,6 +52,7 @@ class RunStats:
     wall_s: float = 0.0
     videos_per_s: float = 0.0
     times: dict[str, float] = field(default_factory=dict)  # summed stage seconds (decode, encode, store)
+    weights: dict[str, str] = field(default_factory=dict)  # role -> weight file sha256, or "random:seed=N"
     exit_reason: str = ""
 
     @property
@@ -113,6 +114,7 @@ class Job:
         run = self.config.run
         stats = RunStats(str(self.out), run.runner, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
         stats.n_videos = len(self.manifest)
+        stats.weights = dict(self.provenance()["extractor"]["weights_sha256"])
         start = time.perf_counter()
         jobs = None
         existing = self._existing_dims()

@@ -10,7 +10,7 @@ from extractors.sampling import plan_frames, snap_to_keyframes
 
 def test_from_dict_nested_and_defaults():
     cfg = ExtractorConfig.from_dict({"sampling": {"plan": "clips", "num_clips": 3, "frames_per_clip": 2, "fps": 2},
-                                     "regions": {"kind": "grid", "grid_size": 2}})
+                                     "regions": {"kind": "grid", "grid_size": 2}, "allow_random_weights": True})
     assert cfg.num_frames == 6 and cfg.sampling.fps == 2.0 and isinstance(cfg.sampling.fps, float)
     assert cfg.regions.grid_size == 2 and cfg.frame_encoder.model == "efficientnet_lite0"
     assert ExtractorConfig.from_dict(cfg.to_dict()) == cfg
