@@ -146,6 +146,11 @@ class Runtime:
     amp: str
     channels_last: bool = True  # CUDA only
 
+    def __post_init__(self) -> None:
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {str(self.device)!r} requested but torch.cuda.is_available() is False (no GPU or "
+                             "driver visible to torch): run on a GPU node, or set run.device: cpu")
+
     @property
     def nhwc(self) -> bool:
         return self.device.type == "cuda" and self.channels_last

@@ -64,6 +64,11 @@ def build_detector(name: str, weights: str, seed: int, allow_random: bool = Fals
     if path is not None:
         check_and_load(model, state, path, name)
         log.info("%s: %d classes (from %s)", name, num_classes, path.name)
+    return model
+
+
+def single_scale(model: nn.Module) -> nn.Module:
+    """`model` with its transform replaced by FixedScaleTransform (same normalisation and padding)."""
     t = model.transform
     model.transform = FixedScaleTransform(t.min_size, t.max_size, t.image_mean, t.image_std,
                                           size_divisible=t.size_divisible, fixed_size=t.fixed_size)
@@ -73,9 +78,12 @@ def build_detector(name: str, weights: str, seed: int, allow_random: bool = Fals
 class DetectorBackbone:
     """torchvision Faster R-CNN parts: transform, FPN backbone, RPN, RoI pooler, box head, predictor."""
 
-    def __init__(self, cfg: RegionConfig, runtime: Runtime, allow_random: bool = False) -> None:
-        model = build_detector(cfg.detector, cfg.weights, cfg.seed, allow_random)
-        self.model = runtime.prepare(model)
+    def __init__(self, cfg: RegionConfig, runtime: Runtime, allow_random: bool = False,
+                 model: nn.Module | None = None) -> None:
+        """`model`: an already built torchvision Faster R-CNN to use instead of cfg.weights."""
+        if model is None:
+            model = build_detector(cfg.detector, cfg.weights, cfg.seed, allow_random)
+        self.model = runtime.prepare(single_scale(model))
         self.runtime = runtime
         self.dim = model.roi_heads.box_predictor.cls_score.in_features  # 1024: the box-head representation
 
@@ -212,9 +220,10 @@ def _chunks(n: int, size: int):
 class DetectorRegions:
     """Faster R-CNN boxes chosen bottom-up-attention style, with box-head features of the final boxes."""
 
-    def __init__(self, cfg: RegionConfig, runtime: Runtime, allow_random: bool = False) -> None:
+    def __init__(self, cfg: RegionConfig, runtime: Runtime, allow_random: bool = False,
+                 model: nn.Module | None = None) -> None:
         self.cfg, self.runtime = cfg, runtime
-        self.backbone = DetectorBackbone(cfg, runtime, allow_random)
+        self.backbone = DetectorBackbone(cfg, runtime, allow_random, model)
         self.dim, self.max_boxes = self.backbone.dim, cfg.max_boxes
 
     def __call__(self, frames: list[np.ndarray], given_boxes: list[np.ndarray] | None = None) -> Regions:
@@ -326,14 +335,15 @@ def grid_boxes(width: int, height: int, g: int) -> np.ndarray:
 
 
 def build_region_source(cfg: RegionConfig, device: str | torch.device = "cpu", trunk: tuple[nn.Module, int] | None = None,
-                        allow_random: bool = False):
+                        allow_random: bool = False, detector: nn.Module | None = None):
     """The RegionSource for cfg.kind. `trunk` (module, dim): a frame-encoder trunk to share (see stage.py);
-    `allow_random`: a missing weight file means a seeded random init."""
+    `allow_random`: a missing weight file means a seeded random init; `detector`: a built torchvision
+    Faster R-CNN to use instead of loading cfg.weights."""
     runtime = Runtime(torch.device(device), cfg.amp, cfg.channels_last)
     if cfg.kind == "detector":
-        return DetectorRegions(cfg, runtime, allow_random)
+        return DetectorRegions(cfg, runtime, allow_random, detector)
     if cfg.backbone == "detector":
-        return BoxRegions(cfg, runtime, DetectorRoIFeatures(DetectorBackbone(cfg, runtime, allow_random)))
+        return BoxRegions(cfg, runtime, DetectorRoIFeatures(DetectorBackbone(cfg, runtime, allow_random, detector)))
     if trunk is None:
         net, dim = build_trunk("efficientnet_lite0", cfg.region_input_size, cfg.trunk_weights, cfg.seed, allow_random)
         trunk = (runtime.prepare(net), dim)

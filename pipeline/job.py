@@ -114,7 +114,6 @@ class Job:
         run = self.config.run
         stats = RunStats(str(self.out), run.runner, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
         stats.n_videos = len(self.manifest)
-        stats.weights = dict(self.provenance()["extractor"]["weights_sha256"])
         start = time.perf_counter()
         jobs = None
         existing = self._existing_dims()
@@ -221,6 +220,7 @@ class Job:
 
         status = open_store(self.out).status
         stats.store_ok, stats.store_failed, stats.store_pending = status.ok, status.failed, status.pending
+        stats.weights = dict(self.provenance()["extractor"]["weights_sha256"])
         limit = self.config.run.max_failure_rate
         if stats.shards_failed:
             stats.exit_reason = (
