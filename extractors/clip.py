@@ -32,19 +32,20 @@ def build_clip_visual(model: str, weights: str, seed: int, allow_random: bool = 
 
     arch = model[len(OPEN_CLIP_PREFIX):]
     path = weight_file(weights, model, seed, allow_random)
-    with seeded(seed):
-        visual = open_clip.create_model(arch, pretrained=None, device="cpu").visual
-    if path is not None:
+    ours: dict[str, torch.Tensor] = {}
+    if path is not None:  # read and sorted out before the (slow) build, so that a wrong file fails fast
         state = read_weights(path)
         has_prefix = any(k.startswith(VISUAL_PREFIX) for k in state)
         if not has_prefix and "conv1.weight" not in state:
             raise WeightsError(f"{path} is not an open_clip checkpoint: no 'visual.*' keys and no 'conv1.weight' "
                                f"(first keys: {list(state)[:3]}); expected {arch} with open_clip key names")
         ours = {k.removeprefix(VISUAL_PREFIX): v for k, v in state.items() if k.startswith(VISUAL_PREFIX) or not has_prefix}
+        if len(state) > len(ours):
+            log.info("%s: %d non-image-tower key(s) (text tower, logit scale) ignored", path.name, len(state) - len(ours))
+    with seeded(seed):
+        visual = open_clip.create_model(arch, pretrained=None, device="cpu").visual
+    if path is not None:
         check_and_load(visual, ours, path, model)
-        others = len(state) - len(ours)
-        if others:
-            log.info("%s: %d non-image-tower key(s) (text tower, logit scale) ignored", path.name, others)
     return visual
 
 
