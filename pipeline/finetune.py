@@ -42,13 +42,13 @@ CLASSES = ("background", *demo.SHAPES)  # label i of the detector = CLASSES[i]
 @dataclass
 class FinetuneConfig:
     detector: str = "fasterrcnn_mobilenet_v3_large_320_fpn"  # a torchvision detection builder (DETECTOR_MODELS)
-    steps: int = 600  # optimiser steps
+    steps: int = 300  # optimiser steps
     batch_size: int = 8  # frames per step
     lr: float = 2e-3  # AdamW, cosine decay to 0 after a linear warm-up
     warmup: int = 50  # warm-up steps
     weight_decay: float = 1e-4
     seed: int = 0  # model init and batch order
-    eval_frames: int = 8  # frames per val/test clip, sampled as the extractor samples them (uniform)
+    eval_frames: int = 4  # frames per val/test clip, sampled as the extractor samples them (uniform)
     eval_every: int = 0  # also score val every this many steps (0 = only at the end), logged in history
     proposals: int = 32  # RPN proposals per frame at test time (regions.proposals: what the extractor uses)
     box_batch_size_per_image: int = 16  # RoIs per frame for the box head's loss (torchvision: 512); it dominates a step
