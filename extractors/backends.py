@@ -58,6 +58,9 @@ def decode_with_backend(
 
     upright: (width, height) the frames must have once upright before any resize (a check).
     """
+    if index.sequential or index.no_keyflags:  # frames only the decoder can number: no index to address them by
+        why = "its timestamps are decode times" if index.sequential else "its container flags no keyframe"
+        raise DecodeError(f"{path}: {name} cannot address this stream's frames ({why}); use sampling.backend: pyav")
     decode = {"torchcodec": _torchcodec, "decord": _decord}[name]
     try:
         frames = decode(path, index, targets, threads, rotation)
