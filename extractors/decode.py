@@ -17,6 +17,7 @@ PyAV here, or torchcodec / decord (extractors/backends.py), which return the sam
 from __future__ import annotations
 
 import atexit
+import io
 import logging
 import multiprocessing
 import os
@@ -70,34 +71,81 @@ class StreamIndex:
     no_keyflags: bool  # no packet is flagged a keyframe (e.g. FLV1 in SWF): decode from the first packet
 
 
-def decode_clip(path: str, sampling: SamplingConfig, window: tuple[float, float] | None = None) -> Clip:
+def decode_clip(
+    path: str, sampling: SamplingConfig, window: tuple[float, float] | None = None, span: tuple[int, int] | None = None
+) -> Clip:
     """Decode the frames `sampling` plans for the video at `path`; raises DecodeError naming the file.
 
     window: (start, end) seconds of the video to sample from; end None or inf = to the end.
-    Raises BackendUnavailable (not a DecodeError: no video can decode) if sampling.backend is not installed.
+    span: (offset, size): the video is those bytes of `path` (a member of a tar), read in place.
+    Raises BackendUnavailable (not a DecodeError: no video can decode) if sampling.backend is not installed,
+    or if a tar member is to be decoded by a backend that reads whole files only.
     """
     require_backend(sampling.backend)
+    if span and sampling.backend != "pyav":
+        raise BackendUnavailable(f"tar shard input is decoded in place by the pyav backend only, not "
+                                 f"{sampling.backend!r}: set sampling.backend: pyav for video2dataset tars")
+    name = f"{path} (bytes {span[0]}+{span[1]})" if span else str(path)
     try:
-        with _open(str(path)) as container:
-            return _decode(container, str(path), sampling, window)
+        with _open(str(path), span) as container:
+            return _decode(container, name, sampling, window, span[1] if span else None)
     except (DecodeError, BackendUnavailable):
         raise
     except (av.FFmpegError, OSError, ValueError, EOFError) as e:
-        raise DecodeError(f"{path}: {type(e).__name__}: {e}") from e
+        raise DecodeError(f"{name}: {type(e).__name__}: {e}") from e
 
 
-def _open(path: str) -> av.container.InputContainer:
+class _ByteRange(io.RawIOBase):
+    """Bytes [offset, offset + size) of a file as a seekable file of their own, for av.open."""
+
+    def __init__(self, path: str, offset: int, size: int) -> None:
+        super().__init__()
+        self._f = open(path, "rb")
+        self._offset, self._size, self._pos = offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._size - self._pos if n is None or n < 0 else min(n, self._size - self._pos)
+        if n <= 0:
+            return b""
+        self._f.seek(self._offset + self._pos)
+        data = self._f.read(n)
+        self._pos += len(data)
+        return data
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def _open(path: str, span: tuple[int, int] | None) -> av.container.InputContainer:
     """Open with a short stream probe where the container header suffices, else with FFmpeg's full probe."""
-    container = av.open(path, metadata_errors="ignore", options=FAST_PROBE)
+    def source():  # a fresh reader each time: the second open must start from byte 0
+        return _ByteRange(path, *span) if span else path
+
+    container = av.open(source(), metadata_errors="ignore", options=FAST_PROBE)
     if container.format.name in FAST_PROBE_FORMATS:
         return container
     container.close()
-    return av.open(path, metadata_errors="ignore")
+    return av.open(source(), metadata_errors="ignore")
 
 
-def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConfig, window) -> Clip:
+def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConfig, window, size: int | None) -> Clip:
     stream = _video_stream(container, path)
-    _check_complete(stream, path)
+    _check_complete(stream, path, size)
     index = _index(container, stream, path, cfg.buffer_mb)
     flags = _check_still(stream, index, container.format.name, path, cfg)
     try:
@@ -155,13 +203,16 @@ def _check_still(stream, index: StreamIndex, fmt: str, path: str, cfg: SamplingC
     return ["still"]
 
 
-def _check_complete(stream: av.video.stream.VideoStream, path: str) -> None:
+def _check_complete(stream: av.video.stream.VideoStream, path: str, size: int | None) -> None:
     """A truncated file whose index (e.g. an mp4 moov at the front) points past its end is an error,
     not a shorter video: otherwise the plan would silently sample only the frames that survived."""
     entries = stream.index_entries
-    if not len(entries) or not os.path.isfile(path):
+    if size is None:
+        if not len(entries) or not os.path.isfile(path):
+            return
+        size = os.path.getsize(path)
+    if not len(entries):
         return
-    size = os.path.getsize(path)
     needed = max(e.pos + e.size for e in entries)
     if needed > size:
         missing = sum(1 for e in entries if e.pos + e.size > size)
@@ -509,13 +560,14 @@ class KillableDecoder:
         self._lock = threading.Lock()
 
     def __call__(
-        self, path: str, sampling: SamplingConfig, window: tuple[float, float] | None, timeout_s: float
+        self, path: str, sampling: SamplingConfig, window: tuple[float, float] | None, timeout_s: float,
+        span: tuple[int, int] | None = None,
     ) -> Clip:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         with self._lock:
             self._ensure_started()
-            self._conn.send((str(path), sampling, window))
+            self._conn.send((str(path), sampling, window, span))
             if not self._conn.poll(timeout_s):
                 self.close()
                 raise DecodeError(f"{path}: decoding did not finish within {timeout_s:g} s; the decoder process was killed")
@@ -556,11 +608,11 @@ def _serve(conn) -> None:
     """Child loop: decode requests until the parent closes the pipe."""
     while True:
         try:
-            path, sampling, window = conn.recv()
+            path, sampling, window, span = conn.recv()
         except (EOFError, OSError):
             return
         try:
-            reply = ("ok", decode_clip(path, sampling, window))
+            reply = ("ok", decode_clip(path, sampling, window, span))
         except (DecodeError, BackendUnavailable) as e:
             reply = ("err", e)
         except Exception as e:  # unexpected: hand the parent a DecodeError it can record for this video
@@ -573,7 +625,8 @@ atexit.register(_KILLABLE.close)
 
 
 def decode_clip_killable(
-    path: str, sampling: SamplingConfig, window: tuple[float, float] | None, timeout_s: float
+    path: str, sampling: SamplingConfig, window: tuple[float, float] | None, timeout_s: float,
+    span: tuple[int, int] | None = None,
 ) -> Clip:
     """decode_clip in a child process that is killed when it takes longer than timeout_s (DecodeError)."""
-    return _KILLABLE(path, sampling, window, timeout_s)
+    return _KILLABLE(path, sampling, window, timeout_s, span)

@@ -28,6 +28,7 @@ class VideoTask:
     path: str  # absolute video path
     window: tuple[float, float] | None = None  # (start, end) seconds, from the manifest's start/end columns
     boxes_path: str | None = None  # "given" region source: absolute path of the boxes sidecar
+    span: tuple[int, int] | None = None  # (offset, size) of the video inside `path`: a tar member, read in place
 
 
 @dataclass
@@ -78,7 +79,7 @@ class Decoder:
         try:
             if not os.path.isfile(task.path):
                 raise DecodeError(f"video file not found: {task.path} (check --video-root and the manifest's path)")
-            clip = decode_clip_killable(task.path, self.sampling, task.window, self.timeout_s)
+            clip = decode_clip_killable(task.path, self.sampling, task.window, self.timeout_s, task.span)
             boxes = self._given_boxes(task, clip) if self.need_boxes else None
         except DecodeError as e:
             return DecodeStatus(task.row, f"decode: {e}", time.perf_counter() - start), None
