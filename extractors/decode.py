@@ -131,7 +131,7 @@ class _ByteRange(io.RawIOBase):
         super().close()
 
 
-def _open(path: str, span: tuple[int, int] | None) -> av.container.InputContainer:
+def _open(path: str, span: tuple[int, int] | None = None) -> av.container.InputContainer:
     """Open with a short stream probe where the container header suffices, else with FFmpeg's full probe."""
     def source():  # a fresh reader each time: the second open must start from byte 0
         return _ByteRange(path, *span) if span else path
