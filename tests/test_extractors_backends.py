@@ -151,3 +151,9 @@ def test_backends_refuse_streams_they_cannot_address(made_videos, tmp_path):
             with pytest.raises(DecodeError, match=f"{backend} cannot address this stream's frames") as info:
                 decode_clip(str(path), SamplingConfig(num_frames=4, backend=backend))
             assert str(path) in str(info.value)
+
+
+def test_backend_key_is_strict():
+    with pytest.raises(ValueError, match=r"sampling.backend must be one of \['pyav', 'torchcodec', 'decord'\]"):
+        SamplingConfig(backend="ffmpeg")
+    assert SamplingConfig().backend == "pyav" and SamplingConfig().allow_still_images is False
