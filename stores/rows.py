@@ -49,7 +49,8 @@ class ShardRows:
     def __init__(self, path: Path, row_start: int, n_rows: int) -> None:
         self.path, self.row_start = path, row_start
         try:
-            self.table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+            with pa.memory_map(str(path)) as source:  # the table's buffers keep the mapping; no fd stays open
+                self.table = pa.ipc.open_file(source).read_all()
             self.status = self.table.column("status").to_numpy()  # [rows] int8, 1 ok / 2 failed
             rows = self.table.column("row").to_numpy()
         except FileNotFoundError as e:
