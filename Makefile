@@ -49,7 +49,7 @@ test: $(STAMP) ## fast test suite (under 10 minutes on 2 cores)
 test-slow: $(STAMP) ## heavier tests (kill -9 sweeps, long runs)
 	$(PY) -m pytest -q -m slow $(ARGS)
 
-bench-decode: $(STAMP) ## CPU cost of sparse decoding vs decord / full decode / decode limit
+bench-decode: $(STAMP) ## CPU cost of sparse decoding (pyav, torchcodec, decord backends) vs torchcodec / decord / full decode / limit
 	$(PY) -m extractors.bench $(ARGS)
 
 bench-store: $(STAMP) ## read speed and size of the store layouts vs memmap / npz peers
