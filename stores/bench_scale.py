@@ -8,8 +8,9 @@ linear projection to 10M videos (the line through the two sizes measured).
 
     python -m stores.bench_scale [--sizes 100000 1000000] [--workdir DIR] [--json OUT]
 
-More figures: append a Measurement to MEASUREMENTS (e.g. the extract driver's RSS while planning a
-manifest); its function runs in the subprocess and returns one number.
+More store figures: append a Measurement to MEASUREMENTS; its function runs in the subprocess and
+returns one number. The extract driver's figures (RSS while planning, bytes per shard task) are
+pipeline/bench_scale.py; `make bench-scale` runs both.
 """
 from __future__ import annotations
 
