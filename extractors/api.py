@@ -59,4 +59,4 @@ class Provenance:
     """What made a feature: recorded in the store so runs can be compared."""
 
     models: dict[str, str] = field(default_factory=dict)  # role -> model name
-    weights_sha256: dict[str, str] = field(default_factory=dict)  # role -> hash of the weight file, or "seeded:<seed>"
+    weights_sha256: dict[str, str] = field(default_factory=dict)  # role -> sha256 of the weight file, or "random:seed=<seed>"

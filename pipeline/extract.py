@@ -121,6 +121,9 @@ def summary(stats) -> str:
         f"  time {stats.wall_s:.1f} s, {stats.videos_per_s:.2f} videos/s",
         f"  store: {stats.store_ok} ok, {stats.store_failed} failed, {stats.store_pending} pending of {stats.n_videos}",
     ]
+    lines.append("  weights: " + ", ".join(
+        f"{role} RANDOM ({w.split(':', 1)[1]}, allow_random_weights)" if w.startswith("random:") else f"{role} sha256 {w[:12]}"
+        for role, w in stats.weights.items()))
     lines += [f"  failed: {n} x {reason}" for reason, n in stats.failed_by_reason.items()]
     if stats.exit_reason:
         lines.append(f"  ERROR: {stats.exit_reason}")

@@ -53,6 +53,7 @@ class RunStats:
     wall_s: float = 0.0
     videos_per_s: float = 0.0
     times: dict[str, float] = field(default_factory=dict)  # summed stage seconds (decode, encode, store)
+    weights: dict[str, str] = field(default_factory=dict)  # role -> weight file sha256, or "random:seed=N"
     exit_reason: str = ""
 
     @property
@@ -229,6 +230,7 @@ class Job:
 
         status = open_store(self.out).status
         stats.store_ok, stats.store_failed, stats.store_pending = status.ok, status.failed, status.pending
+        stats.weights = dict(self.provenance()["extractor"]["weights_sha256"])
         limit = self.config.run.max_failure_rate
         if stats.shards_failed:
             stats.exit_reason = (
