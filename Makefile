@@ -55,8 +55,9 @@ bench-decode: $(STAMP) ## CPU cost of sparse decoding (pyav, torchcodec, decord 
 bench-store: $(STAMP) ## read speed and size of the store layouts vs memmap / npz peers
 	$(PY) -m stores.bench $(ARGS)
 
-bench-scale: $(STAMP) ## store open / status / lookups / pickled reader at 100k and 1M videos vs format 1, projected to 10M
+bench-scale: $(STAMP) ## store open / status / lookups / pickled reader, extract driver RSS / task bytes, at 1M vs before, projected to 10M
 	$(PY) -m stores.bench_scale $(ARGS)
+	$(PY) -m pipeline.bench_scale $(DRIVER_ARGS)
 
 bench-pipeline: $(STAMP) ## end-to-end throughput vs the sum-of-stages limit and a plain loop
 	$(PY) -m pipeline.bench $(ARGS)

@@ -170,3 +170,14 @@ def test_detector_sees_frames_at_the_decode_scale(frames):
     image_list, _, scale = source.backbone.features(frames[2:])
     assert image_list.image_sizes == [(h, w)] * 2 and torch.equal(scale, torch.ones_like(scale))
     assert (regions.boxes[:, :, 2] <= 1).all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_gpu_check_without_cuda_says_so():
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "PY": __import__("sys").executable})
+    assert result.returncode == 2 and "no CUDA device visible to torch" in result.stderr, result.stderr
