@@ -18,6 +18,7 @@ from vlpconfig import ConfigError, from_dict
 
 SAMPLING_PLANS = ("uniform", "clips", "fps")
 DECODE_MODES = ("exact", "keyframe")
+DECODE_BACKENDS = ("pyav", "torchcodec", "decord")
 SHORT_POLICIES = ("repeat", "pad")
 OPEN_CLIP_MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14")  # and their "-quickgelu" variants (OpenAI weights)
 FRAME_MODELS = ("efficientnet_lite0", "resnet50", "vit_b_16",
@@ -45,11 +46,14 @@ class SamplingConfig:
     max_side: int = 0  # then cap the long side at this many pixels (0 = no cap)
     threads: int = 1  # decoder threads per video (1: the pipeline parallelises across videos)
     buffer_mb: int = 256  # files up to this size keep their packets in memory; bigger ones are re-read by seeking
+    backend: str = "pyav"  # frame decoder: "pyav", "torchcodec" or "decord" (same frames; never a silent fallback)
+    allow_still_images: bool = False  # accept a still image (png, jpeg, ...) as a one-frame video
 
     def __post_init__(self) -> None:
         _choice("sampling.plan", self.plan, SAMPLING_PLANS)
         _choice("sampling.mode", self.mode, DECODE_MODES)
         _choice("sampling.short_policy", self.short_policy, SHORT_POLICIES)
+        _choice("sampling.backend", self.backend, DECODE_BACKENDS)
         for name in ("num_frames", "num_clips", "frames_per_clip", "max_frames", "threads"):
             _positive(f"sampling.{name}", getattr(self, name))
         _positive("sampling.fps", self.fps)
