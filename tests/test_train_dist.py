@@ -73,7 +73,7 @@ def test_trainer_under_ddp_evaluates_every_item(tmp_path):
     run = tmp_path / "run"
     proc = _torchrun(["-m", "pipeline", "train", "--features", str(store), "--out", str(run), "--steps", "4",
                       "--batch-size", "8", "--eval-split", "test", "--eval-every", "4",
-                      "--text-cache", str(tmp_path / "tc"), "--set", "model.dropout=0.0"], timeout=280)
+                      "--set", "model.dropout=0.0"], timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     evals = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
     assert evals and evals[-1]["videos"] == 10 and evals[-1]["binding_pairs"] == 10
