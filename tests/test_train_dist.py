@@ -66,13 +66,15 @@ def test_every_parameter_gradient_two_ranks_equals_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_trainer_under_ddp_evaluates_every_item(tmp_path):
+def test_trainer_under_ddp_evaluates_every_item_with_word_units(tmp_path):
     from _train_helpers import make_synthetic_store
 
-    store = make_synthetic_store(tmp_path / "store", n_train=32, n_test=10)  # 10 test videos: odd per rank
+    store = make_synthetic_store(tmp_path / "store", n_train=32, n_test=10, longer_odd_test=True)
+    # 10 test videos: odd per rank; rank 1's captions are longer (word units of another width)
     run = tmp_path / "run"
     proc = _torchrun(["-m", "pipeline", "train", "--features", str(store), "--out", str(run), "--steps", "4",
                       "--batch-size", "8", "--eval-split", "test", "--eval-every", "4",
+                      "--align-weight", "1", "--align-unit", "word", "--workers", "1",
                       "--set", "model.dropout=0.0"], timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     evals = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
