@@ -9,10 +9,10 @@ import pytest
 from torch.utils.data import DataLoader
 
 from _train_helpers import _arrays, _caption, _scene, make_synthetic_store
-from stores import create_store
+from stores import create_store, open_store
 from stores.schema import Dims
 from train.data import DataError, track_tokens
-from train.stream import FeatureStream, ShardSource, StreamPlan, StreamSpec, StreamState
+from train.stream import FeatureStream, StreamPlan, StreamSpec, StreamState
 
 DIMS = Dims(T=4, K=3, Df=16, Dr=24)
 
@@ -91,13 +91,14 @@ def test_several_captions_one_sampled_per_epoch_seeded(tmp_path):
         _take(FeatureStream(StreamSpec(str(bad), batch_size=8)), 1, 0)
 
 
-def _corrupt_with_nan(store, row: int, shard_size: int = 8) -> None:
-    """Write float16 NaN over the first value of a video's frame features (uncompressed zarr chunk)."""
-    source = ShardSource(str(store))
-    shard = row // shard_size
-    reader = source.backend.reader(source.layout, source.meta, shard, source.ledger(shard).files, False)
-    offset, _ = reader.spans["frame_features"][row - shard * shard_size]
-    path = reader.paths["frame_features"]
+def _corrupt_with_nan(store, row: int) -> None:
+    """Write float16 NaN over the first value of a video's frame features, in place in its uncompressed
+    zarr chunk (the writer refuses non-finite values; a foreign writer or a bad disk does not)."""
+    reader = open_store(store)
+    shard_size = reader.store_meta.shard_size
+    shard_reader = reader._shard(row // shard_size)
+    offset, _ = shard_reader.spans["frame_features"][row % shard_size]
+    path = shard_reader.paths["frame_features"]
     reader.close()
     with open(path, "r+b") as f:
         f.seek(offset)

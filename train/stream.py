@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -39,9 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from stores.backends import BACKENDS
-from stores.errors import StoreError
-from stores.ledger import Layout, ShardLedger, committed_shards, load_ledger, load_store_meta
+from stores import open_store
 from stores.schema import ARRAYS
 from train.data import DataError, check_finite, video_batch
 from train.model import VideoBatch
@@ -90,45 +87,25 @@ class StreamState:
 
 
 class ShardSource:
-    """Per-process, lazy access to a store shard by shard: one ledger and one shard file at a time
-    (a few cached), never every ledger."""
+    """Per-process access to a store by rows, through the public reader (`stores.open_store`): with the
+    store index, opening is O(1) and a row's record / a shard's data are read on demand, so no worker
+    holds every ledger."""
 
-    def __init__(self, features: str, cache: int = 4):
-        self.layout = Layout(features)
-        self.meta = load_store_meta(self.layout)
-        self.backend = BACKENDS[self.meta.backend]
-        self.backend.validate_layout(self.layout, self.meta)
-        self.cache = cache
-        self._ledgers: OrderedDict[int, ShardLedger] = OrderedDict()
-        self._readers: OrderedDict[int, Any] = OrderedDict()
+    def __init__(self, features: str):
+        self.reader = open_store(features)
+        self.meta = self.reader.store_meta
 
     def committed(self) -> list[int]:
-        return sorted(committed_shards(self.layout))
+        pending = set(self.reader.pending_shards())
+        return [s for s in range(self.meta.n_shards) if s not in pending]
 
-    def ledger(self, shard: int) -> ShardLedger:
-        return self._cached(self._ledgers, shard, lambda: load_ledger(self.layout, self.meta, shard), None)
+    def record(self, row: int):
+        return self.reader.record(row)
 
-    def read(self, shard: int, rows: list[int]) -> dict[str, np.ndarray]:
-        """Arrays [n, ...] of the given rows of one shard, whole chunks, in the order given."""
-        reader = self._cached(self._readers, shard, lambda: self.backend.reader(
-            self.layout, self.meta, shard, self.ledger(shard).files, False), lambda r: r.close())
-        start = shard * self.meta.shard_size
-        return {name: np.stack([np.asarray(reader.read(name, r - start)) for r in rows]) for name in ARRAYS}
-
-    def _cached(self, cache: OrderedDict, key: int, make, close):
-        if key in cache:
-            cache.move_to_end(key)
-            return cache[key]
-        value = cache[key] = make()
-        if len(cache) > self.cache:
-            _, old = cache.popitem(last=False)
-            if close:
-                close(old)
-        return value
-
-    def close(self) -> None:
-        while self._readers:
-            self._readers.popitem()[1].close()
+    def read(self, rows: list[int]) -> dict[str, np.ndarray]:
+        """Arrays [n, ...] of the given ok rows (whole chunks, each shard file opened once), in order."""
+        a = self.reader.read_rows(rows)
+        return {name: a[name] for name in ARRAYS}
 
 
 def _rng(*keys: int) -> np.random.Generator:
@@ -250,7 +227,7 @@ class _SlotReader:
 
     def _wanted(self, row: int):
         """The ledger record if the row is an ok video of the split, else None."""
-        record = self.source.ledger(row // self.stream.shard_size).record(row)
+        record = self.source.record(row)
         self.splits_seen.add(record.meta.get("split", ""))
         if record.status != "ok" or (self.spec.split and record.meta.get("split", "") != self.spec.split):
             return None
@@ -289,8 +266,8 @@ class _SlotReader:
         for row, rec in items:
             by_shard.setdefault(row // self.stream.shard_size, []).append((row, rec))
         got = {}
-        for shard, part in by_shard.items():
-            a = self.source.read(shard, [r for r, _ in part])
+        for part in by_shard.values():
+            a = self.source.read([r for r, _ in part])
             finite = check_finite(a)  # [n] bool
             captions = [self._caption(rec) for _, rec in part]
             words = self.tokenizer.word_counts(captions)
