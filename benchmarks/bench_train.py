@@ -37,7 +37,7 @@ from train.objectives import Objectives, TextBatch
 from train.text import CaptionTokenizer, FrozenTextFeatures, resolve_model_dir
 
 log = logging.getLogger("bench_train")
-T, K, SIZE = 8, 4, 224
+T, K = 8, 4
 
 
 class Trunk(nn.Module):
@@ -66,9 +66,9 @@ class Trunk(nn.Module):
         return fmap.mean((2, 3)), fmap
 
 
-def _frames_tensor(frames: list[np.ndarray]) -> torch.Tensor:
+def _frames_tensor(frames: list[np.ndarray], size: int) -> torch.Tensor:
     x = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255.0  # [N, 3, H, W]
-    x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     return (x - mean) / std
 
@@ -76,10 +76,10 @@ def _frames_tensor(frames: list[np.ndarray]) -> torch.Tensor:
 class PixelStep:
     """One end-to-end training step from mp4 files (see the module docstring)."""
 
-    def __init__(self, trunk: str, corpus: Path, rows: list[dict], cfg: TrainConfig):
+    def __init__(self, trunk: str, corpus: Path, rows: list[dict], cfg: TrainConfig, size: int = 224):
         from extractors.config import SamplingConfig
 
-        self.corpus, self.rows, self.cfg = corpus, rows, cfg
+        self.corpus, self.rows, self.cfg, self.size = corpus, rows, cfg, size
         self.sampling = SamplingConfig(num_frames=T)
         self.trunk = Trunk(trunk)
         Df, Dr = self.trunk.dims
@@ -109,9 +109,9 @@ class PixelStep:
         boxes = np.stack(boxes)  # [B, T, K, 4] normalised, NaN = absent
         present = ~np.isnan(boxes).any(-1)  # [B, T, K]
         safe = np.nan_to_num(boxes)
-        pooled, fmap = self.trunk(_frames_tensor(frames))  # [B*T, Df], [B*T, C, h, w]
+        pooled, fmap = self.trunk(_frames_tensor(frames, self.size))  # [B*T, Df], [B*T, C, h, w]
         rois = torch.cat([torch.arange(len(frames)).repeat_interleave(K)[:, None].float(),
-                          torch.from_numpy(safe.reshape(-1, 4)) * SIZE], 1)  # [B*T*K, 5]
+                          torch.from_numpy(safe.reshape(-1, 4)) * self.size], 1)  # [B*T*K, 5]
         regions = roi_align(fmap, rois, (7, 7), 1.0 / self.trunk.stride, 2, True).mean((2, 3))  # [B*T*K, Dr]
         B = len(batch)
         regions = regions.reshape(B, T, K, -1)
@@ -135,9 +135,8 @@ class PixelStep:
         self.opt.zero_grad(set_to_none=True)
 
 
-def pixel_rate(trunk: str, corpus: Path, rows: list[dict], batch: int, steps: int) -> float:
-    cfg = TrainConfig()
-    step = PixelStep(trunk, corpus, rows, cfg)
+def pixel_rate(trunk: str, corpus: Path, rows: list[dict], batch: int, steps: int, size: int) -> float:
+    step = PixelStep(trunk, corpus, rows, TrainConfig(), size)
     step(rows[:batch])  # warm-up (allocations, text cache)
     start = time.perf_counter()
     for i in range(steps):
@@ -155,7 +154,7 @@ def flops_per_sample(fn, n: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes (the test runs this): no meaningful figures")
+    p.add_argument("--quick", action="store_true", help="tiny inputs, 64^2 frames (the test runs this): no meaningful figures")
     p.add_argument("--sizes", default="10000,100000", help="store sizes (videos) for the RSS rows")
     p.add_argument("--json", help="also write the figures here")
     p.add_argument("--work", help="scratch folder (default: a temporary one)")
@@ -169,38 +168,38 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.demo import make_demo_corpus
 
     corpus = work / "corpus"
-    manifest = make_demo_corpus(corpus, videos=8 if q else 16, seed=0, val_videos=0, test_videos=0)
+    manifest = make_demo_corpus(corpus, videos=4 if q else 16, seed=0, val_videos=0, test_videos=0)
     import csv
 
     rows = list(csv.DictReader(open(manifest)))
-    batch_px, steps_px = (2, 1) if q else (2, 3)
-    out["pixel_resnet50_samples_per_s"] = pixel_rate("resnet50", corpus, rows, batch_px, steps_px)
-    out["pixel_effnet_lite0_samples_per_s"] = pixel_rate("efficientnet_lite0", corpus, rows, batch_px, steps_px)
+    batch_px, steps_px, size = (1, 1, 64) if q else (2, 2, 224)
+    out["pixel_resnet50_samples_per_s"] = pixel_rate("resnet50", corpus, rows, batch_px, steps_px, size)
+    out["pixel_effnet_lite0_samples_per_s"] = pixel_rate("efficientnet_lite0", corpus, rows, batch_px, steps_px, size)
 
-    cache_store = bench.synthetic_store(work / "cache_store", 256 if q else 2048, Dims(T=T, K=K, Df=2048, Dr=1024),
-                                        shard_size=64 if q else 256)
-    batch, steps = (16, 2) if q else (64, 10)
+    cache_store = bench.synthetic_store(work / "cache_store", 64 if q else 2048, Dims(T=T, K=K, Df=2048, Dr=1024),
+                                        shard_size=32 if q else 256)
+    batch, steps = (8, 1) if q else (64, 6)
     cache = bench.train_rate(cache_store, work / "run_cache", steps, batch, workers=2)
     out["cache_samples_per_s"] = cache["samples_per_s"]
     out["cache_vs_resnet50"] = cache["samples_per_s"] / out["pixel_resnet50_samples_per_s"]
     out["cache_vs_effnet_lite0"] = cache["samples_per_s"] / out["pixel_effnet_lite0_samples_per_s"]
-    out["loader_samples_per_s"] = bench.loader_rate(cache_store, 4 if q else 40, batch, workers=2)
+    out["loader_samples_per_s"] = bench.loader_rate(cache_store, 2 if q else 24, batch, workers=2)
     out["loader_vs_step"] = out["loader_samples_per_s"] / cache["samples_per_s"]
 
     # FLOPs per sample, both ways (forward + backward of one step)
     cfg = TrainConfig()
-    px = PixelStep("resnet50", corpus, rows, cfg)
-    out["flops_pixel_resnet50"] = flops_per_sample(lambda: px(rows[:2]), 2)
+    px = PixelStep("resnet50", corpus, rows, cfg, size)
+    out["flops_pixel_resnet50"] = flops_per_sample(lambda: px(rows[:batch_px]), batch_px)
     from train.trainer import Trainer
 
     tr = Trainer(bench.bench_config(2, batch, 0), str(cache_store), work / "run_flops")
     out["flops_cache"] = flops_per_sample(tr.train_step, batch)
 
     rss = []
-    sizes = [256, 1024] if q else [int(s) for s in args.sizes.split(",")]
+    sizes = [64] if q else [int(s) for s in args.sizes.split(",")]
     for n in sizes:
         store = bench.synthetic_store(work / f"rss_{n}", n, Dims(T=4, K=4, Df=32, Dr=32), shard_size=1000)
-        r = bench.peak_rss_of_training(store, work / f"run_rss_{n}", steps=4 if q else 30, batch_size=64)
+        r = bench.peak_rss_of_training(store, work / f"run_rss_{n}", steps=2 if q else 20, batch_size=16 if q else 64)
         rss.append({"videos": n, "disk_mb": bench.store_bytes(store) / 1e6, **r})
     out["rss"] = rss
     _print(out)
@@ -217,11 +216,11 @@ def _print(o: dict) -> None:
           f"{o['flops_cache'] / 1e9:.3f} G ({o['flops_pixel_resnet50'] / o['flops_cache']:.0f}x)")
     print(f"loader (2 workers) {o['loader_samples_per_s']:.0f} samples/s vs step {o['cache_samples_per_s']:.0f} "
           f"samples/s: {o['loader_vs_step']:.1f}x")
-    print("| videos | features on disk MB | trainer peak RSS MB | worker peak RSS MB | disk / RSS |")
+    print("| videos | features on disk MB | trainer peak RSS MB | trainer + 2 workers peak PSS MB | disk / RSS |")
     print("|---|---|---|---|---|")
     for r in o["rss"]:
-        print(f"| {r['videos']} | {r['disk_mb']:.0f} | {r['trainer_mb']:.0f} | {r['worker_mb']:.0f} | "
-              f"{r['disk_mb'] / (r['trainer_mb'] + 2 * r['worker_mb']):.2f} |")
+        print(f"| {r['videos']} | {r['disk_mb']:.0f} | {r['trainer_mb']:.0f} | {r['with_workers_mb']:.0f} | "
+              f"{r['disk_mb'] / r['with_workers_mb']:.2f} |")
 
 
 if __name__ == "__main__":

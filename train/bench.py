@@ -7,7 +7,6 @@ Imports only stores/ and train/ (the pixel baseline, which needs extractors/, li
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -91,13 +90,62 @@ def loader_rate(store: Path, batches: int, batch_size: int, workers: int = 2) ->
 
 
 def peak_rss_of_training(store: Path, out: Path, steps: int, batch_size: int, workers: int = 2) -> dict[str, float]:
-    """Peak RSS (MB) of a training run in a fresh process: the trainer, and its largest loader worker."""
-    code = ("import json, resource, sys; from train.bench import bench_config; from train.trainer import Trainer; "
+    """Peak memory (MB) of a training run in a fresh process: the trainer's peak RSS (VmHWM) and the peak
+    PSS of the trainer plus its loader workers (sampled every 50 ms). getrusage is not used: its maximum survives exec, so a
+    child of a big benchmark process would report the parent's size."""
+    code = ("import json; from train.bench import bench_config, RssSampler; from train.trainer import Trainer; "
+            "s = RssSampler(); "
             f"Trainer(bench_config({steps}, {batch_size}, {workers}), {str(store)!r}, {str(out)!r}).fit(); "
-            "print(json.dumps([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
-            "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))")
+            "print(json.dumps(s.stop()))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"training run on {store} failed: {proc.stderr[-2000:]}")
-    main_kb, worker_kb = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"trainer_mb": main_kb / 1024, "worker_mb": worker_kb / 1024}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _status_kb(pid: int, key: str, file: str = "status") -> int:
+    try:
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:  # the process ended between listing and reading
+        pass
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            out += [int(c) for c in task.read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+class RssSampler:
+    """Samples the proportional set size (PSS: pages shared after fork counted once) of this process and
+    its descendants (Linux /proc) in a thread until stop()."""
+
+    def __init__(self, every_s: float = 0.05):
+        import os
+        import threading
+
+        self.pid, self.every_s, self.peak_tree_kb = os.getpid(), every_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            pids, total = [self.pid], 0
+            while pids:
+                pid = pids.pop()
+                total += _status_kb(pid, "Pss", "smaps_rollup")  # shared pages counted once over the tree
+                pids += _children(pid)
+            self.peak_tree_kb = max(self.peak_tree_kb, total)
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        return {"trainer_mb": _status_kb(self.pid, "VmHWM") / 1024, "with_workers_mb": self.peak_tree_kb / 1024}

@@ -1,36 +1,37 @@
 """Streaming the features of a store: a torch IterableDataset for DataLoader workers, with exact resume.
 
     from torch.utils.data import DataLoader
-    from train.stream import FeatureStream, StreamSpec
+    from train.stream import FeatureStream, StreamSpec, batch_video
     stream = FeatureStream(StreamSpec("data/features/demo600", split="train", batch_size=64, workers=2))
     for batch in DataLoader(stream, batch_size=None, num_workers=2, pin_memory=True):
         video = batch_video(batch)  # VideoBatch: frame tokens, track/region tokens, masks
         ids, mask = batch["ids"], batch["mask"]  # MiniLM token ids of one caption per video
+        stream.state.advance(batch["cursor"])  # stream.state.to_dict() resumes exactly
 
-How the order is made without random access to the corpus (all of it index arithmetic, no I/O):
+How the order is made without random access to the corpus (index arithmetic, then records):
 - The committed shards are cut into pieces (contiguous row ranges of one shard); each epoch permutes the
-  pieces with a seeded generator and deals them to the W*R stream slots (R ranks x W workers): the
-  slots' pieces are disjoint, so ranks and workers never see the same video in an epoch.
-- A slot reads its pieces in order, grouped in windows of at least `shuffle_buffer` rows; the rows of
-  a window are permuted (the shuffle buffer). A batch reads whole chunks (one chunk = one video) from the
-  few shards of one window, grouped by shard.
-- The stream is endless (epoch after epoch); a slot's position is (epoch, rows consumed in the epoch).
+  pieces with a seeded generator and deals them to the ranks: ranks read disjoint videos in an epoch.
+- A rank reads its pieces in order, grouped in windows of at least `shuffle_buffer` rows; the rows of
+  a window are permuted (the shuffle buffer). A batch is the next `batch_size` usable rows (ok, of the
+  split, non-empty caption: from the records only) within one epoch; it reads whole chunks (one chunk =
+  one video) of the window's few shards, grouped by shard.
+- With W DataLoader workers, every worker walks the rank's order through the records, and worker w
+  reads the data of batches w, w + W, ...: DataLoader serves its workers round-robin, so the batches
+  come in the order one process would make them, whatever W.
+- The stream is endless; its position is (epoch, rows of the epoch's order consumed). Every batch
+  carries the position after it; handing the last one back (`StreamState`) restarts the stream exactly
+  there: the batches after a resume are the batches an uninterrupted run sees.
 
-Exact resume: every batch carries its slot's position after it; the consumer keeps the latest
-position per slot and which worker serves next (DataLoader serves its workers round-robin), and hands
-that `StreamState` back to start where it stopped: the batches after a resume are the batches an
-uninterrupted run would have seen.
-
-Bad input: rows whose features hold NaN/Inf or whose caption is empty after tokenisation are skipped
-with a counted warning; a store still being written streams its committed shards (the pending count is
-logged).
+Bad input: videos whose features hold NaN/Inf (found when the batch is read: the batch is one smaller)
+or whose caption is empty after tokenisation are skipped with a counted warning; a store still being
+written streams its committed shards (the pending count is logged).
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,7 +46,7 @@ from train.model import VideoBatch
 from train.text import CaptionTokenizer, resolve_model_dir
 
 log = logging.getLogger(__name__)
-PIECES_PER_SLOT = 8  # shards are cut so that every slot gets several pieces per epoch (balance)
+PIECES_PER_SLOT = 8  # shards are cut so that every rank gets several pieces per epoch (balance)
 
 
 @dataclass
@@ -68,22 +69,20 @@ class StreamSpec:
 
 @dataclass
 class StreamState:
-    """Where each slot of this rank stands: (epoch, rows consumed) per worker, and the next worker served."""
+    """Where this rank's stream stands: (epoch, rows of the epoch's order consumed) after the last batch."""
 
-    cursors: list[tuple[int, int]] = field(default_factory=list)
-    next_worker: int = 0
+    cursor: tuple[int, int] = (0, 0)
 
-    def advance(self, worker: int, cursor: tuple[int, int]) -> None:
-        self.cursors[worker] = cursor
-        self.next_worker = (worker + 1) % len(self.cursors)
+    def advance(self, cursor) -> None:
+        self.cursor = (int(cursor[0]), int(cursor[1]))
 
     def to_dict(self) -> dict:
-        return {"cursors": torch.tensor(self.cursors, dtype=torch.int64).reshape(-1, 2),
-                "next_worker": self.next_worker}
+        return {"cursor": torch.tensor(self.cursor, dtype=torch.int64)}
 
     @classmethod
     def from_dict(cls, d: dict) -> StreamState:
-        return cls([tuple(int(x) for x in row) for row in d["cursors"].tolist()], int(d["next_worker"]))
+        epoch, pos = d["cursor"].tolist()
+        return cls((int(epoch), int(pos)))
 
 
 class ShardSource:
@@ -157,7 +156,7 @@ def _captions_of(record) -> list[str]:
 
 class FeatureStream(IterableDataset):
     """Endless batches of one rank: dicts with the video tokens, one caption per video (sampled per
-    epoch, seeded) as MiniLM token ids, the video ids, and the slot position after the batch."""
+    epoch, seeded) as MiniLM token ids, the video ids, and the stream position after the batch."""
 
     def __init__(self, spec: StreamSpec, state: StreamState | None = None):
         super().__init__()
@@ -180,119 +179,108 @@ class FeatureStream(IterableDataset):
                         "by this run)", spec.features, len(shards), pending)
         self.shards = tuple(shards)
         self.n_workers = max(1, spec.workers)
-        self.plan = StreamPlan(list(shards), self.shard_size, self.n_videos, spec.world_size * self.n_workers,
-                               spec.seed, spec.shuffle_buffer)
-        self.state = state or StreamState([(0, 0)] * self.n_workers, 0)
-        if len(self.state.cursors) != self.n_workers:
-            raise DataError(f"stream state has {len(self.state.cursors)} worker cursors, the stream {self.n_workers}")
+        self.plan = StreamPlan(list(shards), self.shard_size, self.n_videos, spec.world_size, spec.seed,
+                               spec.shuffle_buffer)
+        self.state = state or StreamState()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        physical = info.id if info is not None else 0
         if (info.num_workers if info is not None else 1) != self.n_workers:
             raise DataError(f"FeatureStream was made for {self.n_workers} DataLoader workers (StreamSpec.workers); "
                             "read it with as many")
-        worker = (physical + self.state.next_worker) % self.n_workers  # DataLoader starts with physical 0
-        return _SlotReader(self, worker).batches()
+        return _RankReader(self, info.id if info is not None else 0).batches()
 
 
-class _SlotReader:
-    """One worker's side of the stream: reads its slot's rows, skips bad ones, yields batches."""
+class _RankReader:
+    """One worker's side of its rank's stream. Every worker walks the rank's row order through the
+    records only (status, split, caption) to find where each batch starts and ends; worker w reads the
+    data of batches w, w + W, w + 2W... after the start position, as DataLoader serves them round-robin."""
 
     def __init__(self, stream: FeatureStream, worker: int):
         s = stream.spec
-        self.stream, self.spec, self.worker = stream, s, worker
-        self.slot = s.rank * stream.n_workers + worker
+        self.stream, self.spec, self.worker, self.n_workers = stream, s, worker, stream.n_workers
         self.source = ShardSource(s.features)
         self.tokenizer = CaptionTokenizer(resolve_model_dir(s.text_model_dir), s.max_tokens, s.long_captions)
-        self.epoch, self.pos = stream.state.cursors[worker]
+        self.epoch, self.pos = stream.state.cursor
         self.skipped = {"nonfinite": 0, "empty_caption": 0}
         self._rows = None
         self.splits_seen: set[str] = set()
 
     def _epoch_rows(self) -> np.ndarray:
         if self._rows is None:
-            self._rows = self.stream.plan.rows(self.epoch, self.slot)
+            self._rows = self.stream.plan.rows(self.epoch, self.spec.rank)
         return self._rows
-
-    def _next_raw(self, n: int) -> list[int]:
-        """Up to n next rows of the slot's order in the current epoch ([] at its end)."""
-        rows = self._epoch_rows()
-        take = rows[self.pos:self.pos + n]
-        self.pos += len(take)
-        return take.tolist()
-
-    def _next_epoch(self) -> None:
-        self.epoch, self.pos, self._rows = self.epoch + 1, 0, None
-
-    def _wanted(self, row: int):
-        """The ledger record if the row is an ok video of the split, else None."""
-        record = self.source.record(row)
-        self.splits_seen.add(record.meta.get("split", ""))
-        if record.status != "ok" or (self.spec.split and record.meta.get("split", "") != self.spec.split):
-            return None
-        return record
 
     def _caption(self, record) -> str:
         captions = _captions_of(record)
         return captions[int(_rng(self.spec.seed, self.epoch, record.row).integers(len(captions)))]
 
-    def batches(self) -> Iterator[dict[str, Any]]:
-        """Batches within one epoch each (an epoch's incomplete last batch is dropped, so a batch never
-        holds a video twice)."""
-        B, empty_epochs, yielded = self.spec.batch_size, 0, False
+    def _usable(self, rows: list[int]) -> list[tuple[int, Any, str]]:
+        """(row, record, caption) of the rows that are ok videos of the split with a non-empty caption."""
+        picked = []
+        for row in rows:
+            record = self.source.record(row)
+            self.splits_seen.add(record.meta.get("split", ""))
+            if record.status == "ok" and (not self.spec.split or record.meta.get("split", "") == self.spec.split):
+                picked.append((row, record, self._caption(record)))
+        words = self.tokenizer.word_counts([c for _, _, c in picked])
+        for (row, record, caption), n in zip(picked, words):
+            if n == 0 and row % self.n_workers == self.worker:  # one worker reports each
+                self._skip("empty_caption", record.video_id, f"its caption {caption!r} is empty after tokenisation")
+        return [p for p, n in zip(picked, words) if n > 0]
+
+    def _next_batch_rows(self) -> list[tuple[int, Any, str]]:
+        """The next batch's rows within one epoch (an epoch's incomplete last batch is dropped, so a batch
+        never holds a video twice); moves the position past them."""
+        B, empty_epochs = self.spec.batch_size, 0
         while True:
-            rows, records, captions, arrays = [], [], [], []
-            while len(rows) < B:
-                raw = self._next_raw(B - len(rows))
-                if not raw:  # end of the epoch
-                    empty_epochs = 0 if yielded else empty_epochs + 1
-                    if empty_epochs >= 2:
-                        raise DataError(f"stream slot {self.slot} of {self.spec.features!r} found fewer than "
-                                        f"{B} usable {self.spec.split!r} videos in whole epochs (split values seen: "
-                                        f"{sorted(self.splits_seen)}); check the split name, or lower the batch "
-                                        "size or the number of workers/ranks")
-                    self._next_epoch()
-                    yielded, rows, records, captions, arrays = False, [], [], [], []
-                    continue
-                for row, rec, caption, a in self._read([(r, rec) for r in raw if (rec := self._wanted(r)) is not None]):
-                    rows.append(row), records.append(rec), captions.append(caption), arrays.append(a)
-            yielded = True
-            yield self._batch(rows, records, captions, arrays)
+            items, rows, whole_epoch = [], self._epoch_rows(), self.pos == 0
+            while len(items) < B and self.pos < len(rows):
+                take = rows[self.pos:self.pos + B - len(items)].tolist()
+                self.pos += len(take)
+                items += self._usable(take)
+            if len(items) == B:
+                return items
+            empty_epochs = empty_epochs + 1 if whole_epoch else 0
+            if empty_epochs >= 2:
+                raise DataError(f"rank {self.spec.rank} of the stream of {self.spec.features!r} found fewer than "
+                                f"{B} usable {self.spec.split!r} videos in whole epochs (split values seen: "
+                                f"{sorted(self.splits_seen)}); check the split name, or lower the batch size or "
+                                "the number of ranks")
+            self.epoch, self.pos, self._rows = self.epoch + 1, 0, None
 
-    def _read(self, items: list) -> list:
-        """Read the rows (grouped by shard), drop non-finite features and empty captions (counted)."""
-        by_shard: dict[int, list] = {}
-        for row, rec in items:
-            by_shard.setdefault(row // self.stream.shard_size, []).append((row, rec))
-        got = {}
-        for part in by_shard.values():
-            a = self.source.read([r for r, _ in part])
-            finite = check_finite(a)  # [n] bool
-            captions = [self._caption(rec) for _, rec in part]
-            words = self.tokenizer.word_counts(captions)
-            for i, (row, rec) in enumerate(part):
-                if not finite[i]:
-                    self._skip("nonfinite", rec.video_id, "its features contain NaN or Inf")
-                elif words[i] == 0:
-                    self._skip("empty_caption", rec.video_id, f"its caption {captions[i]!r} is empty after tokenisation")
-                else:
-                    got[row] = (row, rec, captions[i], {k: v[i] for k, v in a.items()})
-        return [got[r] for r, _ in items if r in got]  # the stream's order
+    def batches(self) -> Iterator[dict[str, Any]]:
+        k = 0
+        while True:
+            items = self._next_batch_rows()
+            if k % self.n_workers == self.worker:
+                yield self._batch(items)
+            k += 1
 
-    def _skip(self, kind: str, video_id: str, why: str) -> None:
-        self.skipped[kind] += 1
-        log.warning("skipping video %r: %s (%d skipped so far for this reason by stream slot %d)",
-                    video_id, why, self.skipped[kind], self.slot)
-
-    def _batch(self, rows, records, captions, arrays) -> dict[str, Any]:
-        a = {k: np.stack([x[k] for x in arrays]) for k in ARRAYS}
+    def _batch(self, items: list[tuple[int, Any, str]]) -> dict[str, Any]:
+        a = self.source.read([row for row, _, _ in items])  # grouped by shard, whole chunks
+        finite = check_finite(a)  # [n] bool
+        for (_, record, _), ok in zip(items, finite):
+            if not ok:
+                self._skip("nonfinite", record.video_id, "its features contain NaN or Inf")
+        if not finite.any():
+            raise DataError(f"every video of a batch of {self.spec.features!r} has NaN/Inf features: "
+                            f"{[r.video_id for _, r, _ in items][:10]}; run `vlpcache verify` and re-extract")
+        items = [it for it, ok in zip(items, finite) if ok]
+        a = {k: v[finite] for k, v in a.items()}
         video = video_batch(a, self.spec.units, self.spec.max_units)
+        captions = [c for _, _, c in items]
         tokens = self.tokenizer(captions)
         return {"video": {f: getattr(video, f) for f in VideoBatch.__dataclass_fields__},
                 "ids": tokens.ids, "mask": tokens.mask, "phrase": tokens.phrase, "truncated": tokens.truncated,
-                "rows": torch.tensor(rows), "video_ids": [r.video_id for r in records], "captions": captions,
-                "worker": self.worker, "cursor": (self.epoch, self.pos), "skipped": dict(self.skipped)}
+                "rows": torch.tensor([row for row, _, _ in items]), "video_ids": [r.video_id for _, r, _ in items],
+                "captions": captions, "worker": self.worker, "cursor": (self.epoch, self.pos),
+                "skipped": dict(self.skipped)}
+
+    def _skip(self, kind: str, video_id: str, why: str) -> None:
+        self.skipped[kind] += 1
+        log.warning("skipping video %r: %s (%d skipped so far for this reason by stream worker %d of rank %d)",
+                    video_id, why, self.skipped[kind], self.worker, self.spec.rank)
 
 
 def batch_video(batch: dict[str, Any]) -> VideoBatch:

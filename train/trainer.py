@@ -250,7 +250,7 @@ class Trainer:
                                 generator=torch.Generator().manual_seed(self.cfg.run.seed))
             self._batches = iter(loader)
         batch = next(self._batches)
-        self.stream.state.advance(batch["worker"], tuple(batch["cursor"]))
+        self.stream.state.advance(batch["cursor"])
         self.skipped[batch["worker"]] = batch["skipped"]
         return batch
 
@@ -263,8 +263,7 @@ class Trainer:
     def _mark_resume_point(self) -> None:
         """What a checkpoint records as "the next step starts here" (taken between steps only, so a
         checkpoint written after an interrupted step replays that step exactly)."""
-        state = self.stream.state
-        self._resume_point = (self.step, StreamState(list(state.cursors), state.next_worker).to_dict(), _rng_state())
+        self._resume_point = (self.step, self.stream.state.to_dict(), _rng_state())
 
     def _restore(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
