@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,8 +23,6 @@ from extractors.api import DecodeError
 
 if TYPE_CHECKING:
     from extractors.decode import StreamIndex
-
-log = logging.getLogger(__name__)
 
 # backend -> (module to import, what to install)
 PACKAGES = {"torchcodec": ("torchcodec.decoders", "torchcodec (pip install torchcodec; it needs FFmpeg's shared "
