@@ -5,17 +5,21 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchvision
+import yaml
 
-from extractors.config import RegionConfig, SamplingConfig
+from extractors.config import ExtractorConfig, RegionConfig, SamplingConfig
 from extractors.decode import decode_clip
 from extractors.regions import build_region_source
+from extractors.stage import build_extraction_stage
 from pipeline import demo, finetune
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(steps=2, batch_size=2, warmup=1, eval_frames=2)
 
 
@@ -42,24 +46,26 @@ def test_checkpoint_has_torchvision_keys_and_shape_classes(tuned):
 
 
 def test_checkpoint_loads_through_the_extractor_config(tuned, demo_corpus):
+    """make demo's extractor section with the checkpoint: detector boxes, ImageNet-trunk features."""
     row = demo_corpus["rows"][0]
     clip = decode_clip(str(demo_corpus["root"] / row["path"]), SamplingConfig(num_frames=2))
-    cfg = RegionConfig(kind="detector", weights=str(tuned), proposals=32, max_boxes=4, min_boxes=1)
-    source = build_region_source(cfg)
+    section = yaml.safe_load((ROOT / "configs/datasets/demo_detector.yaml").read_text())["extractor"]
+    section["regions"].update(weights=str(tuned), region_input_size=64, min_boxes=1)  # 2 steps: low scores
+    stage = build_extraction_stage(ExtractorConfig.from_dict(section))
+    detector = stage.regions.backbone.model
     state = torch.load(tuned, weights_only=True)
-    loaded = source.backbone.model.state_dict()
-    assert all(torch.equal(loaded[k], v) for k, v in state.items())
-    assert source.backbone.model.rpn.post_nms_top_n() == 32
-    regions = source(clip.frames)
-    real = regions.classes[regions.classes >= 0]
+    assert all(torch.equal(detector.state_dict()[k], v) for k, v in state.items())
+    assert detector.rpn.post_nms_top_n() == 32
+    out = stage(clip.frames).regions
+    real = out.classes[out.classes >= 0]
     assert len(real) and set(real.tolist()) <= set(range(1, len(demo.SHAPES) + 1))  # shapes, not COCO's 90
+    assert out.features.shape[-1] == stage.region_dim == 1432
 
-    # Detector boxes with the ImageNet trunk's RoI features (the demo's setting): same boxes, 1432-d.
-    trunk = build_region_source(RegionConfig(kind="detector", weights=str(tuned), proposals=32, max_boxes=4,
-                                             min_boxes=1, backbone="frame_encoder", region_input_size=64))
-    pooled = trunk(clip.frames)
-    np.testing.assert_array_equal(pooled.boxes, regions.boxes)
-    assert pooled.features.shape[-1] == trunk.dim == 1432
+    # The same boxes as the detector alone, which describes them with its own box head (1024-d).
+    cfg = RegionConfig(**{**section["regions"], "backbone": "detector"})
+    alone = build_region_source(cfg)(clip.frames)
+    np.testing.assert_array_equal(alone.boxes, out.boxes)
+    assert alone.features.shape[-1] == 1024
 
 
 def test_finetune_is_deterministic_given_the_seed(tuned, demo_corpus, tmp_path):
@@ -69,6 +75,14 @@ def test_finetune_is_deterministic_given_the_seed(tuned, demo_corpus, tmp_path):
     seeded = [finetune.build_detector(finetune.FinetuneConfig(seed=s)).state_dict() for s in (0, 0, 1)]
     key = "roi_heads.box_predictor.cls_score.weight"
     assert torch.equal(seeded[0][key], seeded[1][key]) and not torch.equal(seeded[0][key], seeded[2][key])
+
+
+def test_reuse_keeps_a_checkpoint_only_from_the_same_corpus_and_config(tuned, demo_corpus, tmp_path):
+    hit = finetune.cached(demo_corpus["root"], tuned, finetune.FinetuneConfig(**TINY))
+    assert hit is not None and hit.checkpoint == tuned and len(hit.history) == 2
+    assert finetune.cached(demo_corpus["root"], tuned, finetune.FinetuneConfig(**{**TINY, "steps": 3})) is None
+    other = demo.make_demo_corpus(tmp_path / "other", videos=12, seed=5, workers=1).parent
+    assert finetune.cached(other, tuned, finetune.FinetuneConfig(**TINY)) is None
 
 
 class _Oracle(torch.nn.Module):
