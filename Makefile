@@ -46,7 +46,7 @@ DEMO_DETECTOR := data/detector/demo_shapes.pt
 DEMO_FEATURES := data/features/demo_detector
 DEMO_RUN := runs/demo
 
-demo: $(STAMP) ## corpus, fine-tuned detector, extraction, training, test figures and a show PNG (~8 min, 2 cores)
+demo: $(STAMP) ## corpus, fine-tuned detector, extraction, training, test figures, a show PNG (goal: 8 min, 2 cores)
 	$(PY) -m pipeline demo-data $(DEMO_CORPUS) --videos 400 --val-videos 100 --test-videos 100 --seed 0
 	$(PY) -m pipeline finetune-detector $(DEMO_CORPUS) --out $(DEMO_DETECTOR) --reuse
 	$(PY) -m pipeline extract --dataset demo_detector --no-progress
