@@ -17,7 +17,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help install sysdeps extract test test-slow bench-decode bench-store bench-scale bench-pipeline ablation clean
+.PHONY: help install sysdeps extract test test-slow bench-decode bench-store bench-scale bench-pipeline bench-train ablation clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -61,6 +61,9 @@ bench-scale: $(STAMP) ## store open / status / lookups / pickled reader, extract
 
 bench-pipeline: $(STAMP) ## end-to-end throughput vs the sum-of-stages limit and a plain loop
 	$(PY) -m pipeline.bench $(ARGS)
+
+bench-train: $(STAMP) ## training from the cache vs from pixels, loader vs step, RSS vs store size
+	$(PY) -m benchmarks.bench_train $(ARGS)
 
 ablation: $(STAMP) ## objective ablation over 3 seeds on the demo corpus (at most 30 CPU minutes)
 	$(PY) -m train.ablation $(ARGS)

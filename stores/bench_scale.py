@@ -8,8 +8,9 @@ linear projection to 10M videos (the line through the two sizes measured).
 
     python -m stores.bench_scale [--sizes 100000 1000000] [--workdir DIR] [--json OUT]
 
-More figures: append a Measurement to MEASUREMENTS (e.g. the extract driver's RSS while planning a
-manifest); its function runs in the subprocess and returns one number.
+More store figures: append a Measurement to MEASUREMENTS; its function runs in the subprocess and
+returns one number. The extract driver's figures (RSS while planning, bytes per shard task) are
+pipeline/bench_scale.py; `make bench-scale` runs both.
 """
 from __future__ import annotations
 
@@ -154,7 +155,15 @@ def _open_rss_mb(out: Path, n: int) -> float:
 
     reader = open_store(out)
     len(reader), reader.row_of(video_id(0))  # first use too: counts and one lookup
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return _peak_rss_mb()
+
+
+def _peak_rss_mb() -> float:
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forked copy of the parent.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no /proc: an upper bound
 
 
 def _status_s(out: Path, n: int) -> float:

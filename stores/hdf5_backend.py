@@ -23,7 +23,7 @@ import numpy as np
 from h5py import h5d, h5p, h5s, h5t
 
 from stores.errors import StoreError
-from stores.io import durable_replace, fsync_path
+from stores.io import durable_replace, fsync_path, makedirs_durable
 from stores.ledger import FileRecord, Layout, StoreMeta
 from stores.schema import ARRAYS, ROW_STATUS
 
@@ -42,7 +42,7 @@ def shard_path(layout: Layout, meta: StoreMeta, shard: int) -> Path:
 
 
 def init_layout(layout: Layout, meta: StoreMeta) -> None:
-    layout.h5_shards.mkdir(parents=True, exist_ok=True)
+    makedirs_durable(layout.h5_shards)
     tmp = layout.out / f".features.h5.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
     try:
         with h5py.File(tmp, "w", libver=LIBVER, track_order=True) as f:

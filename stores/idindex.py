@@ -110,7 +110,8 @@ class IdIndex:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         try:
-            self._ids = pa.ipc.open_file(pa.memory_map(str(folder / IDS_FILE))).read_all().column("video_id")
+            with pa.memory_map(str(folder / IDS_FILE)) as source:  # buffers keep the mapping, not the fd
+                self._ids = pa.ipc.open_file(source).read_all().column("video_id")
             self._table = np.load(folder / TABLE_FILE, mmap_mode="r")
         except (OSError, pa.ArrowInvalid, ValueError, KeyError) as e:
             raise StoreError(f"{folder}: the store's id index is unreadable ({e}); it is written once, when the "

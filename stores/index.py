@@ -18,7 +18,8 @@ from stores.idindex import IdIndex
 from stores.ledger import FileRecord, Layout, ShardLedger, StoreMeta, StoreStatus, VideoRecord, committed_shards, load_ledger
 from stores.rows import ShardRows
 
-MAX_CACHED_SHARDS = 64
+MAX_CACHED_SHARDS = 64  # ledgers
+MAX_CACHED_ROWS = 1024  # rows parts: a few KB each (maps, statuses), for random lookups over many shards
 
 
 class IndexV2:
@@ -52,14 +53,10 @@ class IndexV2:
         return _cached(self._ledgers, shard, lambda: load_ledger(self.layout, self.meta, shard))
 
     def rows(self, shard: int) -> ShardRows:
-        def load() -> ShardRows:
-            ledger = self.ledger(shard)
-            part = ShardRows(self.layout.out / ledger.files["rows"].path, ledger.row_start, ledger.row_stop - ledger.row_start)
-            if int((part.status == 1).sum()) != ledger.counts["ok"]:
-                raise StoreError(f"{part.path}: {int((part.status == 1).sum())} ok rows, but the ledger counts "
-                                 f"{ledger.counts['ok']}; run `vlpcache verify`, then re-extract shard {shard}")
-            return part
-        return _cached(self._rows, shard, load)
+        # At its fixed path: no ledger read on this hot path (verify checks the ledger's record of it).
+        rows = self.meta.shard_rows(shard)
+        return _cached(self._rows, shard, lambda: ShardRows(self.layout.rows_part(shard), rows.start, len(rows)),
+                       MAX_CACHED_ROWS)
 
     def files(self, shard: int) -> dict[str, FileRecord]:
         return self.ledger(shard).files
@@ -69,9 +66,18 @@ class IndexV2:
     @property
     def counts(self) -> np.ndarray:  # [C, 2] (ok, failed) per committed shard, in shard order
         if self._counts is None:
-            self._counts = np.array([[c["ok"], c["failed"]] for c in (load_ledger(self.layout, self.meta, int(s)).counts
-                                                                     for s in self._order)], dtype=np.int64).reshape(-1, 2)
+            self._scan_ledgers()
         return self._counts
+
+    def _scan_ledgers(self) -> list[tuple[str, str]]:
+        """Read every committed ledger once (small files): counts, and the failures, which are returned."""
+        counts, failures = np.zeros((len(self._order), 2), dtype=np.int64), []
+        for i, shard in enumerate(self._order):
+            ledger = load_ledger(self.layout, self.meta, int(shard))
+            counts[i] = ledger.counts["ok"], ledger.counts["failed"]
+            failures += ledger.failures
+        self._counts = counts
+        return failures
 
     def ok_end(self) -> np.ndarray:  # [C] number of ok videos up to and including each committed shard
         if self._ok_end is None:
@@ -83,8 +89,8 @@ class IndexV2:
         return OkIds(self)
 
     def status(self) -> StoreStatus:
+        failures = self._scan_ledgers()
         ok, failed = (int(x) for x in self.counts.sum(axis=0))
-        failures = [f for s, c in zip(self._order, self.counts) if c[1] for f in self.rows(int(s)).failures()]
         return StoreStatus(ok=ok, failed=failed, pending=self.meta.n_videos - ok - failed, failures=failures,
                            shards_committed=len(self._order), shards_total=self.meta.n_shards)
 
@@ -114,7 +120,7 @@ class IndexV2:
             self._scanned = {}
             for s in self._order:
                 part = self.rows(int(s))
-                self._scanned.update((part.video_id(i), part.row_start + i) for i in range(len(part)))
+                self._scanned.update(zip(part.ids(), range(part.row_start, part.row_start + len(part))))
         return self._scanned.get(video_id)
 
     def record(self, row: int) -> VideoRecord:
@@ -157,11 +163,11 @@ class OkIds(Sequence):
         return f"<{len(self)} ok video ids of {self.index.layout.out}>"
 
 
-def _cached(cache: OrderedDict, key: int, load) -> Any:
+def _cached(cache: OrderedDict, key: int, load, limit: int = MAX_CACHED_SHARDS) -> Any:
     value = cache.get(key)
     if value is None:
         value = cache[key] = load()
-        if len(cache) > MAX_CACHED_SHARDS:
+        if len(cache) > limit:
             cache.popitem(last=False)
     else:
         cache.move_to_end(key)

@@ -183,6 +183,7 @@ class ShardLedger:
     files: dict[str, FileRecord]  # array name / "shard" (hdf5) / "row_status" (zarr) / "rows" -> file
     provenance_hash: str
     backend: str
+    failures: tuple[tuple[str, str], ...] = ()  # (video_id, error) of each failed row, in row order: status reads these
     format_version: int = FORMAT_VERSION
     code_version: str = field(default_factory=code_version)
 
@@ -190,6 +191,7 @@ class ShardLedger:
         return {
             "format_version": self.format_version, "code_version": self.code_version, "backend": self.backend,
             "shard": self.shard, "row_start": self.row_start, "row_stop": self.row_stop, "counts": self.counts,
+            "failures": [{"video_id": v, "error": e} for v, e in self.failures],
             "provenance_hash": self.provenance_hash, "files": {name: asdict(f) for name, f in self.files.items()},
         }
 
@@ -203,11 +205,13 @@ class ShardLedger:
                 files={k: FileRecord(checked_relpath(f["path"], path), int(f["nbytes"]), int(f["crc32c"]))
                        for k, f in d["files"].items()},
                 provenance_hash=d["provenance_hash"], backend=d["backend"],
+                failures=tuple((str(f["video_id"]), str(f["error"])) for f in d["failures"]),
                 format_version=d["format_version"], code_version=d.get("code_version", "unknown"),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise StoreError(f"{path}: shard ledger is missing or has a bad field ({e!r}); delete it to redo the shard") from e
-        if ledger.counts["ok"] + ledger.counts["failed"] != ledger.row_stop - ledger.row_start or min(ledger.counts.values()) < 0:
+        if ledger.counts["ok"] + ledger.counts["failed"] != ledger.row_stop - ledger.row_start or min(ledger.counts.values()) < 0 \
+                or len(ledger.failures) != ledger.counts["failed"]:
             raise StoreError(f"{path}: ledger counts {ledger.counts} disagree with its {ledger.row_stop - ledger.row_start} rows")
         if "rows" not in ledger.files:
             raise StoreError(f"{path}: ledger lists no rows part; the ledger is damaged: delete it to redo the shard")

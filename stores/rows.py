@@ -49,7 +49,8 @@ class ShardRows:
     def __init__(self, path: Path, row_start: int, n_rows: int) -> None:
         self.path, self.row_start = path, row_start
         try:
-            self.table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+            with pa.memory_map(str(path)) as source:  # the table's buffers keep the mapping; no fd stays open
+                self.table = pa.ipc.open_file(source).read_all()
             self.status = self.table.column("status").to_numpy()  # [rows] int8, 1 ok / 2 failed
             rows = self.table.column("row").to_numpy()
         except FileNotFoundError as e:
@@ -73,9 +74,14 @@ class ShardRows:
         return {"ok": len(self.ok_locals), "failed": int((self.status == 2).sum())}
 
     def video_id(self, local: int) -> str:
-        if self._ids is None:  # one conversion per shard: lookups then cost a list index
+        if self._ids is not None:
+            return self._ids[local]
+        return self.table.column("video_id")[local].as_py()
+
+    def ids(self) -> list[str]:
+        if self._ids is None:  # one conversion per shard, for whole-shard walks
             self._ids = self.table.column("video_id").to_pylist()
-        return self._ids[local]
+        return self._ids
 
     def record(self, local: int) -> VideoRecord:
         col = self.table.column
@@ -92,9 +98,9 @@ class ShardRows:
         failed = np.flatnonzero(self.status == 2)
         if not len(failed):
             return []
-        errors = self.table.column("error").to_pylist()
-        return [(self.video_id(int(i)), errors[i] or "") for i in failed]
+        ids, errors = self.ids(), self.table.column("error").to_pylist()
+        return [(ids[i], errors[i] or "") for i in failed]
 
     def ok_ids(self) -> list[str]:
-        self.video_id(0)
-        return [self._ids[i] for i in self.ok_locals]
+        ids = self.ids()
+        return [ids[i] for i in self.ok_locals]

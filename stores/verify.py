@@ -102,8 +102,8 @@ def _verify_shard(layout: Layout, meta: StoreMeta, shard: int) -> list[str]:
         if meta.format_version >= 2:
             part = ShardRows(layout.out / ledger.files["rows"].path, ledger.row_start, ledger.row_stop - ledger.row_start)
             status = part.status  # [rows] int8
-            if {"ok": int((status == 1).sum()), "failed": int((status == 2).sum())} != ledger.counts:
-                return [f"shard {shard}: rows part statuses disagree with the ledger counts {ledger.counts}"]
+            if part.counts != ledger.counts or part.failures() != list(ledger.failures):
+                return [f"shard {shard}: the rows part's statuses or failures disagree with the ledger ({ledger.counts})"]
             problems += _check_row_status(layout, meta, ledger, status)
         else:
             status = np.array([STATUS_CODES[v.status] for v in ledger.videos], dtype=np.int8)

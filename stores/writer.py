@@ -281,7 +281,7 @@ class ShardWriter:
                 shard=self.shard, row_start=self.rows.start, row_stop=self.rows.stop,
                 counts={"ok": int((status == 1).sum()), "failed": int((status == 2).sum())},
                 files={key: rec for _, _, key, rec in files}, provenance_hash=self.meta.provenance_hash,
-                backend=self.meta.backend,
+                backend=self.meta.backend, failures=tuple((r.video_id, r.error or "") for r in records if r.status == "failed"),
             )
             atomic_write_json(self.layout.ledger(self.shard), ledger.to_json())
         except BaseException:
