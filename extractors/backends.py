@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,8 +23,6 @@ from extractors.api import DecodeError
 
 if TYPE_CHECKING:
     from extractors.decode import StreamIndex
-
-log = logging.getLogger(__name__)
 
 # backend -> (module to import, what to install)
 PACKAGES = {"torchcodec": ("torchcodec.decoders", "torchcodec (pip install torchcodec; it needs FFmpeg's shared "
@@ -58,6 +55,9 @@ def decode_with_backend(
 
     upright: (width, height) the frames must have once upright before any resize (a check).
     """
+    if index.sequential or index.no_keyflags:  # frames only the decoder can number: no index to address them by
+        why = "its timestamps are decode times" if index.sequential else "its container flags no keyframe"
+        raise DecodeError(f"{path}: {name} cannot address this stream's frames ({why}); use sampling.backend: pyav")
     decode = {"torchcodec": _torchcodec, "decord": _decord}[name]
     try:
         frames = decode(path, index, targets, threads, rotation)

@@ -149,7 +149,7 @@ class ExtractorConfig:
         if random and not self.allow_random_weights:
             from extractors.weights import published_file
 
-            needs = "; ".join(f"{key} is empty: get {published_file(model).hint()} and set {key} to its path"
+            needs = "; ".join(f"{key} is empty: set it to a local {model} checkpoint, e.g. {published_file(model).hint()}"
                               for key, model in random.items())
             raise ConfigError(
                 f"no weight file for {sorted(set(random.values()))}: refusing to extract with randomly initialised "

@@ -44,7 +44,7 @@ IMAGE_CODECS = {"png", "mjpeg", "jpeg2000", "jpegls", "bmp", "tiff", "webp", "gi
 # Containers whose header holds everything we read before decoding (timestamps, size, aspect ratio),
 # so FFmpeg's stream probe can be cut short: for an H.264 stream without B-frames it decodes 7 frames
 # to guess the reordering delay (15 ms at 1280x720, ~5% of a sparse decode), frames we decode again.
-FAST_PROBE_FORMATS = {"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm"}
+FAST_PROBE_FORMATS = {"mov,mp4,m4a,3gp,3g2,mj2"}  # not Matroska: its VFW mode can store decode times
 FAST_PROBE = {"probesize": "32", "analyzeduration": "1"}
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class _ByteRange(io.RawIOBase):
         super().close()
 
 
-def _open(path: str, span: tuple[int, int] | None) -> av.container.InputContainer:
+def _open(path: str, span: tuple[int, int] | None = None) -> av.container.InputContainer:
     """Open with a short stream probe where the container header suffices, else with FFmpeg's full probe."""
     def source():  # a fresh reader each time: the second open must start from byte 0
         return _ByteRange(path, *span) if span else path

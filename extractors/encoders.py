@@ -20,7 +20,7 @@ from torch import nn
 
 from extractors.config import FrameEncoderConfig
 from extractors.weights import (OPEN_CLIP_PREFIX, WeightsError, check_and_load, published_file, read_weights,
-                                resolve_weights)
+                                resolve_weights, warn_if_not_published)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ def weight_file(spec: str, model: str, seed: int, allow_random: bool) -> Path | 
         raise WeightsError(f"no weight file for {model}: get {published_file(model).hint()} and name it in the "
                            "config (or allow random weights for a smoke test)")
     log.info("%s: %s", model, f"weights {path}" if path else f"RANDOM weights (seed {seed}, allowed by the config)")
+    if path is not None:
+        warn_if_not_published(path, model)
     return path
 
 

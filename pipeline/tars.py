@@ -34,11 +34,10 @@ _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's rule: key = na
 
 
 def is_tar_input(source: str | os.PathLike | list) -> bool:
-    """A list of tars, a .tar file, a glob of tars, or a folder holding NNNNN.tar and no NNNNN/ folders."""
+    """A list of tars, a .tar file, a glob ending in .tar, or a folder holding NNNNN.tar and no NNNNN/ folders."""
     if isinstance(source, list):
         return True
-    text = str(source)
-    if text.endswith(".tar") or glob.has_magic(text):
+    if str(source).endswith(".tar"):  # one tar, or a glob of tars such as 'out/*.tar'
         return True
     folder = Path(source)
     return folder.is_dir() and any(p.suffix == ".tar" for p in folder.iterdir()) and \
@@ -49,7 +48,7 @@ def tar_paths(source: str | os.PathLike | list) -> list[Path]:
     """The tars of a tar input, in order (sorted for a folder or a glob, as given for a list)."""
     if isinstance(source, list):
         paths = [Path(p) for p in source]
-    elif glob.has_magic(str(source)):
+    elif glob.has_magic(Path(source).name):
         paths = sorted(Path(p) for p in glob.glob(str(source)))
     elif Path(source).is_dir():
         paths = sorted(p for p in Path(source).iterdir() if p.suffix == ".tar" and p.is_file())

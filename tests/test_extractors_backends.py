@@ -139,3 +139,21 @@ def test_bench_decode_runs_every_method_and_reports_every_goal(tmp_path, capsys)
         assert goal in out
     assert out.count("webvid_") >= 4 and sorted(p.name for p in tmp_path.iterdir()) == [
         "webvid_bheavy_0s.mp4", "webvid_pheavy_0s.mp4"]
+
+
+def test_backends_refuse_streams_they_cannot_address(made_videos, tmp_path):
+    """AVI with B-frames (decode-order timestamps) and FLV1 in SWF (no keyframe flags): PyAV decodes
+    them from the start; the other backends would return other frames, so they refuse them."""
+    swf = ffmpeg(tmp_path / "flv1.swf", "-c:v", "flv1", "-g", "12")
+    for path in (made_videos["overreported"], swf):
+        assert "sequential" in decode_clip(str(path), SamplingConfig(num_frames=4)).flags
+        for backend in BACKENDS:
+            with pytest.raises(DecodeError, match=f"{backend} cannot address this stream's frames") as info:
+                decode_clip(str(path), SamplingConfig(num_frames=4, backend=backend))
+            assert str(path) in str(info.value)
+
+
+def test_backend_key_is_strict():
+    with pytest.raises(ValueError, match=r"sampling.backend must be one of \['pyav', 'torchcodec', 'decord'\]"):
+        SamplingConfig(backend="ffmpeg")
+    assert SamplingConfig().backend == "pyav" and SamplingConfig().allow_still_images is False

@@ -89,3 +89,11 @@ def test_tiny_extraction_with_clip_frames_and_patch_regions(demo_corpus, tmp_pat
     assert item["region_counts"].tolist() == [49, 49]
     boxes = item["region_boxes"][0]  # demo frames are square: the centre crop is the whole frame
     assert np.allclose(boxes[0], [0, 0, 1 / 7, 1 / 7], atol=1e-6) and np.allclose(boxes[-1], [6 / 7, 6 / 7, 1, 1], atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, dim, grid", [("open_clip:ViT-B-16", 512, 14), ("open_clip:ViT-L-14", 768, 16)])
+def test_other_clip_towers_build_with_their_dims(frames, model, dim, grid):
+    encoder = build_frame_encoder(FrameEncoderConfig(model=model, seed=1), allow_random=True)
+    emb, tokens = encoder.tokens(frames[:1])
+    assert emb.shape == (1, dim) and tokens.shape == (1, grid * grid, dim) and encoder.grid == (grid, grid)

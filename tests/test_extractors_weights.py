@@ -96,12 +96,14 @@ def test_demo_run_summary_says_random(demo_corpus, tmp_path):
 # ---------------------------------------------------------------- detector checkpoints
 
 
-def test_detector_checkpoint_loads_by_published_key_names(frames, tmp_path):
+def test_detector_checkpoint_loads_by_published_key_names(frames, tmp_path, caplog):
     """A builder's state_dict saved under the official file name gives the in-memory model's features."""
     model = seeded_detector(seed=3)
     path = tmp_path / official_name(DETECTOR)[0]
     torch.save(model.state_dict(), path)
-    stage = build_extraction_stage(ExtractorConfig.from_dict(detector_config(str(path))))
+    with caplog.at_level(logging.WARNING, logger="extractors.weights"):
+        stage = build_extraction_stage(ExtractorConfig.from_dict(detector_config(str(path))))
+    assert f"named as the published {DETECTOR} checkpoint but its sha256" in caplog.text
     loaded = stage.regions.backbone.model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
     in_memory = build_region_source(stage.cfg.regions, detector=model)(frames)
@@ -170,3 +172,14 @@ def test_detector_sees_frames_at_the_decode_scale(frames):
     image_list, _, scale = source.backbone.features(frames[2:])
     assert image_list.image_sizes == [(h, w)] * 2 and torch.equal(scale, torch.ones_like(scale))
     assert (regions.boxes[:, :, 2] <= 1).all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_gpu_check_without_cuda_says_so():
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "PY": __import__("sys").executable})
+    assert result.returncode == 2 and "no CUDA device visible to torch" in result.stderr, result.stderr

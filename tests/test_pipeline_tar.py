@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _pipeline_helpers import job_config, snapshot
+from _pipeline_helpers import cli, job_config, snapshot, tiny_sets
 from _tar_helpers import add_member, v2d_samples, write_files_layout, write_tars
 from pipeline.job import Job
 from pipeline.manifest import ManifestError, read_manifest
@@ -121,3 +121,15 @@ def test_duplicate_key_and_corrupt_tars_are_job_errors(demo_corpus, tmp_path):
         read_manifest(not_tar)
     with pytest.raises(ManifestError, match="do not exist"):
         read_manifest(tmp_path / "missing.tar")
+
+
+def test_cli_reads_a_glob_of_tars_and_refuses_a_bad_one(both_layouts, tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for tar in both_layouts["tars"].glob("*.tar"):
+        (folder / tar.name).write_bytes(tar.read_bytes())
+    (folder / "00009.tar").write_bytes(b"not a tar at all" * 64)
+    result = cli("extract", "--manifest", folder / "*.tar", "--out", tmp_path / "out", "--runner", "local", *tiny_sets())
+    assert result.returncode == 2, result.stderr
+    assert "00009.tar is not a readable tar file" in result.stderr and "re-download it or leave it out" in result.stderr
+    assert not (tmp_path / "out").exists()
