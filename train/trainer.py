@@ -18,9 +18,10 @@ from torch import nn
 
 from train.config import TrainConfig
 from train.data import EpochSampler, SplitData, geom_dim, load_split
-from train.evaluate import evaluate
+from train.evaluate import evaluate, split_captions
 from train.model import VideoTextModel
 from train.objectives import Objectives, TextBatch
+from train.words import content_mask
 from train.text import CaptionTokenizer, frozen_token_features, load_minilm, resolve_model_dir
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,11 @@ def lr_lambda(cfg: TrainConfig):
 
 def text_batch(cfg: TrainConfig, captions: list[str], cache_dir: Path | None) -> TextBatch:
     model_dir = resolve_model_dir(cfg.text.model_dir)
-    tokens = CaptionTokenizer(model_dir, cfg.text.max_tokens, cfg.text.long_captions)(captions)
+    tokenizer = CaptionTokenizer(model_dir, cfg.text.max_tokens, cfg.text.long_captions)
+    tokens = tokenizer(captions)
     inputs = frozen_token_features(model_dir, tokens, cache_dir) if cfg.text.frozen else tokens.ids
-    return TextBatch(inputs, tokens.mask, tokens.phrase)
+    content = content_mask(tokenizer.tokenizer, captions, tokens.ids.shape[1], cfg.loss.content_max_df)
+    return TextBatch(inputs, tokens.mask, tokens.phrase, content)
 
 
 def build_model(cfg: TrainConfig, signature: dict) -> VideoTextModel:
@@ -204,7 +207,7 @@ class Trainer:
         if c.eval_split:
             self.eval_split, _ = load_split(features, c.eval_split, cfg.model.units, cfg.model.max_units,
                                             expected=self.signature)
-            self.eval_text = text_batch(cfg, self.eval_split.captions, cache)
+            self.eval_text = text_batch(cfg, split_captions(self.eval_split.captions)[0], cache)
         self.model = build_model(cfg, self.signature).to(self.dist.device)
         self.objectives = Objectives(self.model, cfg, self.dist.rank, self.dist.world_size)
         self.wrapped: nn.Module = self.objectives
