@@ -248,8 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     code = code_version()
     seeds = [int(s) for s in args.seeds.split(",")]
     features = {kind: prepare_features(args, kind) for kind in sorted({ROWS[r][2] for r in args.rows.split(",")})}
-    results = {row: [run_one(args, features[ROWS[row][2]], row, seed, code) for seed in seeds]
-               for row in args.rows.split(",") if features[ROWS[row][2]] is not None}
+    rows = [r for r in args.rows.split(",") if features[ROWS[r][2]] is not None]
+    results: dict[str, list[dict]] = {r: [] for r in rows}
+    for seed in seeds:  # seed-major: an interrupted run still leaves every row's first seeds cached
+        for row in rows:
+            results[row].append(run_one(args, features[ROWS[row][2]], row, seed, code))
     text = table(results)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "table.md").write_text(text + "\n")
