@@ -17,7 +17,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help install sysdeps extract test test-slow bench-decode bench-store bench-pipeline ablation clean
+.PHONY: help install sysdeps extract test test-slow bench-decode bench-store bench-scale bench-pipeline bench-train ablation clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -49,14 +49,21 @@ test: $(STAMP) ## fast test suite (under 10 minutes on 2 cores)
 test-slow: $(STAMP) ## heavier tests (kill -9 sweeps, long runs)
 	$(PY) -m pytest -q -m slow $(ARGS)
 
-bench-decode: $(STAMP) ## CPU cost of sparse decoding vs decord / full decode / decode limit
+bench-decode: $(STAMP) ## CPU cost of sparse decoding (pyav, torchcodec, decord backends) vs torchcodec / decord / full decode / limit
 	$(PY) -m extractors.bench $(ARGS)
 
 bench-store: $(STAMP) ## read speed and size of the store layouts vs memmap / npz peers
 	$(PY) -m stores.bench $(ARGS)
 
+bench-scale: $(STAMP) ## store open / status / lookups / pickled reader, extract driver RSS / task bytes, at 1M vs before, projected to 10M
+	$(PY) -m stores.bench_scale $(ARGS)
+	$(PY) -m pipeline.bench_scale $(DRIVER_ARGS)
+
 bench-pipeline: $(STAMP) ## end-to-end throughput vs the sum-of-stages limit and a plain loop
 	$(PY) -m pipeline.bench $(ARGS)
+
+bench-train: $(STAMP) ## training from the cache vs from pixels, loader vs step, RSS vs store size
+	$(PY) -m benchmarks.bench_train $(ARGS)
 
 ablation: $(STAMP) ## objective ablation over 3 seeds on the demo corpus (at most 30 CPU minutes)
 	$(PY) -m train.ablation $(ARGS)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from extractors.api import Clip, DecodeError
+from extractors.backends import BackendUnavailable, require_backend
 from extractors.config import ExtractorConfig, SamplingConfig
 from stores.schema import ARRAYS, Dims
 
@@ -27,6 +28,7 @@ class VideoTask:
     path: str  # absolute video path
     window: tuple[float, float] | None = None  # (start, end) seconds, from the manifest's start/end columns
     boxes_path: str | None = None  # "given" region source: absolute path of the boxes sidecar
+    span: tuple[int, int] | None = None  # (offset, size) of the video inside `path`: a tar member, read in place
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Decoder:
     hang holding the GIL, so a thread cannot stop it)."""
 
     def __init__(self, sampling: SamplingConfig, timeout_s: float, need_boxes: bool) -> None:
+        require_backend(sampling.backend)  # a missing decoder stops the job at start, naming the package
         self.sampling = sampling
         self.timeout_s = timeout_s
         self.need_boxes = need_boxes
@@ -76,10 +79,12 @@ class Decoder:
         try:
             if not os.path.isfile(task.path):
                 raise DecodeError(f"video file not found: {task.path} (check --video-root and the manifest's path)")
-            clip = decode_clip_killable(task.path, self.sampling, task.window, self.timeout_s)
+            clip = decode_clip_killable(task.path, self.sampling, task.window, self.timeout_s, task.span)
             boxes = self._given_boxes(task, clip) if self.need_boxes else None
         except DecodeError as e:
             return DecodeStatus(task.row, f"decode: {e}", time.perf_counter() - start), None
+        except BackendUnavailable:
+            raise  # no video can decode here: not a per-video failure
         except Exception as e:  # a bad file may break a library in unforeseen ways: record it, go on
             log.warning("video %s (%s): unexpected %s: %s", task.video_id, task.path, type(e).__name__, e)
             return DecodeStatus(task.row, f"decode: {type(e).__name__}: {e}", time.perf_counter() - start), None

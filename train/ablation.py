@@ -151,6 +151,13 @@ def prepare_features(args: argparse.Namespace, kind: str = "given") -> Path | No
     return features
 
 
+def _count_split(features: Path, split: str) -> int:
+    from stores import open_store
+
+    reader = open_store(features)
+    return sum(reader.meta(v).get("split", "") == split for v in reader.video_ids)
+
+
 def selection_score(m: dict[str, float], cfg: TrainConfig) -> float:
     """What model selection maximises on val: t2v R@1 + binding, + moment R@1@0.7 with the head."""
     score = m.get("t2v_R@1", 0.0) + m.get("binding_acc", 0.0)
@@ -161,7 +168,7 @@ def train_and_select(cfg: TrainConfig, features: Path, out: Path, every: int) ->
     """Train, evaluating val every `every` steps; the model keeps the weights of the best val score."""
     trainer = Trainer(cfg, str(features), out)
     val, _ = load_split(str(features), "val", cfg.model.units, cfg.model.max_units, expected=trainer.signature)
-    val_text = text_batch(cfg, split_captions(val.captions)[0], Path(cfg.text.cache_dir))
+    val_text = text_batch(cfg, split_captions(val.captions)[0], trainer.text_features)
     best: dict = {"score": -1.0}
     while trainer.step < cfg.optim.steps:
         trainer.train_step()
@@ -179,7 +186,7 @@ def train_and_select(cfg: TrainConfig, features: Path, out: Path, every: int) ->
 def run_one(args: argparse.Namespace, features: Path, row: str, seed: int, code: dict) -> dict:
     out = Path(args.out) / f"{row}_seed{seed}"
     cfg = load_config(args.config, ROWS[row][1] + list(args.set) +
-                      [f"run.seed={seed}", f"text.cache_dir={Path(args.data) / 'text_cache'}"]).validate()
+                      [f"run.seed={seed}"]).validate()
     result_path = out / "result.json"
     if result_path.is_file() and not args.fresh:
         cached = json.loads(result_path.read_text())
@@ -190,10 +197,10 @@ def run_one(args: argparse.Namespace, features: Path, row: str, seed: int, code:
     start = time.time()
     trainer, selected = train_and_select(cfg, features, out, args.select_every)
     test, _ = load_split(str(features), "test", cfg.model.units, cfg.model.max_units, expected=trainer.signature)
-    metrics = evaluate(trainer.model, cfg, test, text_batch(cfg, split_captions(test.captions)[0],
-                                                             Path(cfg.text.cache_dir)), trainer.dist.device)
+    metrics = evaluate(trainer.model, cfg, test, text_batch(cfg, split_captions(test.captions)[0], trainer.text_features),
+                       trainer.dist.device)
     result = {"row": row, "seed": seed, "metrics": metrics, "selected_step": selected["step"],
-              "val": selected["val"], "train_videos": len(trainer.train_split), "steps": cfg.optim.steps,
+              "val": selected["val"], "train_videos": _count_split(features, cfg.data.split), "steps": cfg.optim.steps,
               "batch_size": cfg.optim.batch_size, "wall_s": time.time() - start, "config": cfg.to_dict(),
               "features": str(features), "code": code, "select_every": args.select_every}
     result_path.write_text(json.dumps(result, indent=2))

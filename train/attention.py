@@ -11,8 +11,8 @@ from train.config import TrainConfig
 from train.data import track_tokens, video_batch
 from train.losses import alignment_similarity, unit_region_attention
 from train.objectives import TextBatch, text_units, word_mask
+from train.text import CaptionTokenizer, FrozenTextFeatures, clause_spans, resolve_model_dir
 from train.words import content_mask
-from train.text import CaptionTokenizer, clause_spans, frozen_token_features, resolve_model_dir
 
 
 @dataclass
@@ -49,7 +49,7 @@ def caption_attention(checkpoint: str, arrays: dict, caption: str) -> Attention:
     model_dir = resolve_model_dir(cfg.text.model_dir)
     tokenizer = CaptionTokenizer(model_dir, cfg.text.max_tokens, "truncate")
     tokens = tokenizer([caption])
-    inputs = frozen_token_features(model_dir, tokens, None) if cfg.text.frozen else tokens.ids
+    inputs = FrozenTextFeatures(model_dir)(tokens.ids, tokens.mask) if cfg.text.frozen else tokens.ids
     content = content_mask(tokenizer.tokenizer, [caption], tokens.ids.shape[1], cfg.loss.content_max_df)
     text = TextBatch(inputs, tokens.mask, tokens.phrase, content)
     video = video_batch({k: v[None] for k, v in arrays.items() if k != "caption"}, cfg.model.units, cfg.model.max_units)
