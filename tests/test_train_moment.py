@@ -79,3 +79,23 @@ def test_window_baseline_is_scored_on_the_same_queries():
     emb.frames = torch.eye(16)[:4, None].repeat(1, 6, 1)  # video i's frames project onto axis i
     out = moment_retrieval(model, cfg, emb, split, seed=0, device=torch.device("cpu"))
     assert out["moment_queries"] == 4 and out["moment_exact"] == 100.0
+
+
+def test_multi_caption_evaluation_scores_caption_i_against_video_i_div_q():
+    """q = 2 captions per video through evaluate(): text rows follow their videos, the retrieval metrics
+    use the multi-caption protocol, binding and moments are left out."""
+    from train.evaluate import evaluate, split_captions
+    from train.objectives import TextBatch
+
+    N, T, q, L = 4, 6, 2, 5
+    model, cfg, _, split = _model_and_embeddings(N=N, T=T)
+    split.captions = [f"a red circle {i}\nthe same clip, told again {i}" for i in range(N)]
+    captions, got_q = split_captions(split.captions)
+    assert got_q == q and captions[2:4] == ["a red circle 1", "the same clip, told again 1"]
+    mask = torch.ones(N * q, L, dtype=torch.bool)
+    text = TextBatch(torch.randn(N * q, L, 384, generator=torch.Generator().manual_seed(3)), mask,
+                     torch.zeros(N * q, L, dtype=torch.long), mask.clone())
+    out = evaluate(model, cfg, split, text, torch.device("cpu"))
+    assert out["captions_per_video"] == 2.0 and out["videos"] == 4.0
+    assert "t2v_R@1" in out and "t2vavg_R@1" in out and "v2t_R@1" in out
+    assert "binding_acc" not in out and not any(k.startswith("moment") for k in out)
