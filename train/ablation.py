@@ -73,6 +73,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--detector-weights", default="", help="fine-tuned detector for the detector row (default: "
                    "made with `vlpcache finetune-detector` on the corpus' train split)")
     p.add_argument("--fresh", action="store_true", help="retrain rows that already have a result")
+    p.add_argument("--table-only", action="store_true", help="print the table of the finished runs in --out "
+                   "(whatever their code version) without training anything")
     args = p.parse_args(argv)
     unknown = [r for r in args.rows.split(",") if r not in ROWS]
     if unknown:
@@ -226,7 +228,7 @@ def table(results: dict[str, list[dict]]) -> str:
              "|---|" + "---|" * (len(COLUMNS) + 2)]
     for row, rs in results.items():
         cells = [_cell(np.array([r["metrics"].get(key, np.nan) for r in rs], dtype=float)) for key, _ in COLUMNS]
-        steps = "/".join(str(r["selected_step"]) for r in rs)
+        steps = "/".join(str(r["selected_step"]) for r in rs) + f" (seeds {','.join(str(r['seed']) for r in rs)})"
         versions = ", ".join(sorted({_version(r["code"]) for r in rs}))
         lines.append(f"| {ROWS[row][0]} | " + " | ".join(cells) + f" | {steps} | {versions} |")
     seeds = sorted({r["seed"] for rs in results.values() for r in rs})
@@ -248,10 +250,30 @@ def cpu_minutes() -> float:
     return (own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime) / 60
 
 
+def finished(out: Path) -> dict[str, list[dict]]:
+    """The results cached under `out`, by row (in ROWS order) and seed."""
+    found = [json.loads(p.read_text()) for p in sorted(out.glob("*_seed*/result.json"))]
+    by_row = {row: sorted((r for r in found if r["row"] == row), key=lambda r: r["seed"]) for row in ROWS}
+    return {row: rs for row, rs in by_row.items() if rs}
+
+
+def print_table(results: dict[str, list[dict]], out: str) -> int:
+    if not results:
+        print(f"no finished runs under {out}")
+        return 1
+    text = table(results)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "table.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(sys.argv[1:] if argv is None else argv)
     start = time.time()
+    if args.table_only:
+        return print_table(finished(Path(args.out)), args.out)
     code = code_version()
     seeds = [int(s) for s in args.seeds.split(",")]
     features = {kind: prepare_features(args, kind) for kind in sorted({ROWS[r][2] for r in args.rows.split(",")})}
@@ -260,10 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:  # seed-major: an interrupted run still leaves every row's first seeds cached
         for row in rows:
             results[row].append(run_one(args, features[ROWS[row][2]], row, seed, code))
-    text = table(results)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "table.md").write_text(text + "\n")
-    print(text)
+    print_table(results, args.out)
     print(f"\ntotal wall time {((time.time() - start) / 60):.1f} min, CPU time {cpu_minutes():.1f} min "
           f"(this process and its subprocesses); table in {Path(args.out) / 'table.md'}")
     return 0
