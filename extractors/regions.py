@@ -3,7 +3,9 @@
 - "detector": torchvision Faster R-CNN. Boxes are chosen as bottom-up attention does (per-class NMS,
   a score threshold on each proposal's best class, min..max boxes per frame, or a fixed K); the feature
   of each kept box is the 1024-d box-head representation of the FINAL box (the RoI pooler and box head
-  are run again on the kept, regressed boxes, not reused from the proposals).
+  are run again on the kept, regressed boxes, not reused from the proposals). Checkpoints load by
+  torchvision's key names with any class count (`build_detector`); the detector sees frames at the decode
+  scale and never resizes them again (`FixedScaleTransform`).
 - "given": boxes supplied per frame (e.g. the demo corpus's ground truth); class = object index.
 - "grid": a fixed grid of boxes; class = cell index.
 "given" and "grid" compute features with the backbone the config names: the detector's FPN + box head
