@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tr = Trainer(bench.bench_config(2, batch, 0), str(cache_store), work / "run_flops")
     out["flops_cache"] = flops_per_sample(tr.train_step, batch)
+    print(json.dumps(out), flush=True)  # progress: the table comes at the end
 
     rss = []
     sizes = [64] if q else [int(s) for s in args.sizes.split(",")]
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         store = bench.synthetic_store(work / f"rss_{n}", n, Dims(T=4, K=4, Df=32, Dr=32), shard_size=1000)
         r = bench.peak_rss_of_training(store, work / f"run_rss_{n}", steps=2 if q else 20, batch_size=16 if q else 64)
         rss.append({"videos": n, "disk_mb": bench.store_bytes(store) / 1e6, **r})
+        print(json.dumps(rss[-1]), flush=True)  # progress: the table comes at the end
     out["rss"] = rss
     _print(out)
     if args.json:

@@ -8,6 +8,7 @@ from benchmarks.bench_train import main
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # minutes of CPU on a loaded 2-core machine, though the inputs are tiny
 def test_bench_train_runs_on_tiny_inputs(tmp_path, capsys):
     out = tmp_path / "figures.json"
     assert main(["--quick", "--json", str(out), "--work", str(tmp_path / "work")]) == 0
