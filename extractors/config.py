@@ -101,9 +101,13 @@ class RegionConfig:
     region_input_size: int = 320  # frame_encoder backbone: frames are resized to this square before the trunk
     batch_size: int = 16  # frames per forward pass
     amp: str = "bf16"  # autocast dtype on CUDA ("none" = fp32)
+    plugin: str = ""  # "FILE.py:FACTORY" or "MODULE:FACTORY": FACTORY(cfg, device) -> RegionSource wraps or
+    # replaces the source `kind` names (tests inject faults this way); "" = the built-in source
 
     def __post_init__(self) -> None:
         _choice("regions.kind", self.kind, REGION_KINDS)
+        if self.plugin and ":" not in self.plugin:
+            raise ValueError(f"regions.plugin must be 'FILE.py:FACTORY' or 'MODULE:FACTORY', got {self.plugin!r}")
         _choice("regions.detector", self.detector, DETECTOR_MODELS)
         _choice("regions.backbone", self.backbone, REGION_BACKBONES)
         _choice("regions.amp", self.amp, AMP_DTYPES)

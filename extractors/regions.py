@@ -296,7 +296,9 @@ def grid_boxes(width: int, height: int, g: int) -> np.ndarray:
 
 
 def build_region_source(cfg: RegionConfig, device: str | torch.device = "cpu", trunk: tuple[nn.Module, int] | None = None):
-    """The RegionSource for cfg.kind. `trunk` (module, dim): a frame-encoder trunk to share (see stage.py)."""
+    """The RegionSource for cfg.kind (or cfg.plugin). `trunk` (module, dim): a frame-encoder trunk to share."""
+    if cfg.plugin:
+        return load_plugin(cfg.plugin)(cfg, device)
     runtime = Runtime(torch.device(device), cfg.amp)
     if cfg.kind == "detector":
         return DetectorRegions(cfg, runtime)
@@ -306,6 +308,27 @@ def build_region_source(cfg: RegionConfig, device: str | torch.device = "cpu", t
         net, dim = build_trunk("efficientnet_lite0", cfg.region_input_size, cfg.trunk_weights, cfg.seed)
         trunk = (runtime.prepare(net), dim)
     return BoxRegions(cfg, runtime, TrunkRoIFeatures(trunk[0], trunk[1], cfg, runtime))
+
+
+def load_plugin(spec: str):
+    """The factory named by regions.plugin: 'path/to/file.py:name' (loaded by path, so it works in any
+    worker process whatever its sys.path) or 'package.module:name'."""
+    import importlib
+    import importlib.util
+
+    where, _, name = spec.rpartition(":")
+    if where.endswith(".py"):
+        module_spec = importlib.util.spec_from_file_location(f"vlpcache_plugin_{Path(where).stem}", where)
+        if module_spec is None or not Path(where).is_file():
+            raise ValueError(f"regions.plugin: no such file {where}")
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    factory = getattr(module, name, None)
+    if factory is None:
+        raise ValueError(f"regions.plugin: {where} has no {name!r}")
+    return factory
 
 
 # ---------------------------------------------------------------- sidecar boxes

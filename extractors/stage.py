@@ -64,7 +64,7 @@ class ExtractionStage:
 
 def shares_trunk(cfg: ExtractorConfig) -> bool:
     r, f = cfg.regions, cfg.frame_encoder
-    return (r.kind in ("given", "grid") and r.backbone == "frame_encoder"
+    return (r.kind in ("given", "grid") and r.backbone == "frame_encoder" and not r.plugin
             and f.model == "efficientnet_lite0" and f.weights == r.trunk_weights)
 
 

@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from pipeline.config import ConfigError, JobConfig, save_config
 from pipeline.manifest import Manifest, ManifestRow, read_manifest
-from pipeline.runners import Event, ShardFailed, ShardRetry, make_runner
+from pipeline.lock import OutLock
+from pipeline.runners import Event, JobStopped, ShardFailed, ShardRetry, make_runner
 from pipeline.shard import ShardJob, ShardProgress, ShardResult, ShardSpec, plan_shards
 from pipeline.work import StageTimes, VideoTask
 
@@ -109,11 +110,24 @@ class Job:
         }
 
     def run(self, on_runner_ready=None) -> RunStats:
-        """Run to the end (or to a job-level error). `on_runner_ready(runner)` lets tests reach the workers."""
+        """Run to the end, to a failure rate above the limit, or to a job-level error (JobStopped, raised
+        after the run's stats are written). `on_runner_ready(runner)` lets tests reach the workers. One
+        job at a time per output folder (pipeline/lock.py)."""
         run = self.config.run
         stats = RunStats(str(self.out), run.runner, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
         stats.n_videos = len(self.manifest)
         start = time.perf_counter()
+        with OutLock(self.out, run.lock_lease_s):
+            try:
+                self._run(stats, on_runner_ready)
+            except JobStopped as e:
+                stats.exit_reason = str(e)
+                self._finish(stats, start)
+                raise
+            self._finish(stats, start)
+        return stats
+
+    def _run(self, stats: RunStats, on_runner_ready) -> None:
         jobs = None
         existing = self._existing_dims()
         if existing is not None:  # a rerun: find the work left before building any model
@@ -132,10 +146,6 @@ class Job:
                 self._consume(runner.run(jobs), jobs, stats)
             finally:
                 runner.close()
-        stats.wall_s = time.perf_counter() - start
-        stats.videos_per_s = (stats.videos_ok + stats.videos_failed) / stats.wall_s if stats.wall_s else 0.0
-        self._finish(stats)
-        return stats
 
     def _existing_dims(self):
         from stores import open_store
@@ -189,9 +199,13 @@ class Job:
         total = sum(len(j.spec) for j in jobs)
         times = StageTimes()
         reasons: Counter[str] = Counter()
+        committed = [0, 0]  # ok, failed videos of the shards this run committed
         with tqdm(total=total, unit="video", disable=not self.config.run.progress, dynamic_ncols=True) as bar:
             for event in events:
                 self._on_event(event, bar, stats, times, reasons)
+                if isinstance(event, ShardResult) and self._failing(event, committed, stats):
+                    events.close()  # stops the runner's loop; committed shards stay
+                    break
         stats.failed_by_reason = dict(reasons.most_common())
         stats.times = {k: round(v, 4) for k, v in asdict(times).items()}
 
@@ -214,13 +228,33 @@ class Job:
         elif isinstance(event, ShardFailed):
             stats.shards_failed.append({"index": event.index, "attempts": event.attempts, "error": event.error})
 
-    def _finish(self, stats: RunStats) -> None:
+    def _failing(self, result: ShardResult, committed: list[int], stats: RunStats) -> bool:
+        """Checked as the job goes: once enough videos are committed, a failure rate above the limit stops
+        the job early (most likely a wrong --video-root or a broken decoder, not bad videos)."""
+        run = self.config.run
+        committed[0] += result.ok + result.kept
+        committed[1] += result.failed
+        done = sum(committed)
+        if done < max(1, run.failure_check_after) or committed[1] / done <= run.max_failure_rate:
+            return False
+        stats.exit_reason = (f"stopped early: {committed[1]} of the {done} videos committed so far failed "
+                             f"({committed[1] / done:.3f} > --max-failure-rate {run.max_failure_rate}); the "
+                             f"committed shards are kept. Check the failures (vlpcache status {self.out}), then "
+                             f"rerun to resume, with a higher --max-failure-rate if they are expected")
+        log.error("%s", stats.exit_reason)
+        return True
+
+    def _finish(self, stats: RunStats, start: float) -> None:
         from stores import open_store
 
+        stats.wall_s = time.perf_counter() - start
+        stats.videos_per_s = (stats.videos_ok + stats.videos_failed) / stats.wall_s if stats.wall_s else 0.0
         status = open_store(self.out).status
         stats.store_ok, stats.store_failed, stats.store_pending = status.ok, status.failed, status.pending
         limit = self.config.run.max_failure_rate
-        if stats.shards_failed:
+        if stats.exit_reason:  # stopped early: that is the reason
+            pass
+        elif stats.shards_failed:
             stats.exit_reason = (
                 f"{len(stats.shards_failed)} shard(s) could not be written after retries "
                 f"(first: shard {stats.shards_failed[0]['index']}: {stats.shards_failed[0]['error']}); rerun to resume"
@@ -234,5 +268,9 @@ class Job:
 
         stamp = stats.started.replace(":", "").replace("+0000", "Z")
         path = self.out / STATS_DIR / f"{stamp}-{os.getpid()}.json"
-        atomic_write_json(path, {**asdict(stats), "failure_rate": stats.failure_rate})
+        try:
+            atomic_write_json(path, {**asdict(stats), "failure_rate": stats.failure_rate})
+        except OSError as e:  # a full disk must not hide the job's own outcome behind this one
+            log.warning("could not write the run stats %s: %s", path, e)
+            return
         log.info("run stats: %s", path)
