@@ -483,10 +483,14 @@ class RayExecutor:
         import ray
 
         actor = self.actors[call.batch_index % len(self.actors)]
-        try:
-            return ray.get(actor.fault_report.remote(pid), timeout=self.encode_timeout_s)
-        except (ray.exceptions.RayError, TimeoutError):
-            return f"process {pid} died"
+        for _ in range(10):
+            try:
+                return ray.get(actor.fault_report.remote(pid), timeout=self.encode_timeout_s)
+            except ray.exceptions.ActorUnavailableError:  # still restarting
+                time.sleep(1.0)
+            except (ray.exceptions.RayError, TimeoutError):
+                break
+        return f"process {pid} died"
 
     @staticmethod
     def _forget(token: str) -> None:
