@@ -544,8 +544,14 @@ class RayRunner:
         )
         self.actors = [actor_cls.remote(config.extractor, run.device, threads, self.job_id, i)
                        for i in range(run.model_actors)]
+        from extractors.config import ExtractorConfig
+
+        wait = max(300.0, 2 * run.encode_timeout(ExtractorConfig.from_dict(config.extractor).num_frames))
         try:
-            return ray.get([a.dims.remote() for a in self.actors])[0]
+            return ray.get([a.dims.remote() for a in self.actors], timeout=wait)[0]
+        except ray.exceptions.GetTimeoutError as e:
+            raise ConfigError(f"the model actors did not build their models within {wait:g} s (a GPU that hangs? "
+                              f"not enough CPUs/GPUs in the cluster for run.model_actors={run.model_actors}?)") from e
         except ray.exceptions.RayActorError as e:
             cause = str(e).strip().splitlines()[-1]  # the creation task's own exception, last in the message
             raise ConfigError(f"the model actors could not build the models: {cause}") from e
