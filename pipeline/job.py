@@ -252,7 +252,7 @@ class Job:
         status = open_store(self.out).status
         stats.store_ok, stats.store_failed, stats.store_pending = status.ok, status.failed, status.pending
         limit = self.config.run.max_failure_rate
-        if stats.exit_reason:  # stopped early: that is the reason
+        if stats.exit_reason:  # stopped early or on a job-level error: that is the reason
             pass
         elif stats.shards_failed:
             stats.exit_reason = (

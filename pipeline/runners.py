@@ -429,7 +429,8 @@ class RayExecutor:
         import ray
 
         kv = _kv()
-        for _ in range(self.MAX_LOST):
+        lost = 0
+        while True:
             try:
                 return self._wait(call)
             except ray.exceptions.RayActorError:
@@ -440,10 +441,12 @@ class RayExecutor:
                     return f"model worker timed out: no result within {self.encode_timeout_s:g} s; the actor was killed"
                 if started and started != b"done":
                     return f"model worker crashed: {self._fault(call, json.loads(started)['pid'])}"
+                lost += 1
+                if lost > self.MAX_LOST:
+                    raise  # an actor that keeps dying under others' batches: the shard attempt fails
                 log.info("batch %d was lost with its model actor (another call killed it): resubmitting it",
                          call.batch_index)
                 call = self._submit(call.rows, call.frames, call.batch_index)
-        raise RuntimeError(f"batch {call.batch_index}: lost with its model actor {self.MAX_LOST} times")
 
     def _wait(self, call: _EncodeCall) -> Encoded:
         import ray
