@@ -410,6 +410,7 @@ class RayExecutor:
             return outcome
         log.warning("model actor died on batch %d (rows %s): %s; retrying the batch whole on its replacement",
                     call.batch_index, call.rows, outcome)
+        self._await_actor(call)
         outcome = self._result(self._submit(call.rows, call.frames, call.batch_index))
         if isinstance(outcome, Encoded) or len(call.rows) == 1:
             return outcome if isinstance(outcome, Encoded) else Encoded([], [], 0.0, 0, {call.rows[0]: outcome})
@@ -417,6 +418,7 @@ class RayExecutor:
                     call.batch_index, outcome, len(call.rows))
         parts = []
         for row, frames in zip(call.rows, call.frames):
+            self._await_actor(call)
             part = self._result(self._submit([row], [frames], call.batch_index))
             parts.append(part if isinstance(part, Encoded) else Encoded([], [], 0.0, 0, {row: part}))
         return Encoded(rows=[r for p in parts for r in p.rows], arrays=[a for p in parts for a in p.arrays],
@@ -446,7 +448,23 @@ class RayExecutor:
                     raise  # an actor that keeps dying under others' batches: the shard attempt fails
                 log.info("batch %d was lost with its model actor (another call killed it): resubmitting it",
                          call.batch_index)
+                self._await_actor(call)
                 call = self._submit(call.rows, call.frames, call.batch_index)
+
+    def _await_actor(self, call: _EncodeCall) -> None:
+        """Until the call's actor (restarting after a death) answers: calls sent meanwhile would fail at once."""
+        import ray
+
+        actor = self.actors[call.batch_index % len(self.actors)]
+        deadline = time.monotonic() + max(300.0, 2 * self.encode_timeout_s)  # as long as a first start may take
+        while True:
+            try:
+                ray.get(actor.pid.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
 
     def _wait(self, call: _EncodeCall) -> Encoded:
         import ray

@@ -68,6 +68,7 @@ def ray_local():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # three actor restarts, each building the models again
 def test_poison_video_is_isolated_and_named(ray_local, marked_corpus, tmp_path):
     """A video whose forward pass segfaults the model actor: its batch is retried, then its videos one by
     one; it alone is recorded failed with the signal, the shard commits, the job goes on."""

@@ -127,6 +127,7 @@ def test_decode_worker_killed(ray_local, demo_corpus, reference, tmp_path):
     check_recovered("kill -9 of a decode worker", reference, out, note="Ray reruns the decode task")
 
 
+@pytest.mark.timeout(900)  # three actor restarts, each building the models again
 def test_hung_model_actor_is_killed_and_the_video_recorded(ray_local, marked_corpus, tmp_path):
     """A forward pass that never returns on one video: after encode_timeout_s the actor is killed and
     replaced; the batch is retried, then its videos one by one; that video alone is recorded failed."""
