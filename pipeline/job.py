@@ -128,6 +128,7 @@ class Job:
         return stats
 
     def _run(self, stats: RunStats, on_runner_ready) -> None:
+        self._remove_stale_partials()
         jobs = None
         existing = self._existing_dims()
         if existing is not None:  # a rerun: find the work left before building any model
@@ -146,6 +147,24 @@ class Job:
                 self._consume(runner.run(jobs), jobs, stats)
             finally:
                 runner.close()
+
+    def _remove_stale_partials(self) -> None:
+        """Holding OUT's lock, every partial file or shard in OUT is a killed run's leftover: a shard writer
+        only clears its own shard's, so one killed after its ledger was written would stay for good."""
+        import shutil
+
+        from stores.ledger import Layout
+
+        layout = Layout(self.out)
+        stale = list(layout.partial.iterdir()) if layout.partial.is_dir() else []
+        for folder in (layout.out, layout.ledgers, self.out / STATS_DIR):
+            stale += folder.glob("*.partial") if folder.is_dir() else []
+        for path in stale:
+            log.info("removing %s, left by a killed run", path)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
 
     def _existing_dims(self):
         from stores import open_store

@@ -165,7 +165,12 @@ def test_second_job_on_one_out_is_refused_and_a_stale_lock_taken_over(demo_corpu
     (out / LOCK_FILE).write_text(json.dumps(dict(lock, host="elsewhere", lease_until=4e9)))  # alive elsewhere
     assert extract_main(args) == 2 and "pid" in capsys.readouterr().err
     (out / LOCK_FILE).write_text(json.dumps(dict(lock, host="elsewhere", lease_until=1.0)))  # its lease ran out
+    # What a job killed inside a commit leaves once its ledger is written: no writer of that shard comes again.
+    (out / ".partial" / "shard-000001-99999-deadbeef").mkdir(parents=True)
+    (out / "ledgers" / "shard-000001.json.99999.0badf00d.partial").write_text("{")
     assert extract_main(args) == 0
+    assert not partials(out) and ledgers(out) == [f"shard-{i:06d}.json" for i in range(3)]
+    assert not list((out / "ledgers").glob("*.partial"))
     record("second job on one --out (lock held / stale)", True, "refused with exit 2 / taken over with a warning")
 
 
