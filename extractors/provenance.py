@@ -8,8 +8,7 @@ from pathlib import Path
 
 from extractors.api import Provenance
 from extractors.config import ExtractorConfig
-from extractors.encoders import resolve_weights
-from extractors.stage import shares_trunk
+from extractors.weights import resolve_weights
 
 
 RUNTIME_ONLY = (("sampling", "threads"), ("sampling", "buffer_mb"), ("frame_encoder", "batch_size"), ("regions", "batch_size"))
@@ -26,10 +25,10 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 def weights_id(spec: str, seed: int) -> str:
-    """sha256 of the weight file, or "seeded:<seed>" for a seeded random init."""
+    """sha256 of the weight file, or "random:seed=<seed>" for a seeded random init."""
     path = resolve_weights(spec)
     if path is None:
-        return f"seeded:{seed}"
+        return f"random:seed={seed}"
     stat = Path(path).stat()
     return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
 
@@ -40,7 +39,10 @@ def extractor_provenance(cfg: ExtractorConfig) -> dict:
     prov = Provenance()
     prov.models["frame_encoder"] = f.model
     prov.weights_sha256["frame_encoder"] = weights_id(f.weights, f.seed)
-    if r.kind == "detector" or r.backbone == "detector":
+    if cfg.clip_patch_regions():
+        prov.models["regions"] = f"grid:{f.model}-patch-tokens"
+        prov.weights_sha256["regions"] = prov.weights_sha256["frame_encoder"]
+    elif r.kind == "detector" or r.backbone == "detector":
         prov.models["regions"] = f"{r.kind}:{r.detector}"
         prov.weights_sha256["regions"] = weights_id(r.weights, r.seed)
     else:
@@ -49,11 +51,12 @@ def extractor_provenance(cfg: ExtractorConfig) -> dict:
     config = cfg.to_dict()
     for section, key in RUNTIME_ONLY:  # how fast, not what: changing them must not block a resume
         config[section].pop(key)
-    versions = {name: importlib.metadata.version(name) for name in ("torch", "torchvision", "timm", "av")}
+    versions = {name: importlib.metadata.version(name) for name in ("torch", "torchvision", "timm", "av", "open_clip_torch")}
     return {
         "models": prov.models,
         "weights_sha256": prov.weights_sha256,
-        "shared_trunk": shares_trunk(cfg),
+        "shared_trunk": cfg.shared_trunk(),
+        "random_weights": sorted(cfg.random_weights()),  # config keys whose model is randomly initialised
         "config": config,
         "versions": versions,
     }

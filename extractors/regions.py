@@ -21,11 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import batched_nms, roi_align
 
 from extractors.api import Clip, Regions
 from extractors.config import RegionConfig
-from extractors.encoders import Runtime, build_trunk, load_state_dict, resolve_weights, seeded, to_batch
+from extractors.encoders import Runtime, build_trunk, seeded, to_batch, weight_file
+from extractors.weights import check_and_load, read_weights
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +35,55 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- RoI featurisers (boxes -> features)
 
 
+CLS_SCORE_KEY = "roi_heads.box_predictor.cls_score.weight"  # [num_classes (incl. background), 1024]
+
+
+class FixedScaleTransform(GeneralizedRCNNTransform):
+    """torchvision's detector transform without its resize: frames arrive at the one configured scale
+    (decoded at sampling.short_side / max_side), so they are normalised and batched, never resized again."""
+
+    def resize(self, image, target=None):
+        return image, target
+
+
+def build_detector(name: str, weights: str, seed: int, allow_random: bool = False) -> nn.Module:
+    """torchvision Faster R-CNN `name` with a checkpoint loaded by its published key names.
+
+    The class count is read from the checkpoint's box predictor (COCO 91, Visual Genome 1601, a
+    fine-tuned demo detector ...). A checkpoint for another architecture or with missing keys is
+    refused (extractors.weights.check_and_load); keys the model does not use are reported and ignored.
+    """
+    import torchvision
+
+    path = weight_file(weights, name, seed, allow_random)
+    state = read_weights(path) if path is not None else {}
+    num_classes = int(state[CLS_SCORE_KEY].shape[0]) if CLS_SCORE_KEY in state else 91
+    builder = getattr(torchvision.models.detection, name)
+    with seeded(seed):
+        model = builder(weights=None, weights_backbone=None, num_classes=num_classes)
+    if path is not None:
+        check_and_load(model, state, path, name)
+        log.info("%s: %d classes (from %s)", name, num_classes, path.name)
+    return model
+
+
+def single_scale(model: nn.Module) -> nn.Module:
+    """`model` with its transform replaced by FixedScaleTransform (same normalisation and padding)."""
+    t = model.transform
+    model.transform = FixedScaleTransform(t.min_size, t.max_size, t.image_mean, t.image_std,
+                                          size_divisible=t.size_divisible, fixed_size=t.fixed_size)
+    return model
+
+
 class DetectorBackbone:
     """torchvision Faster R-CNN parts: transform, FPN backbone, RPN, RoI pooler, box head, predictor."""
 
-    def __init__(self, cfg: RegionConfig, runtime: Runtime) -> None:
-        import torchvision
-
-        path = resolve_weights(cfg.weights)
-        builder = getattr(torchvision.models.detection, cfg.detector)
-        with seeded(cfg.seed):
-            model = builder(weights=None, weights_backbone=None, num_classes=91)
-        if path is not None:
-            model.load_state_dict(load_state_dict(path))
-        self.model = runtime.prepare(model)
+    def __init__(self, cfg: RegionConfig, runtime: Runtime, allow_random: bool = False,
+                 model: nn.Module | None = None) -> None:
+        """`model`: an already built torchvision Faster R-CNN to use instead of cfg.weights."""
+        if model is None:
+            model = build_detector(cfg.detector, cfg.weights, cfg.seed, allow_random)
+        self.model = runtime.prepare(single_scale(model))
         self.runtime = runtime
         self.dim = model.roi_heads.box_predictor.cls_score.in_features  # 1024: the box-head representation
 
@@ -182,9 +220,10 @@ def _chunks(n: int, size: int):
 class DetectorRegions:
     """Faster R-CNN boxes chosen bottom-up-attention style, with box-head features of the final boxes."""
 
-    def __init__(self, cfg: RegionConfig, runtime: Runtime) -> None:
+    def __init__(self, cfg: RegionConfig, runtime: Runtime, allow_random: bool = False,
+                 model: nn.Module | None = None) -> None:
         self.cfg, self.runtime = cfg, runtime
-        self.backbone = DetectorBackbone(cfg, runtime)
+        self.backbone = DetectorBackbone(cfg, runtime, allow_random, model)
         self.dim, self.max_boxes = self.backbone.dim, cfg.max_boxes
 
     def __call__(self, frames: list[np.ndarray], given_boxes: list[np.ndarray] | None = None) -> Regions:
@@ -295,17 +334,20 @@ def grid_boxes(width: int, height: int, g: int) -> np.ndarray:
     return np.array([[xs[j], ys[i], xs[j + 1], ys[i + 1]] for i in range(g) for j in range(g)], np.float32)  # [g*g, 4]
 
 
-def build_region_source(cfg: RegionConfig, device: str | torch.device = "cpu", trunk: tuple[nn.Module, int] | None = None):
-    """The RegionSource for cfg.kind (or cfg.plugin). `trunk` (module, dim): a frame-encoder trunk to share."""
+def build_region_source(cfg: RegionConfig, device: str | torch.device = "cpu", trunk: tuple[nn.Module, int] | None = None,
+                        allow_random: bool = False, detector: nn.Module | None = None):
+    """The RegionSource for cfg.kind (or cfg.plugin). `trunk` (module, dim): a frame-encoder trunk to share (see stage.py);
+    `allow_random`: a missing weight file means a seeded random init; `detector`: a built torchvision
+    Faster R-CNN to use instead of loading cfg.weights."""
     if cfg.plugin:
-        return load_plugin(cfg.plugin)(cfg, device)
-    runtime = Runtime(torch.device(device), cfg.amp)
+        return load_plugin(cfg.plugin)(cfg, device, allow_random=allow_random)
+    runtime = Runtime(torch.device(device), cfg.amp, cfg.channels_last)
     if cfg.kind == "detector":
-        return DetectorRegions(cfg, runtime)
+        return DetectorRegions(cfg, runtime, allow_random, detector)
     if cfg.backbone == "detector":
-        return BoxRegions(cfg, runtime, DetectorRoIFeatures(DetectorBackbone(cfg, runtime)))
+        return BoxRegions(cfg, runtime, DetectorRoIFeatures(DetectorBackbone(cfg, runtime, allow_random, detector)))
     if trunk is None:
-        net, dim = build_trunk("efficientnet_lite0", cfg.region_input_size, cfg.trunk_weights, cfg.seed)
+        net, dim = build_trunk("efficientnet_lite0", cfg.region_input_size, cfg.trunk_weights, cfg.seed, allow_random)
         trunk = (runtime.prepare(net), dim)
     return BoxRegions(cfg, runtime, TrunkRoIFeatures(trunk[0], trunk[1], cfg, runtime))
 

@@ -23,6 +23,8 @@ class Plan:
     times: np.ndarray  # [T] float64, planned time of each slot in seconds
     valid: np.ndarray  # [T] bool, False for padding and for slots repeating an earlier slot's frame
     short: bool  # the span held fewer distinct frames than the plan asks for
+    first: int = 0  # the span the plan draws from: frames first..stop-1 (the window's frames)
+    stop: int = 0
 
 
 def plan_frames(
@@ -30,6 +32,7 @@ def plan_frames(
 ) -> Plan:
     """times: [N] sorted presentation times in seconds (first frame at 0); end: end of the last frame.
 
+    window: (start, end) seconds; end may be inf or None (to the end of the video).
     Raises ValueError for a window that holds no frame.
     """
     first, stop, t0, t1 = _span(times, end, window)
@@ -45,24 +48,33 @@ def plan_frames(
         indices = _frame_at(times, planned, first, stop)
         indices[n:] = indices[n - 1]  # past the end: repeat the last frame (or pad, below)
         short = n < cfg.max_frames
-    return _mark_repeats(indices, planned, short=short, pad=cfg.short_policy == "pad")
+    plan = _mark_repeats(indices, planned, short=short, pad=cfg.short_policy == "pad")
+    plan.first, plan.stop = first, stop
+    return plan
 
 
-def snap_to_keyframes(plan: Plan, times: np.ndarray, key_indices: np.ndarray) -> Plan:
-    """Keyframe mode: each slot takes the keyframe nearest its planned time."""
-    key_times = times[key_indices]  # [nK]
+def snap_to_keyframes(plan: Plan, times: np.ndarray, key_indices: np.ndarray) -> Plan | None:
+    """Keyframe mode: each slot takes the keyframe nearest its planned time, among the keyframes inside
+    the plan's span; None when the span holds no keyframe (the caller keeps the planned frames)."""
+    inside = key_indices[(key_indices >= plan.first) & (key_indices < plan.stop)]  # [nK']
+    if not len(inside):
+        return None
+    key_times = times[inside]  # [nK']
     nearest = np.abs(plan.times[:, None] - key_times[None, :]).argmin(axis=1)  # [T]
-    indices = np.where(plan.indices >= 0, key_indices[nearest], -1)
-    return _mark_repeats(indices, plan.times, plan.short, pad=False, keep_pads=plan.indices < 0)
+    indices = np.where(plan.indices >= 0, inside[nearest], -1)
+    snapped = _mark_repeats(indices, plan.times, plan.short, pad=False, keep_pads=plan.indices < 0)
+    snapped.first, snapped.stop = plan.first, plan.stop
+    return snapped
 
 
 def _span(times: np.ndarray, end: float, window: tuple[float, float] | None) -> tuple[int, int, float, float]:
     """Frames [first, stop) and time span [t0, t1) the plan draws from."""
     if window is None:
         return 0, len(times), float(times[0]), end
-    w0, w1 = float(window[0]), float(window[1])
-    if not (np.isfinite(w0) and np.isfinite(w1) and 0 <= w0 < w1):
-        raise ValueError(f"window must be [start, end] seconds with 0 <= start < end, got {window!r}")
+    w0 = float(window[0])
+    w1 = float("inf") if window[1] is None else float(window[1])  # no end: to the end of the video
+    if not (np.isfinite(w0) and not np.isnan(w1) and 0 <= w0 < w1):
+        raise ValueError(f"window must be [start, end] seconds with 0 <= start < end (end may be open), got {window!r}")
     first = max(0, int(np.searchsorted(times, w0 + _EPS, "right")) - 1)  # the frame on screen at w0
     stop = int(np.searchsorted(times, w1 - _EPS, "left"))
     if w0 >= end or stop <= first:

@@ -43,7 +43,7 @@ def stage_times(config, manifest) -> dict[str, float]:
     from stores import create_store
 
     job = Job(config)
-    tasks = [t for t in job.tasks if t is not None]
+    tasks = [t for t in job.rows_and_tasks(0, len(job.manifest))[1] if t is not None]
     extractor = ExtractorConfig.from_dict(config.extractor)
     decoder = Decoder(extractor.sampling, config.run.timeout_s, extractor.regions.kind == "given")
     decoder(tasks[0])  # start the decoder's child process outside the timing, as a long job would

@@ -9,22 +9,18 @@ The resolved config is saved in the output folder of every run.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from vlpconfig import ConfigError, check_type, from_dict
+
 from pipeline.manifest import DEFAULT_WEBVID_TEMPLATE, FORMATS
 
 STORES = ("zarr", "hdf5")
 RUNNERS = ("ray", "local")
-
-
-class ConfigError(ValueError):
-    """A config file, flag or override is invalid; the message names the key and the expected value."""
 
 
 @dataclass
@@ -120,41 +116,6 @@ class JobConfig:
         return dataclasses.asdict(self)
 
 
-def _check_type(key: str, value: Any, hint: Any) -> Any:
-    """Return value if it fits the annotation `hint` (ints are accepted for floats), else raise."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(hint):
-            try:
-                return _check_type(key, value, option)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key} must be {hint}, got {value!r}")
-    if hint is type(None):
-        if value is None:
-            return None
-    elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    elif hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif hint in (str, bool) and isinstance(value, hint):
-        return value
-    elif origin is dict and isinstance(value, dict):
-        return value
-    raise ConfigError(f"{key} must be of type {getattr(hint, '__name__', hint)}, got {value!r}")
-
-
-def _section_from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {[f'{prefix}.{k}' for k in unknown]}; known: {sorted(known)}")
-    return cls(**{k: _check_type(f"{prefix}.{k}", v, hints[k]) for k, v in data.items()})
-
-
 def job_config_from_dict(data: dict[str, Any]) -> JobConfig:
     """Strict: unknown sections/keys or wrong types raise ConfigError."""
     data = dict(data or {})
@@ -163,9 +124,9 @@ def job_config_from_dict(data: dict[str, Any]) -> JobConfig:
         raise ConfigError(f"unknown config section(s) {unknown}; known: input, run, extractor (and demo in dataset files)")
     data.pop("demo", None)
     return JobConfig(
-        input=_section_from_dict(InputConfig, data.get("input", {}), "input"),
-        run=_section_from_dict(RunConfig, data.get("run", {}), "run"),
-        extractor=_check_type("extractor", data.get("extractor", {}) or {}, dict[str, Any]),
+        input=from_dict(InputConfig, data.get("input", {}), "input."),
+        run=from_dict(RunConfig, data.get("run", {}), "run."),
+        extractor=check_type("extractor", data.get("extractor", {}) or {}, dict[str, Any]),
     )
 
 

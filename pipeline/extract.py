@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import glob
 import logging
 import sys
 from pathlib import Path
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_argument_group("input")
     src.add_argument("--dataset", help="read configs/datasets/NAME.yaml (e.g. demo, webvid); flags override it")
     src.add_argument("--config", type=Path, help="a job config YAML (sections input, run, extractor), merged over --dataset's")
-    src.add_argument("--manifest", help="CSV/JSONL manifest, WebVid CSV, or a video2dataset output folder")
+    src.add_argument("--manifest", help="CSV/JSONL manifest, WebVid CSV, a video2dataset output folder (files or "
+                                        ".tar shards), a .tar, or 'DIR/*.tar'")
     src.add_argument("--video-root", help="folder that relative video paths resolve against (default: the manifest's)")
     src.add_argument("--format", choices=("auto", "generic", "webvid", "video2dataset"), help="manifest format (default auto)")
     src.add_argument("--path-template", help="WebVid: where a video sits, e.g. '{video_root}/{page_dir}/{videoid}.mp4'")
@@ -106,7 +108,7 @@ def ensure_inputs(config: JobConfig, demo: dict[str, Any] | None, dataset: str |
         if made.resolve() != manifest.resolve():
             raise ConfigError(f"dataset demo section wrote {made}, but input.manifest is {manifest}: make them agree")
         return
-    if config.input.manifest and not manifest.exists():
+    if config.input.manifest and not manifest.exists() and not glob.has_magic(manifest.name):  # a glob of .tar shards
         fix = f"point input.manifest in configs/datasets/{dataset}.yaml at it" if dataset else "fix --manifest"
         hint = (f"manifest {manifest} does not exist. Put the manifest there (or {fix}); "
                 f"videos go under {config.input.video_root or manifest.parent}")
@@ -125,6 +127,9 @@ def summary(stats) -> str:
         f"  time {stats.wall_s:.1f} s, {stats.videos_per_s:.2f} videos/s",
         f"  store: {stats.store_ok} ok, {stats.store_failed} failed, {stats.store_pending} pending of {stats.n_videos}",
     ]
+    lines.append("  weights: " + ", ".join(
+        f"{role} RANDOM ({w.split(':', 1)[1]}, allow_random_weights)" if w.startswith("random:") else f"{role} sha256 {w[:12]}"
+        for role, w in stats.weights.items()))
     lines += [f"  failed: {n} x {reason}" for reason, n in stats.failed_by_reason.items()]
     if stats.exit_reason:
         lines.append(f"  ERROR: {stats.exit_reason}")

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, JobConfig, save_config
-from pipeline.manifest import Manifest, ManifestRow, read_manifest
+from pipeline.manifest import ManifestIndex, ManifestRow, scan_manifest
 from pipeline.lock import OutLock
 from pipeline.runners import Event, JobStopped, ShardFailed, ShardRetry, make_runner
 from pipeline.shard import ShardJob, ShardProgress, ShardResult, ShardSpec, plan_shards
@@ -53,6 +54,7 @@ class RunStats:
     wall_s: float = 0.0
     videos_per_s: float = 0.0
     times: dict[str, float] = field(default_factory=dict)  # summed stage seconds (decode, encode, store)
+    weights: dict[str, str] = field(default_factory=dict)  # role -> weight file sha256, or "random:seed=N"
     exit_reason: str = ""
 
     @property
@@ -76,7 +78,7 @@ def _video_task(row_index: int, row: ManifestRow, video_root: Path) -> VideoTask
     except ValueError:
         row.error = f"start/end {row.meta.get('start')!r}/{row.meta.get('end')!r} are not numbers (seconds)"
         return None
-    return VideoTask(row_index, row.video_id, row.path, window, boxes_path)
+    return VideoTask(row_index, row.video_id, row.path, window, boxes_path, row.span)
 
 
 class Job:
@@ -93,11 +95,17 @@ class Job:
         self.config = config
         self.out = Path(config.run.out)
         inp = config.input
-        self.manifest: Manifest = read_manifest(inp.manifest, inp.video_root or None, inp.format, inp.path_template)
+        # One streaming pass; each shard's rows are read back when its job is built (bounded memory).
+        self.manifest: ManifestIndex = scan_manifest(inp.manifest, inp.video_root or None, inp.format,
+                                                     inp.path_template, stride=config.run.shard_size)
         if not len(self.manifest):
             raise ConfigError(f"manifest {inp.manifest} has no rows: nothing to extract")
-        video_root = Path(inp.video_root) if inp.video_root else Path(self.manifest.source).parent
-        self.tasks = [_video_task(i, row, video_root) for i, row in enumerate(self.manifest.rows)]
+        self.video_root = Path(inp.video_root) if inp.video_root else Path(self.manifest.source).parent
+
+    def rows_and_tasks(self, start: int, stop: int) -> tuple[list[ManifestRow], list[VideoTask | None]]:
+        """Manifest rows [start, stop) and what to decode for each (None where the row is unusable)."""
+        rows = self.manifest.rows(start, stop)
+        return rows, [_video_task(start + i, row, self.video_root) for i, row in enumerate(rows)]
 
     def provenance(self) -> dict[str, Any]:
         """What decides the features' bits: a rerun with anything else here is refused by the store."""
@@ -106,7 +114,7 @@ class Job:
         return {
             "extractor": extractor_provenance(self.extractor),
             "extractor_config": self.extractor.to_dict(),
-            "manifest": {"format": self.manifest.format, "rows": len(self.manifest), "sha256": self.manifest.fingerprint()},
+            "manifest": {"format": self.manifest.format, "rows": len(self.manifest), "sha256": self.manifest.fingerprint},
         }
 
     def run(self, on_runner_ready=None) -> RunStats:
@@ -129,22 +137,22 @@ class Job:
 
     def _run(self, stats: RunStats, on_runner_ready) -> None:
         self._remove_stale_partials()
-        jobs = None
+        todo = None
         existing = self._existing_dims()
         if existing is not None:  # a rerun: find the work left before building any model
-            store_args = self._store_args(existing)
-            jobs = self._pending_jobs(store_args, stats)
-        if jobs == []:
+            store = self._open_store(existing)
+            todo = self._pending_shards(store, stats)
+        if todo == []:
             save_config(self.config, self.extractor, self.out / CONFIG_FILE)
         else:
             runner = make_runner(self.config)
             try:
-                store_args = self._store_args(runner.dims)  # checks the models' dims against an existing store
-                jobs = self._pending_jobs(store_args, stats)
+                store = self._open_store(runner.dims)  # checks the models' dims against an existing store
+                todo = self._pending_shards(store, stats)
                 save_config(self.config, self.extractor, self.out / CONFIG_FILE)
                 if on_runner_ready is not None:
                     on_runner_ready(runner)
-                self._consume(runner.run(jobs), jobs, stats)
+                self._consume(runner.run(self.shard_jobs(todo, store)), sum(len(s) for s in todo), stats)
             finally:
                 runner.close()
 
@@ -172,20 +180,19 @@ class Job:
 
         return open_store(self.out).dims if Layout(self.out).store_json.exists() else None
 
-    def _store_args(self, dims) -> dict[str, Any]:
+    def _open_store(self, dims):
+        """Creates OUT (the ids streamed from the manifest, once), or checks that it is this job's store
+        (StoreError otherwise)."""
         from stores import create_store
+        from stores.ledger import Layout
 
         run = self.config.run
-        args = dict(out=str(self.out), backend=run.store, dims=dims, n_videos=len(self.manifest),
-                    shard_size=run.shard_size, provenance=self.provenance(), compression=run.compression,
-                    video_ids=[row.video_id for row in self.manifest.rows])
-        create_store(**args)  # creates OUT, or checks that it is this job's store (StoreError otherwise)
-        return args
+        new = not Layout(self.out).store_json.exists()
+        return create_store(self.out, run.store, dims=dims, n_videos=len(self.manifest), shard_size=run.shard_size,
+                            provenance=self.provenance(), compression=run.compression,
+                            video_ids=self.manifest.video_ids() if new else None)
 
-    def _pending_jobs(self, store_args: dict[str, Any], stats: RunStats) -> list[ShardJob]:
-        from stores import create_store
-
-        store = create_store(**store_args)
+    def _pending_shards(self, store, stats: RunStats) -> list[ShardSpec]:
         committed = store.committed_shards()
         shards = plan_shards(len(self.manifest), self.config.run.shard_size)
         stats.shards_total = len(shards)
@@ -195,27 +202,31 @@ class Job:
             todo.sort(key=lambda s: s.index)
         stats.shards_skipped = len(shards) - len(todo)
         log.info("%d shards: %d committed earlier, %d to do", len(shards), len(committed), len(todo))
-        return [self._shard_job(s, store_args) for s in todo]
+        return todo
+
+    def shard_jobs(self, todo: list[ShardSpec], store) -> Iterator[ShardJob]:
+        """Each shard's job, built only when the runner takes it: one shard's rows in memory at a time."""
+        return (self._shard_job(spec, store) for spec in todo)
 
     def _has_failures(self, spec: ShardSpec) -> bool:
         from stores.ledger import Layout, ShardLedger
 
         return ShardLedger.load(Layout(self.out).ledger(spec.index)).counts["failed"] > 0
 
-    def _shard_job(self, spec: ShardSpec, store_args: dict[str, Any]) -> ShardJob:
+    def _shard_job(self, spec: ShardSpec, store) -> ShardJob:
         run = self.config.run
+        rows, tasks = self.rows_and_tasks(spec.start, spec.stop)
         return ShardJob(
             spec=spec,
-            rows=self.manifest.rows[spec.start : spec.stop],
-            tasks=self.tasks[spec.start : spec.stop],
-            store_args=store_args,
+            rows=rows,
+            tasks=tasks,
+            store=store.handle(spec.index),
             batch_videos=run.batch_videos,
             max_inflight_videos=run.max_inflight_videos,
             retry_failed=run.retry_failed,
         )
 
-    def _consume(self, events, jobs: list[ShardJob], stats: RunStats) -> None:
-        total = sum(len(j.spec) for j in jobs)
+    def _consume(self, events, total: int, stats: RunStats) -> None:
         times = StageTimes()
         reasons: Counter[str] = Counter()
         committed = [0, 0]  # ok, failed videos of the shards this run committed
@@ -270,6 +281,7 @@ class Job:
         stats.videos_per_s = (stats.videos_ok + stats.videos_failed) / stats.wall_s if stats.wall_s else 0.0
         status = open_store(self.out).status
         stats.store_ok, stats.store_failed, stats.store_pending = status.ok, status.failed, status.pending
+        stats.weights = dict(self.provenance()["extractor"]["weights_sha256"])
         limit = self.config.run.max_failure_rate
         if stats.exit_reason:  # stopped early or on a job-level error: that is the reason
             pass

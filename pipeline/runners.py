@@ -17,7 +17,7 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,7 +178,7 @@ class LocalRunner:
     def dims(self) -> Dims:
         return self.model.dims
 
-    def run(self, jobs: list[ShardJob]) -> Iterator[Event]:
+    def run(self, jobs: Iterable[ShardJob]) -> Iterator[Event]:
         attempts = _Attempts(self.retries, self.out)
         for job in jobs:
             while True:
@@ -586,17 +586,22 @@ class RayRunner:
 
         return ray.get([a.pid.remote() for a in self.actors])
 
-    def run(self, jobs: list[ShardJob]) -> Iterator[Event]:
+    def run(self, jobs: Iterable[ShardJob]) -> Iterator[Event]:
         import ray
 
         attempts = _Attempts(self.run_config.shard_retries, self.run_config.out)
-        queue = list(reversed(jobs))
+        fresh = iter(jobs)  # built lazily by the driver: only the open shards' rows are in memory
+        queue: list[ShardJob] = []  # shards to retry, taken before fresh ones
         live = self.live
-        while queue or live:
-            while queue and len(live) < self.run_config.concurrent_shards:
-                job = queue.pop()
+        while True:
+            while len(live) < self.run_config.concurrent_shards:
+                job = queue.pop() if queue else next(fresh, None)
+                if job is None:
+                    break
                 attempts.start(job.spec.index)
                 live[self.shard_task.remote(job, self.decoder_ref, self.actors, self.executor_options)] = job
+            if not live:
+                return
             ready, _ = ray.wait(list(live), num_returns=1, timeout=1.0)
             for gen in ready:
                 job = live[gen]

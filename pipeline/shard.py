@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from pipeline.manifest import ManifestRow
 from pipeline.work import DecodeStatus, Encoded, StageTimes, VideoTask
+from stores import ShardHandle
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class ShardJob:
     spec: ShardSpec
     rows: list[ManifestRow]  # the shard's manifest rows, in order
     tasks: list[VideoTask | None]  # per row: what to decode; None where the row itself is unusable
-    store_args: dict[str, Any]  # stores.create_store keyword arguments (reopens the job's store)
+    store: ShardHandle  # opens this shard's writer in the task; small whatever the corpus
     batch_videos: int
     max_inflight_videos: int
     retry_failed: bool = False
@@ -178,9 +179,7 @@ class _ShardRun:
 def process_shard(job: ShardJob, executor: Executor) -> Iterator[ShardProgress | ShardResult]:
     """Write one shard: yields ShardProgress events, then the ShardResult once committed. Any exception
     aborts the shard (its partial data is dropped) and propagates, so the driver can retry it."""
-    from stores import create_store
-
-    writer = create_store(**job.store_args).shard_writer(job.spec.index)
+    writer = job.store.open()
     try:
         yield from _ShardRun(job, executor, writer).run()
     except BaseException:

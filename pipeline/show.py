@@ -44,17 +44,17 @@ def _extract_config(out: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def _video_path(cfg: dict, video_id: str, override: str | None) -> tuple[str, tuple[float, float] | None]:
-    from pipeline.manifest import read_manifest
+def _video_path(cfg: dict, video_id: str, override: str | None) -> tuple[str, tuple[float, float] | None, tuple[int, int] | None]:
+    from pipeline.manifest import iter_manifest
 
     if override:
-        return override, None
+        return override, None, None
     inp = cfg.get("input", {})
-    manifest = read_manifest(inp["manifest"], inp.get("video_root") or None, inp.get("format", "auto"),
-                             inp.get("path_template", "{video_root}/{page_dir}/{videoid}.mp4"))
-    for row in manifest.rows:
+    rows = iter_manifest(inp["manifest"], inp.get("video_root") or None, inp.get("format", "auto"),
+                         inp.get("path_template", "{video_root}/{page_dir}/{videoid}.mp4"))
+    for row in rows:
         if row.video_id == video_id:
-            return row.path, row.window
+            return row.path, row.window, row.span
     raise ShowError(f"video {video_id!r} is not in the manifest {inp['manifest']}; pass --video FILE")
 
 
@@ -64,10 +64,10 @@ def decode_frames(out: Path, video_id: str, override: str | None) -> list[np.nda
 
     cfg = _extract_config(out)
     sampling = ExtractorConfig.from_dict(cfg["extractor"]).sampling
-    path, window = _video_path(cfg, video_id, override)
+    path, window, span = _video_path(cfg, video_id, override)
     if not Path(path).is_file():
         raise ShowError(f"video file {path} of {video_id!r} not found; pass --video FILE")
-    return decode_clip(path, sampling, window).frames
+    return decode_clip(path, sampling, window, span).frames
 
 
 def _draw_boxes(ax, frame: np.ndarray, boxes: np.ndarray, colors: list[str], widths: list[float]) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from extractors.api import Clip, DecodeError
+from extractors.backends import BackendUnavailable, require_backend
 from extractors.config import ExtractorConfig, SamplingConfig
 from stores.schema import ARRAYS, Dims
 
@@ -29,6 +30,7 @@ class VideoTask:
     path: str  # absolute video path
     window: tuple[float, float] | None = None  # (start, end) seconds, from the manifest's start/end columns
     boxes_path: str | None = None  # "given" region source: absolute path of the boxes sidecar
+    span: tuple[int, int] | None = None  # (offset, size) of the video inside `path`: a tar member, read in place
 
 
 @dataclass
@@ -87,6 +89,7 @@ class Decoder:
 
     def __init__(self, sampling: SamplingConfig, timeout_s: float, need_boxes: bool, io_retries: int = 3,
                  io_backoff_s: float = 1.0) -> None:
+        require_backend(sampling.backend)  # a missing decoder stops the job at start, naming the package
         self.sampling = sampling
         self.timeout_s = timeout_s
         self.need_boxes = need_boxes
@@ -123,7 +126,7 @@ class Decoder:
             raise DecodeError(f"video file not found: {task.path} (check --video-root and the manifest's path)") from None
         if not os.path.isfile(task.path):
             raise DecodeError(f"not a file: {task.path}")
-        return decode_clip_killable(task.path, self.sampling, task.window, self.timeout_s)
+        return decode_clip_killable(task.path, self.sampling, task.window, self.timeout_s, task.span)
 
     @staticmethod
     def _given_boxes(task: VideoTask, clip: Clip) -> list[np.ndarray]:

@@ -7,10 +7,10 @@ from stores.ledger import ShardLedger, StoreStatus, VideoRecord
 from stores.provenance import assert_same_provenance, provenance_diff
 from stores.reader import StoreReader, open_store
 from stores.schema import ARRAYS, FORMAT_VERSION, Dims
-from stores.writer import ShardWriter, StoreWriter, create_store
+from stores.writer import ShardHandle, ShardWriter, StoreWriter, create_store, open_writer
 
 __all__ = [
-    "ARRAYS", "FORMAT_VERSION", "Dims", "ShardLedger", "ShardWriter", "StoreError", "StoreReader", "StoreStatus",
-    "StoreWriter", "VideoNotStoredError", "VideoRecord", "assert_same_provenance", "create_store", "open_store",
+    "ARRAYS", "FORMAT_VERSION", "Dims", "ShardHandle", "ShardLedger", "ShardWriter", "StoreError", "StoreReader", "StoreStatus",
+    "StoreWriter", "VideoNotStoredError", "VideoRecord", "assert_same_provenance", "create_store", "open_store", "open_writer",
     "provenance_diff",
 ]

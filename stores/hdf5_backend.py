@@ -1,10 +1,13 @@
 """HDF5 backend: one file per pipeline shard under OUT/shards/, plus OUT/features.h5.
 
 A shard file holds the schema's datasets for its rows ([rows, ...], chunk = one video, fletcher32
-checksum per chunk, no compression). OUT/features.h5 holds one virtual dataset per array that maps
-every shard file from the start: HDF5 reads a missing source file as the fill value, so the file never
-has to be rebuilt when shards arrive and two writers never race to rewrite it. Files are written with
-the HDF5 1.10 format (libver v110) so h5dump/h5ls 1.10 read them.
+checksum per chunk, no compression) and their row_status. OUT/features.h5 holds one virtual dataset
+per array, written once at creation, whose size does not depend on the number of shards: two mappings,
+a printf-style one (`shards/shard-%b.h5`, block b = rows [b*S, (b+1)*S)) for every shard but the last,
+and one for the last shard's file `shards/shard-<s>-last.h5` (named apart so that the pattern never
+covers it and the dataset keeps exactly N rows). HDF5 reads a missing source as the fill value (and
+follows the pattern up to the first missing file), so features.h5 never has to be rebuilt as shards
+arrive. Files are written with the HDF5 1.10 format (libver v110) so h5dump/h5ls 1.10 read them.
 """
 from __future__ import annotations
 
@@ -17,50 +20,99 @@ import crc32c
 import h5py
 import numpy as np
 
+from h5py import h5d, h5p, h5s, h5t
+
 from stores.errors import StoreError
-from stores.io import durable_replace, fsync_path
+from stores.io import durable_replace, fsync_path, makedirs_durable
 from stores.ledger import FileRecord, Layout, StoreMeta
-from stores.schema import ARRAYS
+from stores.schema import ARRAYS, ROW_STATUS
 
 LIBVER = ("earliest", "v110")
 FLETCHER_BYTES = 4
 
 
+PATTERN = "shards/shard-%b.h5"  # relative: HDF5 resolves it against the directory of features.h5
+
+
+def shard_path(layout: Layout, meta: StoreMeta, shard: int) -> Path:
+    if meta.format_version < 2:
+        return layout.h5_shard(shard)
+    last = "-last" if shard == meta.n_shards - 1 else ""
+    return layout.h5_shards / f"shard-{shard}{last}.h5"
+
+
 def init_layout(layout: Layout, meta: StoreMeta) -> None:
-    layout.h5_shards.mkdir(parents=True, exist_ok=True)
+    makedirs_durable(layout.h5_shards)
     tmp = layout.out / f".features.h5.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
     try:
         with h5py.File(tmp, "w", libver=LIBVER, track_order=True) as f:
             f.attrs["vlpcache_format_version"] = meta.format_version
-            for spec in ARRAYS.values():
-                shape = spec.shape(meta.dims)
-                vds = h5py.VirtualLayout(shape=(meta.n_videos, *shape), dtype=spec.dtype.newbyteorder("<"))
-                for shard in range(meta.n_shards):
-                    rows = meta.shard_rows(shard)
-                    # Relative source path: HDF5 resolves it against the directory of features.h5.
-                    src = h5py.VirtualSource(str(layout.h5_shard(shard).relative_to(layout.out)), spec.name, shape=(len(rows), *shape))
-                    vds[rows.start: rows.stop] = src
-                f.create_virtual_dataset(spec.name, vds, fillvalue=spec.fill)
+            for spec in (*ARRAYS.values(), ROW_STATUS):
+                _create_virtual(f, spec, layout, meta)
         fsync_path(tmp)
         durable_replace(tmp, layout.h5)
     finally:
         tmp.unlink(missing_ok=True)
-    validate_layout(layout, meta)
+    validate_layout(layout, meta, deep=True)
 
 
-def validate_layout(layout: Layout, meta: StoreMeta) -> None:
+def _create_virtual(f: h5py.File, spec, layout: Layout, meta: StoreMeta) -> None:
+    """[N, ...] virtual dataset: the pattern maps full shards 0..n-2, one mapping the last shard."""
+    shape, S, N = spec.shape(meta.dims), meta.shard_size, meta.n_videos
+    ones, zeros = (1,) * len(shape), (0,) * len(shape)
+    dtype = spec.dtype.newbyteorder("<")
+    space = lambda: h5s.create_simple((N, *shape), (h5s.UNLIMITED, *shape))  # noqa: E731
+    dcpl = h5p.create(h5p.DATASET_CREATE)
+    dcpl.set_fill_value(np.array(spec.fill, dtype=dtype))
+    name = spec.name.encode()
+    if meta.n_shards > 1:
+        virtual = space()
+        virtual.select_hyperslab((0, *zeros), (h5s.UNLIMITED, *ones), stride=(S, *ones), block=(S, *shape))
+        dcpl.set_virtual(virtual, PATTERN.encode(), name, h5s.create_simple((S, *shape)))
+    last = meta.shard_rows(meta.n_shards - 1)
+    virtual = space()
+    virtual.select_hyperslab((last.start, *zeros), (1, *ones), block=(len(last), *shape))
+    src = str(shard_path(layout, meta, meta.n_shards - 1).relative_to(layout.out)).encode()
+    dcpl.set_virtual(virtual, src, name, h5s.create_simple((len(last), *shape)))
+    h5d.create(f.id, name, h5t.py_create(dtype), space(), dcpl=dcpl)
+
+
+def validate_layout(layout: Layout, meta: StoreMeta, deep: bool = False) -> None:
+    """features.h5 exists; deep (verify, creation): every dataset's dtype, shape and mappings. Opening a
+    virtual dataset makes HDF5 look for its source files, so writers and readers skip the deep check."""
     if not layout.h5.exists():
         raise StoreError(f"{layout.h5} is missing: not a complete vlpcache HDF5 store; re-extract")
+    if not deep:
+        return
     try:
         with h5py.File(layout.h5, "r") as f:
-            for spec in ARRAYS.values():
-                _check_dataset(f, spec.name, (meta.n_videos, *spec.shape(meta.dims)), layout.h5)
+            for spec in ARRAYS.values() if meta.format_version < 2 else ():
+                _check_dataset(f, spec, (meta.n_videos, *spec.shape(meta.dims)), layout.h5)
+            for spec in (*ARRAYS.values(), ROW_STATUS) if meta.format_version >= 2 else ():
+                _check_virtual(f, spec, layout, meta)
     except OSError as e:
         raise StoreError(f"{layout.h5}: cannot be opened as HDF5 ({e}); re-extract") from e
 
 
-def _check_dataset(f: h5py.File, name: str, shape: tuple[int, ...], path: Path) -> h5py.Dataset:
-    spec = ARRAYS[name]
+def _check_virtual(f: h5py.File, spec, layout: Layout, meta: StoreMeta) -> None:
+    """dtype and mappings of a format-2 virtual dataset, read from its creation properties: asking for
+    its shape would make HDF5 open the shard files, whose damage verify reports per shard."""
+    if spec.name not in f:
+        raise StoreError(f"{layout.h5}: dataset {spec.name!r} is missing; the file was not written by vlpcache or is damaged")
+    ds = f[spec.name]
+    if ds.dtype != spec.dtype.newbyteorder("<"):
+        raise StoreError(f"{layout.h5}: dataset {spec.name!r} has dtype {ds.dtype}, but the schema needs {spec.dtype}; re-extract")
+    dcpl = ds.id.get_create_plist()
+    want = ([PATTERN] if meta.n_shards > 1 else []) + [str(shard_path(layout, meta, meta.n_shards - 1).relative_to(layout.out))]
+    got = [dcpl.get_virtual_filename(i) for i in range(dcpl.get_virtual_count())] if ds.is_virtual else []
+    shape = (meta.n_videos, *spec.shape(meta.dims))
+    if got != want or any(dcpl.get_virtual_vspace(i).shape != shape for i in range(len(got))):
+        raise StoreError(f"{layout.h5}: dataset {spec.name!r} maps {got}, expected {want} with shape {shape}; "
+                         f"the file was not written by vlpcache (format {meta.format_version}) or is damaged: re-extract")
+
+
+def _check_dataset(f: h5py.File, spec, shape: tuple[int, ...], path: Path) -> h5py.Dataset:
+    name = spec.name
     if name not in f:
         raise StoreError(f"{path}: dataset {name!r} is missing; the file was not written by vlpcache or is damaged")
     ds = f[name]
@@ -69,6 +121,10 @@ def _check_dataset(f: h5py.File, name: str, shape: tuple[int, ...], path: Path) 
     if ds.shape != shape:
         raise StoreError(f"{path}: dataset {name!r} has shape {ds.shape}, expected {shape}; re-extract")
     return ds
+
+
+def status_files(layout: Layout, meta: StoreMeta, shard: int) -> list[Path]:
+    return [shard_path(layout, meta, shard)]  # row_status lives inside the shard file: removing it makes the rows pending
 
 
 class HDF5ShardSink:
@@ -96,14 +152,16 @@ class HDF5ShardSink:
     def keep(self, local: int, prev: HDF5ShardReader) -> None:
         self.write(local, {name: prev.read(name, local) for name in ARRAYS})
 
-    def finish(self) -> list[tuple[Path, Path, str, FileRecord]]:
+    def finish(self, status: np.ndarray) -> list[tuple[Path, Path, str, FileRecord]]:
+        """status: [rows] int8 row statuses, stored in the same file (so they appear with the data, atomically)."""
+        self.file.create_dataset(ROW_STATUS.name, data=np.asarray(status, dtype=ROW_STATUS.dtype), track_times=False)
         self.file.close()
         crc = 0
         with open(self.path, "rb+") as f:
             os.fsync(f.fileno())
             while block := f.read(1 << 22):
                 crc = crc32c.crc32c(block, crc)
-        final = self.layout.h5_shard(self.shard)
+        final = shard_path(self.layout, self.meta, self.shard)
         record = FileRecord(path=str(final.relative_to(self.layout.out)), nbytes=self.path.stat().st_size, crc32c=crc)
         return [(self.path, final, "shard", record)]
 
@@ -135,7 +193,7 @@ class HDF5ShardReader:
             raise StoreError(f"{self.path}: cannot be opened as HDF5 ({e}); the file is corrupt: re-extract the shard") from e
         rows = len(meta.shard_rows(shard))
         self.datasets = {
-            spec.name: _check_dataset(self.file, spec.name, (rows, *spec.shape(meta.dims)), self.path) for spec in ARRAYS.values()
+            spec.name: _check_dataset(self.file, spec, (rows, *spec.shape(meta.dims)), self.path) for spec in ARRAYS.values()
         }
         self.offsets: dict[tuple[str, int], int] = {}  # (array, local row) -> chunk offset in the file
         self.layouts = {name: (spec.shape(meta.dims), spec.dtype.newbyteorder("<"), int(np.prod(spec.shape(meta.dims))))

@@ -19,7 +19,7 @@ def fsync_path(path: Path) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Readers see either the old file or the whole new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    makedirs_durable(path.parent)
     # A unique partial name: two processes writing the same file never share a partial.
     partial = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
     try:
@@ -38,8 +38,27 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
+def makedirs_durable(path: Path) -> None:
+    """mkdir -p, fsyncing the parent of every folder it creates so the new entries survive a crash."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)
+        fsync_path(folder.parent)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under root (deepest first), e.g. metadata written by a library."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(Path(folder) / name)
+        fsync_path(Path(folder))
+
+
 def durable_replace(src: Path, dst: Path) -> None:
     """Rename an already fsynced file into place and make the rename durable."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    makedirs_durable(dst.parent)
     os.replace(src, dst)
     fsync_path(dst.parent)

@@ -1,7 +1,8 @@
 """Store-level metadata (OUT/store.json), per-shard ledgers (OUT/ledgers/shard-NNNNNN.json), paths.
 
 A shard is committed when, and only when, its ledger exists: the ledger is written last, atomically,
-after the shard's data files are fsynced and renamed into place.
+after the shard's data files, row statuses and rows part are fsynced and renamed into place. A format-2
+ledger is small (counts and files); the per-video records live in the rows part (stores/rows.py).
 """
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from stores.errors import StoreError
-from stores.schema import FORMAT_VERSION, Dims
+from stores.schema import FORMAT_VERSION, READ_VERSIONS, Dims
 
 BACKENDS = ("zarr", "hdf5")
 COMPRESSIONS = (None, "zstd")
@@ -46,7 +47,9 @@ class Layout:
     def __init__(self, out: str | Path) -> None:
         self.out = Path(out)
         self.store_json = self.out / "store.json"
-        self.video_ids_json = self.out / "video_ids.json"
+        self.video_ids_json = self.out / "video_ids.json"  # format 1 only
+        self.index = self.out / "index"  # format 2: id index (stores/idindex.py)
+        self.rows = self.out / "rows"  # format 2: per-shard rows parts (stores/rows.py)
         self.ledgers = self.out / "ledgers"
         self.partial = self.out / ".partial"  # in-flight shards; never read
         self.zarr = self.out / "features.zarr"
@@ -56,7 +59,10 @@ class Layout:
     def ledger(self, shard: int) -> Path:
         return self.ledgers / f"shard-{shard:06d}.json"
 
-    def h5_shard(self, shard: int) -> Path:
+    def rows_part(self, shard: int) -> Path:
+        return self.rows / f"shard-{shard:06d}.arrow"
+
+    def h5_shard(self, shard: int) -> Path:  # format 1; format 2 names: hdf5_backend.shard_path
         return self.h5_shards / f"shard-{shard:06d}.h5"
 
     def zarr_shard(self, name: str, shard: int, ndim: int) -> Path:
@@ -100,9 +106,9 @@ class StoreMeta:
         if not isinstance(d, dict):
             raise StoreError(f"{source}: expected a JSON object, got {type(d).__name__}; the store metadata is damaged")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS:
             raise StoreError(
-                f"{source}: store format version {version!r}, but this vlpcache reads version {FORMAT_VERSION}; "
+                f"{source}: store format version {version!r}, but this vlpcache reads versions {READ_VERSIONS}; "
                 f"use the vlpcache version that wrote it, or re-extract"
             )
         try:
@@ -157,6 +163,15 @@ class FileRecord:
     crc32c: int
 
 
+def checked_relpath(path: Any, source: Path) -> str:
+    """A file path read from a ledger: relative, normalised and inside OUT, or StoreError."""
+    p = PurePosixPath(path) if isinstance(path, str) else None
+    if p is None or not path or p.is_absolute() or ".." in p.parts or "\\" in path or str(p) != path:
+        raise StoreError(f"{source}: file path {path!r} is not a plain relative path inside the store; "
+                         f"the ledger was tampered with or damaged: delete it to redo the shard")
+    return path
+
+
 @dataclass(frozen=True)
 class ShardLedger:
     """OUT/ledgers/shard-NNNNNN.json, written last: its presence is the commit."""
@@ -164,85 +179,65 @@ class ShardLedger:
     shard: int
     row_start: int
     row_stop: int
-    videos: tuple[VideoRecord, ...]
-    files: dict[str, FileRecord]  # array name (zarr) or "shard" (hdf5) -> file written for this shard
+    counts: dict[str, int]  # {"ok": n, "failed": n}
+    files: dict[str, FileRecord]  # array name / "shard" (hdf5) / "row_status" (zarr) / "rows" -> file
     provenance_hash: str
-    provenance: dict[str, Any]
     backend: str
+    failures: tuple[tuple[str, str], ...] = ()  # (video_id, error) of each failed row, in row order: status reads these
     format_version: int = FORMAT_VERSION
     code_version: str = field(default_factory=code_version)
 
-    @property
-    def counts(self) -> dict[str, int]:
-        ok = sum(v.status == "ok" for v in self.videos)
-        return {"ok": ok, "failed": len(self.videos) - ok}
-
-    def record(self, row: int) -> VideoRecord:
-        return self.videos[row - self.row_start]
-
     def to_json(self) -> dict[str, Any]:
         return {
-            "format_version": self.format_version,
-            "code_version": self.code_version,
-            "backend": self.backend,
-            "shard": self.shard,
-            "row_start": self.row_start,
-            "row_stop": self.row_stop,
-            "counts": self.counts,
-            "provenance_hash": self.provenance_hash,
-            "provenance": self.provenance,
-            "files": {name: asdict(f) for name, f in self.files.items()},
-            "videos": [
-                {**asdict(v), "flags": list(v.flags)} for v in self.videos
-            ],
+            "format_version": self.format_version, "code_version": self.code_version, "backend": self.backend,
+            "shard": self.shard, "row_start": self.row_start, "row_stop": self.row_stop, "counts": self.counts,
+            "failures": [{"video_id": v, "error": e} for v, e in self.failures],
+            "provenance_hash": self.provenance_hash, "files": {name: asdict(f) for name, f in self.files.items()},
         }
 
     @classmethod
     def load(cls, path: Path) -> ShardLedger:
+        d = read_ledger_json(path, FORMAT_VERSION)
         try:
-            d = json.loads(path.read_bytes())
-        except FileNotFoundError:
-            raise
-        except (OSError, ValueError) as e:
-            raise StoreError(f"{path}: shard ledger is unreadable ({e}); delete it to redo the shard, or re-extract") from e
-        if not isinstance(d, dict) or d.get("format_version") != FORMAT_VERSION:
-            version = d.get("format_version") if isinstance(d, dict) else None
-            raise StoreError(
-                f"{path}: ledger format version {version!r}, but this vlpcache reads version {FORMAT_VERSION}; "
-                f"use the vlpcache version that wrote it, or re-extract"
-            )
-        try:
-            videos = tuple(
-                VideoRecord(
-                    row=int(v["row"]), video_id=str(v["video_id"]), caption=str(v["caption"]), status=v["status"],
-                    error=v["error"], flags=tuple(v["flags"]), meta=dict(v["meta"]),
-                )
-                for v in d["videos"]
-            )
             ledger = cls(
-                shard=int(d["shard"]), row_start=int(d["row_start"]), row_stop=int(d["row_stop"]), videos=videos,
-                files={k: FileRecord(**f) for k, f in d["files"].items()},
-                provenance_hash=d["provenance_hash"], provenance=d["provenance"], backend=d["backend"],
+                shard=int(d["shard"]), row_start=int(d["row_start"]), row_stop=int(d["row_stop"]),
+                counts={"ok": int(d["counts"]["ok"]), "failed": int(d["counts"]["failed"])},
+                files={k: FileRecord(checked_relpath(f["path"], path), int(f["nbytes"]), int(f["crc32c"]))
+                       for k, f in d["files"].items()},
+                provenance_hash=d["provenance_hash"], backend=d["backend"],
+                failures=tuple((str(f["video_id"]), str(f["error"])) for f in d["failures"]),
                 format_version=d["format_version"], code_version=d.get("code_version", "unknown"),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise StoreError(f"{path}: shard ledger is missing or has a bad field ({e!r}); delete it to redo the shard") from e
-        rows = [v.row for v in videos]
-        if rows != list(range(ledger.row_start, ledger.row_stop)):
-            raise StoreError(f"{path}: ledger rows do not cover {ledger.row_start}..{ledger.row_stop - 1} in order")
-        if any(v.status not in ("ok", "failed") for v in videos):
-            raise StoreError(f"{path}: ledger has a video status other than ok/failed")
-        if d.get("counts") != ledger.counts:
-            raise StoreError(f"{path}: ledger counts {d.get('counts')} disagree with its videos {ledger.counts}")
+        if ledger.counts["ok"] + ledger.counts["failed"] != ledger.row_stop - ledger.row_start or min(ledger.counts.values()) < 0 \
+                or len(ledger.failures) != ledger.counts["failed"]:
+            raise StoreError(f"{path}: ledger counts {ledger.counts} disagree with its {ledger.row_stop - ledger.row_start} rows")
+        if "rows" not in ledger.files:
+            raise StoreError(f"{path}: ledger lists no rows part; the ledger is damaged: delete it to redo the shard")
         return ledger
 
 
-def load_ledger(layout: Layout, meta: StoreMeta, shard: int) -> ShardLedger:
+def read_ledger_json(path: Path, version: int) -> dict[str, Any]:
+    try:
+        d = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{path}: shard ledger is unreadable ({e}); delete it to redo the shard, or re-extract") from e
+    if not isinstance(d, dict) or d.get("format_version") != version:
+        found = d.get("format_version") if isinstance(d, dict) else None
+        raise StoreError(f"{path}: ledger format version {found!r}, but this store is format {version}; "
+                         f"use the vlpcache version that wrote it, or re-extract")
+    return d
+
+
+def load_ledger(layout: Layout, meta: StoreMeta, shard: int, cls: type = ShardLedger):
     """A shard's ledger, checked against the store: shard/rows, provenance hash, backend."""
     path = layout.ledger(shard)
     if shard >= meta.n_shards:
         raise StoreError(f"{path}: shard {shard} is beyond this store's {meta.n_shards} shards; the ledger does not belong here")
-    ledger = ShardLedger.load(path)
+    ledger = cls.load(path)
     rows = meta.shard_rows(shard)
     if (ledger.shard, ledger.row_start, ledger.row_stop) != (shard, rows.start, rows.stop):
         raise StoreError(f"{path}: ledger is for shard {ledger.shard} rows {ledger.row_start}..{ledger.row_stop - 1}, "

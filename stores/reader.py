@@ -1,7 +1,6 @@
 """open_store(OUT): one reader over either backend; random access by video id or row; batched reads."""
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +10,9 @@ import numpy as np
 
 from stores.backends import BACKENDS
 from stores.errors import StoreError, VideoNotStoredError
-from stores.ledger import Layout, ShardLedger, StoreMeta, StoreStatus, VideoRecord, committed_shards, load_ledger, load_store_meta
+from stores.index import IndexV2
+from stores.ledger import Layout, StoreMeta, StoreStatus, VideoRecord, load_store_meta
+from stores.legacy import IndexV1
 from stores.schema import ARRAYS, Dims
 
 
@@ -26,52 +27,22 @@ def open_store(out: str | Path, *, verify_checksums: bool = False, max_open_shar
 
 
 class StoreReader:
-    """A snapshot of the committed shards at open time; open the store again to see shards added since."""
+    """A snapshot of the committed shards at open time; open the store again to see shards added since.
+
+    Opening reads store.json and the list of ledgers, nothing that grows with the number of videos
+    (format 2; a format-1 store parses all its ledgers, as it always did). Per-shard data is read and
+    memory-mapped on demand; the pickled reader holds no maps.
+    """
 
     def __init__(self, out: str | Path, *, verify_checksums: bool = False, max_open_shards: int = 64) -> None:
         self.layout = Layout(out)
         self.store_meta: StoreMeta = load_store_meta(self.layout)
         self.backend = BACKENDS[self.store_meta.backend]
-        self.backend.validate_layout(self.layout, self.store_meta)
+        self.backend.validate_layout(self.layout, self.store_meta)  # shallow: a few small files at most
         self.verify_checksums = verify_checksums
         self.max_open_shards = max_open_shards
-        self.ledgers: dict[int, ShardLedger] = {}
-        for shard in sorted(committed_shards(self.layout)):
-            self.ledgers[shard] = self._load_ledger(shard)
-        self._pending_ids = self._load_video_ids()
-        self._index()
+        self.index = (IndexV2 if self.store_meta.format_version >= 2 else IndexV1)(self.layout, self.store_meta)
         self._open: OrderedDict[int, Any] = OrderedDict()
-
-    def _load_ledger(self, shard: int) -> ShardLedger:
-        return load_ledger(self.layout, self.store_meta, shard)
-
-    def _load_video_ids(self) -> list[str] | None:
-        path = self.layout.video_ids_json
-        if not path.exists():
-            return None
-        try:
-            ids = json.loads(path.read_bytes())
-        except (OSError, ValueError) as e:
-            raise StoreError(f"{path} is unreadable ({e}); delete it (only pending videos' names are lost)") from e
-        if not isinstance(ids, list) or len(ids) != self.store_meta.n_videos:
-            raise StoreError(f"{path}: expected a list of {self.store_meta.n_videos} video ids; delete it or re-extract")
-        return ids
-
-    def _index(self) -> None:
-        self._row_of: dict[str, int] = {}
-        self._failed: dict[str, tuple[int, str]] = {}
-        self.video_ids: list[str] = []
-        for ledger in self.ledgers.values():
-            for v in ledger.videos:
-                if v.video_id in self._row_of or v.video_id in self._failed:
-                    raise StoreError(f"video id {v.video_id!r} appears twice in {self.layout.out} (rows "
-                                     f"{self._row_of.get(v.video_id, self._failed.get(v.video_id, (None,))[0])} and {v.row}); "
-                                     f"video ids must be unique in the manifest")
-                if v.status == "ok":
-                    self._row_of[v.video_id] = v.row
-                    self.video_ids.append(v.video_id)
-                else:
-                    self._failed[v.video_id] = (v.row, v.error or "")
 
     # ---- what is in the store
 
@@ -88,50 +59,55 @@ class StoreReader:
         return self.store_meta.backend
 
     @property
+    def video_ids(self) -> Sequence[str]:
+        """Ids of the videos stored ok, in manifest order (a lazy sequence: read shard by shard)."""
+        return self.index.video_ids
+
+    @property
     def status(self) -> StoreStatus:
-        pending = self.store_meta.n_videos - sum(len(lg.videos) for lg in self.ledgers.values())
-        failures = [(v.video_id, v.error or "") for lg in self.ledgers.values() for v in lg.videos if v.status == "failed"]
-        return StoreStatus(ok=len(self.video_ids), failed=len(failures), pending=pending, failures=failures,
-                           shards_committed=len(self.ledgers), shards_total=self.store_meta.n_shards)
+        return self.index.status()
 
     def pending_shards(self) -> list[int]:
-        return [s for s in range(self.store_meta.n_shards) if s not in self.ledgers]
+        return [s for s in range(self.store_meta.n_shards) if s not in self.index.committed]
 
     def __len__(self) -> int:
         return len(self.video_ids)
 
     def __contains__(self, video_id: object) -> bool:
-        return video_id in self._row_of
+        found = self.index.find(video_id) if isinstance(video_id, str) else None
+        return found is not None and found[1] == "ok"
 
     def row_of(self, video_id: str) -> int:
         """Manifest row of an ok video; VideoNotStoredError (a StoreError) for a failed/pending/unknown one."""
-        row = self._row_of.get(video_id)
-        if row is not None:
-            return row
-        if video_id in self._failed:
-            row, error = self._failed[video_id]
+        found = self.index.find(video_id)
+        if found is not None and found[1] == "ok":
+            return found[0]
+        if found is not None and found[1] == "failed":
+            row = found[0]
             raise VideoNotStoredError(video_id, "failed", f"video {video_id!r} (row {row}) failed during extraction: "
-                                      f"{error}; see `vlpcache status {self.layout.out}`, or re-run extract to retry failed videos")
-        if self._pending_ids is not None and video_id in self._pending_ids:
-            row = self._pending_ids.index(video_id)
+                                      f"{self.index.record(row).error}; see `vlpcache status {self.layout.out}`, or re-run "
+                                      f"extract to retry failed videos")
+        if found is not None:
+            row = found[0]
             raise VideoNotStoredError(video_id, "pending", f"video {video_id!r} (row {row}) is pending: shard "
                                       f"{self.store_meta.shard_of(row)} is not committed yet; resume `vlpcache extract` to finish it")
-        pending = self.status.pending
+        pending = self.pending_shards()
         raise VideoNotStoredError(video_id, "unknown" if not pending else "pending",
-                                  f"video {video_id!r} is not in {self.layout.out} (ok: {len(self.video_ids)}, "
-                                  f"pending: {pending} in shards {self.pending_shards()[:10]}); check the id, or resume extract")
+                                  f"video {video_id!r} is not in {self.layout.out} (ok: {len(self)}, pending shards: "
+                                  f"{len(pending)}, e.g. {pending[:10]}); check the id, or resume extract")
 
     def record(self, row: int) -> VideoRecord:
         """The ledger record (video_id, caption, status, error, flags, meta) of any committed row."""
         self._check_row(row)
         shard = self.store_meta.shard_of(row)
-        if shard not in self.ledgers:
+        if shard not in self.index.committed:
             raise VideoNotStoredError(str(row), "pending", f"row {row} is pending: shard {shard} is not committed yet; resume `vlpcache extract`")
-        return self.ledgers[shard].record(row)
+        return self.index.record(int(row))
 
     def meta(self, video_id: str) -> dict[str, str]:
         """Extra manifest columns recorded for a video (ok or failed)."""
-        row = self._failed[video_id][0] if video_id in self._failed else self.row_of(video_id)
+        found = self.index.find(video_id)
+        row = found[0] if found is not None and found[1] == "failed" else self.row_of(video_id)
         return self.record(row).meta
 
     # ---- reads
@@ -187,7 +163,7 @@ class StoreReader:
         if reader is not None:
             self._open.move_to_end(shard)
             return reader
-        reader = self.backend.reader(self.layout, self.store_meta, shard, self.ledgers[shard].files, self.verify_checksums)
+        reader = self.backend.reader(self.layout, self.store_meta, shard, self.index.files(shard), self.verify_checksums)
         self._open[shard] = reader
         if len(self._open) > self.max_open_shards:
             _, oldest = self._open.popitem(last=False)

@@ -9,7 +9,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written; 2: id index, rows parts, small ledgers, row_status
+READ_VERSIONS = (1, 2)  # read; format 1 (one JSON ledger per shard holding every record) stays readable
+
+# Per-row commit state, also stored as the int8 array/dataset `row_status` for foreign readers.
+STATUS_CODES = {"pending": 0, "ok": 1, "failed": 2}
+STATUS_NAMES = {code: name for name, code in STATUS_CODES.items()}
 
 
 @dataclass(frozen=True)
@@ -50,3 +55,5 @@ ARRAYS: dict[str, ArraySpec] = {
         ArraySpec("frame_times", np.dtype("float32"), ("T",), 0),  # [N, T] seconds
     )
 }
+
+ROW_STATUS = ArraySpec("row_status", np.dtype("int8"), (), 0)  # [N]: 0 pending, 1 ok, 2 failed

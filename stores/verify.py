@@ -5,11 +5,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import crc32c
+import h5py
+import numpy as np
 
 from stores.backends import BACKENDS
 from stores.errors import StoreError
+from stores.hdf5_backend import shard_path
 from stores.ledger import Layout, ShardLedger, StoreMeta, committed_shards, load_ledger, load_store_meta
-from stores.schema import ARRAYS
+from stores.legacy import LedgerV1
+from stores.rows import ShardRows
+from stores.schema import ARRAYS, STATUS_CODES
 
 
 
@@ -48,7 +53,7 @@ def verify_store(out: str | Path) -> VerifyReport:
     report = VerifyReport(out=layout.out)
     try:
         meta = load_store_meta(layout)
-        BACKENDS[meta.backend].validate_layout(layout, meta)
+        BACKENDS[meta.backend].validate_layout(layout, meta, deep=True)
     except StoreError as e:
         report.store_error = str(e)
         return report
@@ -75,26 +80,38 @@ def verify_store(out: str | Path) -> VerifyReport:
 
 def _data_files(layout: Layout, meta: StoreMeta, shard: int) -> list[Path]:
     if meta.backend == "hdf5":
-        candidates = [layout.h5_shard(shard)]
+        candidates = [shard_path(layout, meta, shard)]
     else:
         candidates = [layout.zarr_shard(name, shard, 1 + len(spec.axes)) for name, spec in ARRAYS.items()]
+        candidates += BACKENDS[meta.backend].status_files(layout, meta, shard)
     return [p for p in candidates if p.exists()]
 
 
 def _verify_shard(layout: Layout, meta: StoreMeta, shard: int) -> list[str]:
     try:
-        ledger = load_ledger(layout, meta, shard)
+        if meta.format_version >= 2:
+            ledger = load_ledger(layout, meta, shard)
+        else:
+            ledger = load_ledger(layout, meta, shard, LedgerV1)
     except StoreError as e:
         return [str(e)]
     problems = _check_files(layout, ledger)
     if problems:
         return problems
     try:
+        if meta.format_version >= 2:
+            part = ShardRows(layout.out / ledger.files["rows"].path, ledger.row_start, ledger.row_stop - ledger.row_start)
+            status = part.status  # [rows] int8
+            if part.counts != ledger.counts or part.failures() != list(ledger.failures):
+                return [f"shard {shard}: the rows part's statuses or failures disagree with the ledger ({ledger.counts})"]
+            problems += _check_row_status(layout, meta, ledger, status)
+        else:
+            status = np.array([STATUS_CODES[v.status] for v in ledger.videos], dtype=np.int8)
         reader = BACKENDS[meta.backend].reader(layout, meta, shard, ledger.files, True)
     except StoreError as e:
-        return [str(e)]
+        return [*problems, str(e)]
     try:
-        ok_rows = {v.row - ledger.row_start for v in ledger.videos if v.status == "ok"}
+        ok_rows = {int(i) for i in np.flatnonzero(status == 1)}
         for name in ARRAYS:
             stored = reader.stored_rows(name)
             if stored != ok_rows:
@@ -110,7 +127,20 @@ def _verify_shard(layout: Layout, meta: StoreMeta, shard: int) -> list[str]:
     return problems
 
 
-def _check_files(layout: Layout, ledger: ShardLedger) -> list[str]:
+def _check_row_status(layout: Layout, meta: StoreMeta, ledger: ShardLedger, status: np.ndarray) -> list[str]:
+    """The row statuses foreign readers see must be the committed ones."""
+    if meta.backend == "zarr":
+        data = (layout.out / ledger.files["row_status"].path).read_bytes()  # size and crc checked by _check_files
+        got = np.frombuffer(data[: len(status)], dtype=np.int8)
+    else:
+        with h5py.File(layout.out / ledger.files["shard"].path, "r") as f:
+            got = f["row_status"][:] if "row_status" in f else None
+    if got is None or not np.array_equal(got, status):
+        return [f"shard {ledger.shard}: row_status does not match the committed statuses; re-extract the shard"]
+    return []
+
+
+def _check_files(layout: Layout, ledger: ShardLedger | LedgerV1) -> list[str]:
     problems = []
     for key, rec in ledger.files.items():
         path = layout.out / rec.path

@@ -7,18 +7,22 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import crc32c
 import numpy as np
 
 from stores.backends import BACKENDS
 from stores.errors import StoreError
-from stores.io import atomic_write_json, durable_replace, fsync_path
-from stores.ledger import (COMPRESSIONS, Layout, ShardLedger, StoreMeta, VideoRecord, canonical_json, committed_shards,
+from stores.idindex import write_id_index
+from stores.io import atomic_write_json, durable_replace, fsync_path, makedirs_durable
+from stores.ledger import (COMPRESSIONS, FileRecord, Layout, ShardLedger, StoreMeta, VideoRecord, canonical_json, committed_shards,
                            load_ledger, load_store_meta, provenance_hash)
-from stores.schema import ARRAYS, Dims
+from stores.rows import ShardRows, write_rows
+from stores.schema import ARRAYS, FORMAT_VERSION, STATUS_CODES, Dims
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +35,14 @@ def create_store(
     shard_size: int,
     provenance: dict[str, Any],
     compression: str | None = None,
-    video_ids: Sequence[str] | None = None,
+    video_ids: Iterable[str] | None = None,
 ) -> StoreWriter:
     """Create OUT or re-open it for writing more shards.
 
     Re-opening with other dims / backend / shard size / compression / provenance hash raises StoreError.
-    `video_ids` (optional, manifest order) lets readers name pending videos, not only count them.
+    `video_ids` (optional, manifest order; any iterable, e.g. a generator streamed from the manifest) lets
+    readers name pending videos, not only count them. Shard tasks should get `writer.handle(shard)`, not
+    these arguments: a handle is O(1) whatever the corpus size.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
@@ -52,28 +58,42 @@ def create_store(
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not isinstance(provenance, dict):
         raise ValueError(f"provenance must be a dict, got {type(provenance).__name__}")
-    if video_ids is not None:
-        video_ids = [str(v) for v in video_ids]
-        if len(video_ids) != n_videos:
-            raise ValueError(f"video_ids has {len(video_ids)} entries but n_videos={n_videos}")
     provenance = json.loads(canonical_json(provenance))  # plain JSON, as it will be read back
     layout = Layout(out)
     meta = StoreMeta(backend=backend, dims=dims, n_videos=n_videos, shard_size=shard_size, compression=compression,
                      provenance=provenance, provenance_hash=provenance_hash(provenance))
     if layout.store_json.exists():
         existing = load_store_meta(layout)
+        _check_writable(existing, layout)
         _check_same(existing, meta, layout)
         BACKENDS[backend].validate_layout(layout, existing)
         return StoreWriter(layout, existing)
-    layout.out.mkdir(parents=True, exist_ok=True)
-    layout.ledgers.mkdir(exist_ok=True)
-    BACKENDS[backend].init_layout(layout, meta)
+    makedirs_durable(layout.ledgers)
     if video_ids is not None:
-        atomic_write_json(layout.video_ids_json, video_ids)
+        _write_id_index(layout, video_ids, n_videos)
+    BACKENDS[backend].init_layout(layout, meta)
     # store.json last: its presence says the store's metadata is complete.
     atomic_write_json(layout.store_json, meta.to_json())
     log.info("created %s store %s: %d videos in %d shards of %d", backend, layout.out, n_videos, meta.n_shards, shard_size)
     return StoreWriter(layout, meta)
+
+
+def _write_id_index(layout: Layout, video_ids: Iterable[str], n_videos: int) -> None:
+    """Stream the ids into a temporary folder, then rename it to OUT/index (a crash leaves no half index)."""
+    tmp = layout.out / f".index.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
+    try:
+        write_id_index(tmp, video_ids, n_videos)
+        shutil.rmtree(layout.index, ignore_errors=True)  # left by a creation killed before store.json
+        os.rename(tmp, layout.index)
+        fsync_path(layout.out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_writable(meta: StoreMeta, layout: Layout) -> None:
+    if meta.format_version != FORMAT_VERSION:
+        raise StoreError(f"{layout.out} is a format-{meta.format_version} store; this vlpcache reads it but writes only "
+                         f"format {FORMAT_VERSION}: finish it with the vlpcache version that started it, or extract into a new --out")
 
 
 def _check_same(existing: StoreMeta, new: StoreMeta, layout: Layout) -> None:
@@ -102,6 +122,37 @@ class StoreWriter:
     def shard_writer(self, shard: int) -> ShardWriter:
         return ShardWriter(self, shard)
 
+    def handle(self, shard: int) -> ShardHandle:
+        """A small picklable handle from which a shard task opens this shard's writer."""
+        self.meta.shard_rows(shard)  # range check
+        return ShardHandle(str(self.layout.out), shard, self.meta.provenance_hash)
+
+
+def open_writer(out: str | Path, provenance_hash: str | None = None) -> StoreWriter:
+    """Re-open an existing store for writing shards (no create arguments needed); with provenance_hash,
+    refuse a store made by another extraction."""
+    layout = Layout(out)
+    meta = load_store_meta(layout)
+    _check_writable(meta, layout)
+    if provenance_hash is not None and meta.provenance_hash != provenance_hash:
+        raise StoreError(f"{layout.out} holds a store with provenance hash {meta.provenance_hash[:12]}, but this task "
+                         f"belongs to an extraction with hash {provenance_hash[:12]}; was --out reused by another job?")
+    BACKENDS[meta.backend].validate_layout(layout, meta)
+    return StoreWriter(layout, meta)
+
+
+@dataclass(frozen=True)
+class ShardHandle:
+    """What a shard task needs to write its shard: OUT, the shard index and the store's provenance hash
+    (checked on open). Picklable, and nothing in it grows with the corpus."""
+
+    out: str
+    shard: int
+    provenance_hash: str
+
+    def open(self) -> ShardWriter:
+        return open_writer(self.out, self.provenance_hash).shard_writer(self.shard)
+
 
 class ShardWriter:
     """Collects every row of one shard (put / fail / keep), then commit() makes it visible at once."""
@@ -112,17 +163,22 @@ class ShardWriter:
         self.store, self.shard, self.meta, self.layout = store, shard, store.meta, store.layout
         self.rows = self.meta.shard_rows(shard)
         committed = self.layout.ledger(shard).exists()
-        self.previous: ShardLedger | None = load_ledger(self.layout, self.meta, shard) if committed else None
+        self._prev_ledger: ShardLedger | None = load_ledger(self.layout, self.meta, shard) if committed else None
+        # The committed records (ok / failed per row) of this shard, for --retry-failed; None when pending.
+        self.previous: ShardRows | None = None
+        if self._prev_ledger is not None:
+            self.previous = ShardRows(self.layout.out / self._prev_ledger.files["rows"].path, self.rows.start, len(self.rows))
         self._prev_reader = None
+        self._specs = [(name, spec, spec.shape(self.meta.dims), spec.dtype.newbyteorder("<")) for name, spec in ARRAYS.items()]
         self._records: dict[int, VideoRecord] = {}
         self._done = False
-        prefix = f"shard-{shard:06d}-"
-        self.layout.partial.mkdir(parents=True, exist_ok=True)
+        prefix = f"shard-{shard:06d}"
+        makedirs_durable(self.layout.partial)
         # One writer owns a shard, so leftovers with this shard's prefix are from a killed attempt.
-        for stale in self.layout.partial.glob(prefix + "*"):
-            log.info("removing stale partial shard %s", stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        self.partial_dir = self.layout.partial / f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        for stale in (*self.layout.partial.glob(prefix + "-*"), *self.layout.ledgers.glob(prefix + ".json.*.partial")):
+            log.info("removing stale partial file %s", stale)
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        self.partial_dir = self.layout.partial / f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.partial_dir.mkdir()
         try:
             self._sink = store.backend.sink(self.layout, self.meta, shard, self.partial_dir)
@@ -169,11 +225,11 @@ class ShardWriter:
             raise StoreError(f"keep({row}): shard {self.shard} has no committed ledger to keep rows from; extract the row instead")
         if row not in self.rows:
             raise ValueError(f"row {row!r} is not in shard {self.shard} (rows {self.rows.start}..{self.rows.stop - 1})")
-        record = self.previous.record(int(row))
+        record = self.previous.record(int(row) - self.rows.start)
         local = self._local(row, record.video_id)
         if record.status == "ok":
             if self._prev_reader is None:
-                self._prev_reader = self.store.backend.reader(self.layout, self.meta, self.shard, self.previous.files, True)
+                self._prev_reader = self.store.backend.reader(self.layout, self.meta, self.shard, self._prev_ledger.files, True)
             self._sink.keep(local, self._prev_reader)
         self._records[int(row)] = record
 
@@ -182,11 +238,16 @@ class ShardWriter:
             raise ValueError(f"video {video_id!r}: arrays must have exactly the keys {sorted(ARRAYS)}; "
                              f"missing {sorted(set(ARRAYS) - set(arrays))}, unknown {sorted(set(arrays) - set(ARRAYS))}")
         out = {}
-        for name, spec in ARRAYS.items():
+        for name, spec, want, dtype in self._specs:
             a = np.asarray(arrays[name])
-            want = spec.shape(self.meta.dims)
             if a.shape != want:
                 raise ValueError(f"video {video_id!r}: {name} has shape {a.shape}, expected {want} for dims {self.meta.dims}")
+            if a.dtype == dtype:  # already the stored type: nothing to cast, only finiteness to check
+                cast = np.ascontiguousarray(a)
+                if dtype.kind == "f" and not np.isfinite(cast).all():
+                    raise ValueError(f"video {video_id!r}: {name} has non-finite values; fix the extractor")
+                out[name] = cast
+                continue
             if not np.can_cast(a.dtype, spec.dtype, casting="same_kind"):
                 raise ValueError(f"video {video_id!r}: {name} has dtype {a.dtype}, which does not cast to {spec.dtype}")
             with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below, by name
@@ -200,33 +261,45 @@ class ShardWriter:
         return out
 
     def commit(self) -> ShardLedger:
-        """Every row put/failed/kept -> fsync + rename the data files, then write the ledger (the commit)."""
+        """Every row put/failed/kept -> mark the shard pending, rename the fsynced data files into place,
+        then its row statuses and rows part, then write the ledger (the commit)."""
         missing = [r for r in self.rows if r not in self._records]
         if missing:
             raise StoreError(f"shard {self.shard}: rows {_short(missing)} were neither put, failed nor kept; "
                              f"every row of rows {self.rows.start}..{self.rows.stop - 1} needs one")
+        records = [self._records[r] for r in self.rows]
+        status = np.array([STATUS_CODES[r.status] for r in records], dtype=np.int8)  # [rows]
         try:
-            files = self._sink.finish()
-            ledger_path = self.layout.ledger(self.shard)
-            if ledger_path.exists():
-                # Retry of a committed shard: make it pending before replacing its files, so a crash
-                # in between leaves a shard that is redone, never a ledger over mixed files.
-                ledger_path.unlink()
-                fsync_path(ledger_path.parent)
+            files = self._sink.finish(status)
+            rows_partial, rows_final = self.partial_dir / "rows.arrow", self.layout.rows_part(self.shard)
+            write_rows(rows_partial, self.shard, records)
+            files.append((rows_partial, rows_final, "rows", _file_record(rows_partial, rows_final, self.layout)))
+            self._mark_pending()
             for partial, final, _, _ in files:
                 durable_replace(partial, final)
             ledger = ShardLedger(
                 shard=self.shard, row_start=self.rows.start, row_stop=self.rows.stop,
-                videos=tuple(self._records[r] for r in self.rows), files={key: rec for _, _, key, rec in files},
-                provenance_hash=self.meta.provenance_hash, provenance=self.meta.provenance, backend=self.meta.backend,
+                counts={"ok": int((status == 1).sum()), "failed": int((status == 2).sum())},
+                files={key: rec for _, _, key, rec in files}, provenance_hash=self.meta.provenance_hash,
+                backend=self.meta.backend, failures=tuple((r.video_id, r.error or "") for r in records if r.status == "failed"),
             )
-            atomic_write_json(ledger_path, ledger.to_json())
+            atomic_write_json(self.layout.ledger(self.shard), ledger.to_json())
         except BaseException:
             self.abort()
             raise
         self._close()
         log.info("committed shard %d: %s", self.shard, ledger.counts)
         return ledger
+
+    def _mark_pending(self) -> None:
+        """Before any committed file of this shard is replaced, make every reader see the shard pending:
+        remove the ledger (vlpcache readers), then the row statuses (foreign readers; zarr keeps them in
+        their own file, HDF5 inside the shard file, which is replaced whole by one rename). A crash from
+        here on leaves a shard that is redone, never a ledger or status over mixed-attempt files."""
+        for path in (self.layout.ledger(self.shard), *self.store.backend.status_files(self.layout, self.meta, self.shard)):
+            if path.exists():
+                path.unlink()
+                fsync_path(path.parent)
 
     def abort(self) -> None:
         """Drop the partial shard. Before commit() the committed state (if any) is untouched; after a failure
@@ -242,6 +315,11 @@ class ShardWriter:
                 self._prev_reader = None
         finally:
             shutil.rmtree(self.partial_dir, ignore_errors=True)
+
+
+def _file_record(partial: Path, final: Path, layout: Layout) -> FileRecord:
+    data = partial.read_bytes()
+    return FileRecord(str(final.relative_to(layout.out)), len(data), crc32c.crc32c(data))
 
 
 def _str_dict(d: dict[str, str] | None, video_id: str) -> dict[str, str]:

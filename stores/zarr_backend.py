@@ -20,9 +20,9 @@ import numpy as np
 from numcodecs import Zstd
 
 from stores.errors import StoreError
-from stores.io import fsync_path
+from stores.io import fsync_path, fsync_tree
 from stores.ledger import FileRecord, Layout, StoreMeta
-from stores.schema import ARRAYS
+from stores.schema import ARRAYS, ROW_STATUS
 
 ZSTD_LEVEL = 3
 EMPTY = np.uint64(2**64 - 1)  # sharding spec: offset and nbytes of a chunk that is not stored
@@ -61,6 +61,11 @@ def init_layout(layout: Layout, meta: StoreMeta) -> None:
                 dtype=spec.dtype, fill_value=spec.fill, serializer=BytesCodec(endian="little"),
                 compressors=compressors, dimension_names=("video", *(DIMENSION_NAMES[a] for a in spec.axes)),
             )
+        # Per-row commit state for foreign readers: one plain chunk (not sharded) per pipeline shard.
+        group.create_array(ROW_STATUS.name, shape=(meta.n_videos,), chunks=(meta.shard_size,), dtype=ROW_STATUS.dtype,
+                           fill_value=ROW_STATUS.fill, serializer=BytesCodec(endian="little"),
+                           compressors=[Crc32cCodec()], dimension_names=("video",))
+        fsync_tree(tmp)  # every zarr.json durable before the rename publishes them
         try:
             os.rename(tmp, layout.zarr)
         except OSError:
@@ -72,8 +77,9 @@ def init_layout(layout: Layout, meta: StoreMeta) -> None:
     validate_layout(layout, meta)
 
 
-def validate_layout(layout: Layout, meta: StoreMeta) -> None:
-    """Check every array's zarr.json against the schema: dtype, shape, chunk/shard shape, codecs."""
+def validate_layout(layout: Layout, meta: StoreMeta, deep: bool = False) -> None:
+    """Check every array's zarr.json against the schema: dtype, shape, chunk/shard shape, codecs (a few
+    small files: done as deeply on every open)."""
     for spec in ARRAYS.values():
         path = layout.zarr / spec.name / "zarr.json"
         try:
@@ -82,23 +88,42 @@ def validate_layout(layout: Layout, meta: StoreMeta) -> None:
             raise StoreError(f"{path} is missing: {layout.zarr} is not a complete vlpcache Zarr store; re-extract") from e
         except (OSError, ValueError) as e:
             raise StoreError(f"{path} is unreadable ({e}); re-extract or restore the file") from e
-        shape = spec.shape(meta.dims)
-        expect = {
-            "data_type": spec.dtype.name,
-            "shape": [meta.n_videos, *shape],
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [meta.shard_size, *shape]}},
+        _check_metadata(path, md, _expected_metadata(spec, meta), meta)
+    if meta.format_version >= 2:
+        path = layout.zarr / ROW_STATUS.name / "zarr.json"
+        try:
+            md = json.loads(path.read_bytes())
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{path} is missing or unreadable ({e}); {layout.zarr} is not a complete vlpcache Zarr store; re-extract") from e
+        _check_metadata(path, md, {
+            "data_type": "int8", "shape": [meta.n_videos],
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [meta.shard_size]}},
             "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-            "codecs": [{"name": "sharding_indexed", "configuration": {
-                "chunk_shape": [1, *shape], "codecs": _chunk_codecs(meta.compression),
-                "index_codecs": _INDEX_CODECS, "index_location": "end"}}],
-        }
-        for key, want in expect.items():
-            got = md.get(key)
-            if got != want:
-                raise StoreError(
-                    f"{path}: {key} is {json.dumps(got)}, but the schema (format v{meta.format_version}) needs "
-                    f"{json.dumps(want)}; this array was not written by vlpcache or was modified: re-extract"
-                )
+            "codecs": [{"name": "bytes"}, {"name": "crc32c"}],  # int8: no endianness
+        }, meta)
+
+
+def _expected_metadata(spec, meta: StoreMeta) -> dict:
+    shape = spec.shape(meta.dims)
+    return {
+        "data_type": spec.dtype.name,
+        "shape": [meta.n_videos, *shape],
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [meta.shard_size, *shape]}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "codecs": [{"name": "sharding_indexed", "configuration": {
+            "chunk_shape": [1, *shape], "codecs": _chunk_codecs(meta.compression),
+            "index_codecs": _INDEX_CODECS, "index_location": "end"}}],
+    }
+
+
+def _check_metadata(path: Path, md: dict, expect: dict, meta: StoreMeta) -> None:
+    for key, want in expect.items():
+        got = md.get(key)
+        if got != want:
+            raise StoreError(
+                f"{path}: {key} is {json.dumps(got)}, but the schema (format v{meta.format_version}) needs "
+                f"{json.dumps(want)}; this array was not written by vlpcache or was modified: re-extract"
+            )
 
 
 def _encode(a: np.ndarray, compression: str | None) -> bytes:
@@ -139,8 +164,9 @@ class ZarrShardSink:
         self.pos[name] += len(chunk)
         self.crc[name] = crc32c.crc32c(chunk, self.crc[name])
 
-    def finish(self) -> list[tuple[Path, Path, str, FileRecord]]:
-        """Write each index, fsync, close. Returns (partial, final, key, record) for the caller to rename."""
+    def finish(self, status: np.ndarray) -> list[tuple[Path, Path, str, FileRecord]]:
+        """Write each index, fsync, close; then the shard's row_status chunk (status: [rows] int8).
+        Returns (partial, final, key, record) for the caller to rename in this order (row_status last)."""
         out = []
         for name, (path, f) in self.files.items():
             index = self.index[name].tobytes()
@@ -155,11 +181,32 @@ class ZarrShardSink:
                 crc32c=crc32c.crc32c(tail, self.crc[name]),
             )
             out.append((path, final, name, record))
+        out.append(self._row_status(status))
         return out
+
+    def _row_status(self, status: np.ndarray) -> tuple[Path, Path, str, FileRecord]:
+        chunk = np.zeros(self.meta.shard_size, dtype=ROW_STATUS.dtype)  # edge chunks are stored whole
+        chunk[: len(status)] = status
+        data = chunk.tobytes() + crc32c.crc32c(chunk.tobytes()).to_bytes(CRC_BYTES, "little")
+        path = self.files[next(iter(ARRAYS))][0].parent / ROW_STATUS.name
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        final = row_status_path(self.layout, self.shard)
+        return path, final, ROW_STATUS.name, FileRecord(str(final.relative_to(self.layout.out)), len(data), crc32c.crc32c(data))
 
     def close(self) -> None:
         for _, f in self.files.values():
             f.close()
+
+
+def row_status_path(layout: Layout, shard: int) -> Path:
+    return layout.zarr / ROW_STATUS.name / "c" / str(shard)
+
+
+def status_files(layout: Layout, meta: StoreMeta, shard: int) -> list[Path]:
+    return [row_status_path(layout, shard)]
 
 
 def read_index(buf: mmap.mmap | bytes, shard_size: int, path: Path) -> np.ndarray:

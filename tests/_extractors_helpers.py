@@ -25,10 +25,19 @@ def full_decode(path: Path) -> list[np.ndarray]:
 
 @functools.lru_cache(maxsize=64)
 def full_decode_digests(path: Path, rotation_k: int = 0) -> tuple[str, ...]:
-    """sha1 of each frame of a full decode (turned by rotation_k quarter turns), cached per file."""
+    """sha1 of each frame of a full decode as shown (turned by rotation_k quarter turns), cached per file."""
     with av.open(str(path)) as container:
-        frames = container.decode(container.streams.best("video"))
-        return tuple(digest(np.rot90(f.to_ndarray(format="rgb24"), rotation_k)) for f in frames)
+        stream = container.streams.best("video")
+        sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio or 1
+        return tuple(digest(np.rot90(shown(f, sar), rotation_k)) for f in container.decode(stream))
+
+
+def shown(frame: av.VideoFrame, sar) -> np.ndarray:
+    """The frame as RGB with its pixels stretched by the sample aspect ratio (FFmpeg's scale=iw*sar:ih)."""
+    width = round(frame.width * sar)
+    if width == frame.width:
+        return frame.to_ndarray(format="rgb24")
+    return frame.reformat(width=width, height=frame.height, format="rgb24", interpolation="AREA").to_ndarray()
 
 
 def digest(frame: np.ndarray) -> str:
@@ -88,3 +97,10 @@ def overreport_avi(src: Path, dst: Path, frames: int) -> Path:
     data[strh + 40 : strh + 44] = struct.pack("<I", frames)  # AVIStreamHeader.dwLength
     dst.write_bytes(bytes(data))
     return dst
+
+
+def ffmpeg(out: Path, *args: str, seconds: float = 2.0, size: str = "160x96", rate: int = 25) -> Path:
+    """Make `out` with the apt ffmpeg CLI from its moving test pattern; args are output options."""
+    source = f"testsrc2=size={size}:rate={rate}:duration={seconds}"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", source, *args, str(out)], check=True)
+    return out

@@ -45,22 +45,22 @@ class _Faulty:
         return self.inner(frames, given_boxes)
 
 
-def _built_in(cfg, device):
+def _built_in(cfg, device, **options):
     from extractors.regions import build_region_source
 
-    return build_region_source(dataclasses.replace(cfg, plugin=""), device)
+    return build_region_source(dataclasses.replace(cfg, plugin=""), device, **options)
 
 
-def segfault(cfg, device):
-    return _Faulty(_built_in(cfg, device), lambda: os.kill(os.getpid(), signal.SIGSEGV))
+def segfault(cfg, device, **options):
+    return _Faulty(_built_in(cfg, device, **options), lambda: os.kill(os.getpid(), signal.SIGSEGV))
 
 
-def hang(cfg, device):
-    return _Faulty(_built_in(cfg, device), lambda: time.sleep(10**6))
+def hang(cfg, device, **options):
+    return _Faulty(_built_in(cfg, device, **options), lambda: time.sleep(10**6))
 
 
-def bug(cfg, device):
+def bug(cfg, device, **options):
     def fault():
         raise TypeError("unsupported operand (injected bug)")
 
-    return _Faulty(_built_in(cfg, device), fault)
+    return _Faulty(_built_in(cfg, device, **options), fault)

@@ -53,7 +53,9 @@ def _arrays(objs, rng, dims: Dims, basis):
 
 def make_synthetic_store(out: Path, n_train: int = 48, n_test: int = 8, seed: int = 0,
                          dims: Dims = Dims(T=4, K=3, Df=16, Dr=24), backend: str = "zarr",
-                         empty_splits: tuple[str, ...] = ()) -> Path:
+                         empty_splits: tuple[str, ...] = (), longer_odd_test: bool = False) -> Path:
+    """longer_odd_test: odd test captions get 5 more words (ranks of a 2-process evaluation then hold
+    captions of different lengths)."""
     rng = np.random.default_rng(seed)
     basis = {"color": rng.standard_normal((4, dims.Dr)), "shape": rng.standard_normal((4, dims.Dr)),
              "frame_color": rng.standard_normal((4, dims.Df)), "frame_shape": rng.standard_normal((4, dims.Df))}
@@ -73,6 +75,7 @@ def make_synthetic_store(out: Path, n_train: int = 48, n_test: int = 8, seed: in
         sw = w.shard_writer(shard)
         for row in range(shard * 16, min(len(rows), shard * 16 + 16)):
             vid, objs, split, twin = rows[row]
-            sw.put(row, vid, _caption(objs), _arrays(objs, rng, dims, basis), meta={"split": split, "twin": twin})
+            caption = _caption(objs) + (" near the edge of frame" if longer_odd_test and split == "test" and row % 2 else "")
+            sw.put(row, vid, caption, _arrays(objs, rng, dims, basis), meta={"split": split, "twin": twin})
         sw.commit()
     return Path(out)

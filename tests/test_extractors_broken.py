@@ -8,7 +8,7 @@ import time
 import av
 import numpy as np
 import pytest
-from _extractors_helpers import made_videos  # noqa: F401 (fixture)
+from _extractors_helpers import ffmpeg, made_videos  # noqa: F401 (fixture)
 
 from extractors.api import DecodeError
 from extractors.config import SamplingConfig
@@ -57,7 +57,7 @@ REASONS = {
     "random_bytes": "Invalid data",
     "empty": "Invalid data|empty",
     "text_renamed": "Invalid data",
-    "audio_only": "no video stream",
+    "audio_only": "not a video: no video stream; found audio \\(aac",
     "missing": "No such file",
 }
 
@@ -103,3 +103,51 @@ def test_hanging_decode_is_killed(tmp_path, made_videos):
 def test_bad_window_is_a_decode_error(made_videos):
     with pytest.raises(DecodeError, match="window"):
         decode_clip(str(made_videos["bheavy"]), SamplingConfig(), window=(3.0, 1.0))
+
+
+@pytest.fixture(scope="module")
+def not_videos(tmp_path_factory, made_videos):
+    """Inputs FFmpeg opens that are not videos, made with the apt ffmpeg where it takes a tool."""
+    root = tmp_path_factory.mktemp("not_videos")
+    text = root / "captions.txt"  # FFmpeg's tty demuxer renders .txt files as "ansi" video
+    text.write_text("".join(f"line {i}: a caption, not a video\n" for i in range(200)))
+    srt = root / "subs.srt"
+    srt.write_text("1\n00:00:00,000 --> 00:00:01,000\nHello\n\n2\n00:00:01,000 --> 00:00:02,000\nWorld\n")
+    mp3 = root / "song.mp3"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "sine=duration=1", str(mp3)], check=True)
+    png = ffmpeg(root / "still.png", "-frames:v", "1")
+    jpg = ffmpeg(root / "still.jpg", "-frames:v", "1")
+    cover = root / "cover.mp3"  # audio whose only video stream is its cover picture
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(mp3), "-i", str(png), "-map", "0", "-map", "1", "-c", "copy",
+                    "-disposition:v", "attached_pic", str(cover)], check=True)
+    return {"text": text, "srt": srt, "mp3": mp3, "png": png, "jpg": jpg, "cover": cover}
+
+
+NOT_VIDEO = {
+    "text": "not a video: text rendered by FFmpeg's tty demuxer",
+    "srt": "not a video: no video stream; found subtitle \\(srt",
+    "mp3": "not a video: no video stream; found audio \\(mp3",
+    "cover": "not a video: no video stream; found audio \\(mp3.*video \\(png, cover image",
+    "png": "not a video: a still image \\(png.*sampling.allow_still_images",
+    "jpg": "not a video: a still image \\(mjpeg.*sampling.allow_still_images",
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_VIDEO))
+def test_inputs_that_are_not_videos_name_what_was_found(not_videos, name):
+    path = not_videos[name]
+    with av.open(str(path)):
+        pass  # FFmpeg opens every one of them
+    with pytest.raises(DecodeError, match=NOT_VIDEO[name]) as info:
+        decode_clip(str(path), SamplingConfig())
+    assert str(path) in str(info.value)
+
+
+def test_still_images_when_allowed(not_videos):
+    cfg = SamplingConfig(num_frames=4, allow_still_images=True)
+    for name in ("png", "jpg"):
+        clip = decode_clip(str(not_videos[name]), cfg)
+        assert clip.indices.tolist() == [0, 0, 0, 0] and clip.valid.tolist() == [True, False, False, False]
+        assert "still" in clip.flags and clip.frames[0].shape == (96, 160, 3)
+    with pytest.raises(DecodeError, match="tty"):  # allowing stills does not let text in
+        decode_clip(str(not_videos["text"]), cfg)

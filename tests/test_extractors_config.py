@@ -10,7 +10,7 @@ from extractors.sampling import plan_frames, snap_to_keyframes
 
 def test_from_dict_nested_and_defaults():
     cfg = ExtractorConfig.from_dict({"sampling": {"plan": "clips", "num_clips": 3, "frames_per_clip": 2, "fps": 2},
-                                     "regions": {"kind": "grid", "grid_size": 2}})
+                                     "regions": {"kind": "grid", "grid_size": 2}, "allow_random_weights": True})
     assert cfg.num_frames == 6 and cfg.sampling.fps == 2.0 and isinstance(cfg.sampling.fps, float)
     assert cfg.regions.grid_size == 2 and cfg.frame_encoder.model == "efficientnet_lite0"
     assert ExtractorConfig.from_dict(cfg.to_dict()) == cfg
@@ -93,3 +93,27 @@ def test_keyframe_snap_picks_nearest_keyframe():
     assert snapped.indices.tolist() == [0, 30, 60, 90] and snapped.valid.all()
     dup = snap_to_keyframes(plan, times, np.array([0, 50]))
     assert dup.indices.tolist() == [0, 50, 50, 50] and dup.valid.tolist() == [True, True, False, False]
+
+
+def test_one_strict_loader_for_extractors_pipeline_and_train():
+    """extractors/, pipeline/ and train/ share vlpconfig's loader: same errors, same strictness."""
+    import vlpconfig
+    from pipeline.config import ConfigError as PipelineConfigError
+    from pipeline.config import job_config_from_dict
+    from train.config import ConfigError as TrainConfigError
+    from train.config import TrainConfig
+
+    assert PipelineConfigError is TrainConfigError is vlpconfig.ConfigError
+    cases = [
+        (lambda: job_config_from_dict({"run": {"shard_size": True}}), r"run.shard_size must be int, got bool"),
+        (lambda: job_config_from_dict({"run": {"compression": 3}}), r"run.compression must be str or null, got int"),
+        (lambda: TrainConfig.from_dict({"optim": {"lr": "fast"}}), r"optim.lr must be float, got str"),
+        (lambda: TrainConfig.from_dict({"optim": {"lrr": 1}}), r"unknown key\(s\) \['optim.lrr'\]"),
+        (lambda: ExtractorConfig.from_dict({"regions": {"fixed_k": 1}}), r"regions.fixed_k must be bool, got int"),
+        (lambda: ExtractorConfig.from_dict({"regions": []}), r"regions must be a mapping"),
+    ]
+    for build, message in cases:
+        with pytest.raises(vlpconfig.ConfigError, match=message):
+            build()
+    assert job_config_from_dict({"run": {"compression": None, "actor_gpus": 1}}).run.actor_gpus == 1.0
+    assert TrainConfig.from_dict({"optim": {"lr": 1}}).optim.lr == 1.0

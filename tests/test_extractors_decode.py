@@ -1,10 +1,12 @@
 """Sparse decoding returns exactly the planned frames: every plan and mode against a full PyAV decode."""
 from __future__ import annotations
 
+import subprocess
+
 import av
 import numpy as np
 import pytest
-from _extractors_helpers import digest, full_decode, full_decode_digests, made_videos, real_videos  # noqa: F401 (fixtures)
+from _extractors_helpers import digest, ffmpeg, full_decode, full_decode_digests, made_videos, real_videos  # noqa: F401 (fixtures)
 
 from extractors.config import SamplingConfig
 from extractors.decode import decode_clip, video_info
@@ -184,3 +186,70 @@ def test_cover_image_stream_is_not_the_video(made_videos):
         assert c.streams.video[0].codec_context.name == "mjpeg", "the test file must list the cover first"
     clip = decode_clip(str(made_videos["cover_first"]), SamplingConfig(num_frames=4))
     assert video_info(str(made_videos["cover_first"]))["frames"] == 120 and clip.indices.tolist() == [15, 45, 75, 105]
+
+
+def test_window_with_only_a_start_runs_to_the_end(made_videos):
+    path = made_videos["bheavy"]  # 120 frames, 4 s
+    for end in (float("inf"), None):
+        clip = assert_exact(path, SamplingConfig(num_frames=6), window=(1.0, end))
+        # six segments of [1, 4): the middles are 1.25, 1.75, ... 3.75 s
+        assert clip.indices.tolist() == [int(30 * (1.0 + (i + 0.5) * 0.5)) for i in range(6)]
+    with pytest.raises(Exception, match="window"):
+        decode_clip(str(path), SamplingConfig(), window=(5.0, None))
+    # as the pipeline reads it from a manifest row with `start` and an empty `end`
+    from pipeline.manifest import ManifestRow
+
+    window = ManifestRow("v", str(path), "", meta={"start": "1.0", "end": ""}).window
+    assert decode_clip(str(path), SamplingConfig(num_frames=6), window).indices.tolist() == clip.indices.tolist()
+
+
+def test_keyframe_mode_stays_inside_the_window(made_videos):
+    path = made_videos["pheavy"]  # keyint=50 at 30 fps: keyframes 0, 50, 100 of 120
+    key = SamplingConfig(num_frames=4, mode="keyframe")
+    clip = assert_exact(path, key, window=(1.5, None))  # frames 45..119: keyframes 50 and 100
+    assert set(clip.indices.tolist()) == {50, 100} and "keyframe" in clip.flags
+    # frames 15..44 hold no keyframe: the planned frames themselves, decoded from keyframe 0, flagged
+    clip = assert_exact(path, key, window=(0.5, 1.5))
+    assert clip.indices.tolist() == [18, 26, 33, 41] and "no_keyframe_in_window" in clip.flags
+    assert "keyframe" not in clip.flags
+
+
+@pytest.fixture(scope="module")
+def foreign(tmp_path_factory):
+    """Codecs and containers made with the apt ffmpeg: Theora/Ogg, FLV1 in SWF (no keyframe flags) and FLV."""
+    root = tmp_path_factory.mktemp("foreign")
+    return {
+        "theora": ffmpeg(root / "theora.ogv", "-c:v", "libtheora", "-g", "12", seconds=3),
+        "theora_audio": ffmpeg(root / "theora.ogg", "-f", "lavfi", "-i", "sine=duration=2", "-c:v", "libtheora",
+                               "-c:a", "libvorbis", "-shortest"),
+        "swf": ffmpeg(root / "flv1.swf", "-c:v", "flv1", "-g", "12", seconds=3),
+        "flv": ffmpeg(root / "flv1.flv", "-c:v", "flv1", "-g", "12"),
+    }
+
+
+@pytest.mark.parametrize("name", ["theora", "theora_audio", "swf", "flv"])
+def test_other_codecs_and_containers_decode_exactly(foreign, name):
+    for cfg in PLANS.values():
+        for buffer_mb in (256, 0):
+            clip = assert_exact(foreign[name], SamplingConfig(**{**cfg.__dict__, "buffer_mb": buffer_mb}))
+            if name == "swf":  # the SWF demuxer flags no keyframe: decoded from the first packet
+                assert "sequential" in clip.flags and "keyframe" not in clip.flags
+    assert video_info(str(foreign["swf"]))["keyframes"] == 0
+
+
+def test_anamorphic_video_is_shown_stretched(tmp_path, made_videos):
+    """SAR 2:1 (set in the H.264 headers, same coded pictures): each coded pixel is twice as wide as high,
+    so frames come out as shown, 320x96 from 160x96, not squashed."""
+    square = made_videos["pheavy"]  # 160x96, smooth pattern
+    path = tmp_path / "sar2.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(square), "-c", "copy", "-bsf:v",
+                    "h264_metadata=sample_aspect_ratio=2/1", str(path)], check=True)
+    assert video_info(str(path))["sar"] == "2" and video_info(str(square))["sar"] == "1"
+    clip = assert_exact(path, SamplingConfig(num_frames=4))
+    assert "anamorphic" in clip.flags and (clip.width, clip.height) == (320, 96)
+    assert clip.frames[0].shape == (96, 320, 3)
+    coded = full_decode(square)[clip.indices[0]]  # [96, 160, 3], the same coded picture
+    pairs = clip.frames[0].reshape(96, 160, 2, 3).mean(axis=2)  # back to coded width: each pair of columns
+    assert np.abs(pairs - coded).mean() < 2
+    small = decode_clip(str(path), SamplingConfig(num_frames=4, short_side=48))
+    assert small.frames[0].shape == (48, 160, 3)

@@ -9,8 +9,9 @@ from _extractors_helpers import made_videos, real_videos  # noqa: F401 (fixtures
 from extractors import build_extraction_stage, build_frame_encoder, build_region_source, extractor_provenance
 from extractors.config import ExtractorConfig, FrameEncoderConfig, RegionConfig, SamplingConfig
 from extractors.decode import decode_clip
-from extractors.encoders import PKG_EFFICIENTNET_LITE0, load_state_dict, map_by_order, resolve_weights, to_batch
+from extractors.encoders import map_by_order, to_batch
 from extractors.regions import DetectorRoIFeatures, given_boxes_for_clip
+from extractors.weights import PKG_EFFICIENTNET_LITE0, read_weights, resolve_weights
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +28,11 @@ def frames(real_videos):
 def test_seeded_encoders_are_bitwise_deterministic(frames, model):
     cfg = FrameEncoderConfig(model=model, input_size=64, seed=7, batch_size=3)
     before = torch.get_rng_state()
-    encoder = build_frame_encoder(cfg)
+    encoder = build_frame_encoder(cfg, allow_random=True)
     one = encoder(frames)
     assert torch.equal(before, torch.get_rng_state()), "building a model must not disturb the global RNG"
-    two = build_frame_encoder(cfg)(frames)
-    other = build_frame_encoder(FrameEncoderConfig(model=model, input_size=64, seed=8))(frames)
+    two = build_frame_encoder(cfg, allow_random=True)(frames)
+    other = build_frame_encoder(FrameEncoderConfig(model=model, input_size=64, seed=8), allow_random=True)(frames)
     assert one.shape == (4, {"efficientnet_lite0": 1280, "resnet50": 2048, "vit_b_16": 768}[model])
     assert one.dtype == np.float32 and np.isfinite(one).all()
     assert np.array_equal(one, two) and not np.allclose(one, other)
@@ -46,10 +47,10 @@ def test_efficientnet_lite0_loads_the_shipped_imagenet_file(frames):
     enc = build_frame_encoder(cfg)
     assert np.array_equal(enc(frames), build_frame_encoder(cfg)(frames))
     loaded = {k: v for k, v in enc.net.state_dict().items()}
-    source = load_state_dict(path)
+    source = read_weights(path)
     assert torch.equal(loaded["conv_stem.weight"], source["_conv_stem.weight"])
     assert torch.equal(loaded["conv_head.weight"], source["_conv_head.weight"])
-    seeded = build_frame_encoder(FrameEncoderConfig(input_size=96))
+    seeded = build_frame_encoder(FrameEncoderConfig(input_size=96), allow_random=True)
     assert not torch.equal(seeded.net.state_dict()["conv_stem.weight"], source["_conv_stem.weight"])
 
 
@@ -57,7 +58,7 @@ def test_weight_mapping_checks_every_pair():
     import timm
 
     path = resolve_weights(PKG_EFFICIENTNET_LITE0)
-    source = load_state_dict(path)
+    source = read_weights(path)
     target = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
     keys = list(source)
     swapped = dict(source)
@@ -85,7 +86,7 @@ def check_regions(regions, n_frames, k, dim):
 
 def test_detector_boxes_counts_padding_and_final_box_features(frames):
     cfg = RegionConfig(max_boxes=12, min_boxes=5, batch_size=3)
-    source = build_region_source(cfg)
+    source = build_region_source(cfg, allow_random=True)
     regions = source(frames)
     check_regions(regions, len(frames), 12, 1024)
     assert (regions.counts >= 5).all()
@@ -98,7 +99,7 @@ def test_detector_boxes_counts_padding_and_final_box_features(frames):
         again = roi(frames, pixel)
     for i, c in enumerate(regions.counts):
         assert np.allclose(again[i], regions.features[i, :c], atol=1e-3, rtol=1e-3)
-    fixed = build_region_source(RegionConfig(max_boxes=7, min_boxes=0, fixed_k=True))(frames[:1])
+    fixed = build_region_source(RegionConfig(max_boxes=7, min_boxes=0, fixed_k=True), allow_random=True)(frames[:1])
     assert fixed.counts.tolist() == [7]
 
 
@@ -124,7 +125,8 @@ def test_detector_selection_is_bottom_up_style():
 
 @pytest.mark.parametrize("backbone, dim", [("detector", 1024), ("frame_encoder", 1432)])
 def test_grid_regions(frames, backbone, dim):
-    regions = build_region_source(RegionConfig(kind="grid", grid_size=2, max_boxes=6, backbone=backbone))(frames)
+    regions = build_region_source(RegionConfig(kind="grid", grid_size=2, max_boxes=6, backbone=backbone),
+                                  allow_random=True)(frames)
     check_regions(regions, len(frames), 6, dim)
     assert regions.counts.tolist() == [4] * len(frames)
     assert np.allclose(regions.boxes[0, :4], [[0, 0, .5, .5], [.5, 0, 1, .5], [0, .5, .5, 1], [.5, .5, 1, 1]])
@@ -157,7 +159,9 @@ def test_shared_trunk_stage_matches_separate_stages(frames):
     prov = extractor_provenance(ExtractorConfig.from_dict(raw))
     assert prov["shared_trunk"] and len(prov["weights_sha256"]["frame_encoder"]) == 64
     assert prov == extractor_provenance(ExtractorConfig.from_dict(raw))
-    assert extractor_provenance(ExtractorConfig())["weights_sha256"]["frame_encoder"] == "seeded:0"
+    random = extractor_provenance(ExtractorConfig(allow_random_weights=True))
+    assert random["weights_sha256"] == {"frame_encoder": "random:seed=0", "regions": "random:seed=0"}
+    assert random["random_weights"] == ["frame_encoder.weights", "regions.weights"]
 
 
 def test_given_on_demo_corpus_separates_objects(demo_corpus):

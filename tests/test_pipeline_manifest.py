@@ -150,7 +150,7 @@ def test_config_is_strict():
     assert cfg.run.batch_videos == 4 and cfg.run.timeout_s == 5.0 and cfg.extractor == {"sampling": {"num_frames": 4}}
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['run.batch_size'\]"):
         job_config_from_dict({"run": {"batch_size": 4}})
-    with pytest.raises(ConfigError, match="run.shard_size must be of type int"):
+    with pytest.raises(ConfigError, match="run.shard_size must be int, got str"):
         job_config_from_dict({"run": {"shard_size": "big"}})
     with pytest.raises(ConfigError, match="section.key=value"):
         apply_override({}, "batch_videos")

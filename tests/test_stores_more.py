@@ -165,6 +165,6 @@ def test_vlpcache_status_and_verify_commands(tmp_path):
     assert json.loads(status.stdout)["failures"] == [{"video_id": video_id(2), "error": "DecodeError: bad video 2"}]
     verify = run("verify", str(tmp_path), "--json")
     assert verify.returncode == 2 and json.loads(verify.stdout)["pending_shards"] == [2]
-    (tmp_path / "shards" / "shard-000001.h5").write_bytes(b"not hdf5")
+    (tmp_path / "shards" / "shard-1.h5").write_bytes(b"not hdf5")
     verify = run("verify", str(tmp_path))
     assert verify.returncode == 1 and "BAD shard 1" in verify.stdout

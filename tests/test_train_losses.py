@@ -38,9 +38,10 @@ def test_global_mocked_gather_equals_one_process():
         loss = GlobalContrastiveLoss(rank, 2, gather)(v_local, t_local, scale)
         assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
         loss.backward()
-        # gradients reach the local rows only, and equal the one-process gradient of those rows
-        assert torch.allclose(v_local.grad, v_full.grad.chunk(2)[rank], atol=1e-6)
-        assert torch.allclose(t_local.grad, t_full.grad.chunk(2)[rank], atol=1e-6)
+        # gradients reach the local rows only: W x the one-process gradient of those rows, so that DDP's
+        # mean over the W ranks gives every parameter its one-process gradient
+        assert torch.allclose(v_local.grad, 2 * v_full.grad.chunk(2)[rank], atol=1e-6)
+        assert torch.allclose(t_local.grad, 2 * t_full.grad.chunk(2)[rank], atol=1e-6)
 
 
 def _matched_units(B=6, P=3, E=16):

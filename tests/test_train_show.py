@@ -27,7 +27,7 @@ def demo_features(demo_corpus, tmp_path_factory) -> Path:
 def test_train_and_show_attention(demo_features, demo_corpus, tmp_path):
     run = tmp_path / "run"
     assert train_main(["--features", str(demo_features), "--out", str(run), "--steps", "3", "--batch-size", "4",
-                       "--eval-split", "test", "--align-weight", "1", "--text-cache", str(tmp_path / "tc")]) == 0
+                       "--eval-split", "test", "--align-weight", "1"]) == 0
     video_id = demo_corpus["rows"][0]["video_id"]
     png = tmp_path / "show.png"
     assert show_main([str(demo_features), video_id, "--png", str(png), "--checkpoint", str(run)]) == 0

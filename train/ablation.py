@@ -92,10 +92,17 @@ def prepare_features(args: argparse.Namespace) -> Path:
     return features
 
 
+def _count_split(features: Path, split: str) -> int:
+    from stores import open_store
+
+    reader = open_store(features)
+    return sum(reader.meta(v).get("split", "") == split for v in reader.video_ids)
+
+
 def run_one(args: argparse.Namespace, features: Path, row: str, seed: int) -> dict:
     out = Path(args.out) / f"{row}_seed{seed}"
     cfg = load_config(args.config, ROWS[row][1] + list(args.set) +
-                      [f"run.seed={seed}", f"text.cache_dir={Path(args.data) / 'text_cache'}"]).validate()
+                      [f"run.seed={seed}"]).validate()
     result_path = out / "result.json"
     if result_path.is_file() and not args.fresh:
         cached = json.loads(result_path.read_text())
@@ -108,9 +115,9 @@ def run_one(args: argparse.Namespace, features: Path, row: str, seed: int) -> di
     from train.data import load_split
 
     test, _ = load_split(str(features), "test", cfg.model.units, cfg.model.max_units, expected=trainer.signature)
-    metrics = evaluate(trainer.model, cfg, test, text_batch(cfg, test.captions, Path(cfg.text.cache_dir)),
+    metrics = evaluate(trainer.model, cfg, test, text_batch(cfg, test.captions, trainer.text_features),
                        trainer.dist.device)
-    result = {"row": row, "seed": seed, "metrics": metrics, "train_videos": len(trainer.train_split),
+    result = {"row": row, "seed": seed, "metrics": metrics, "train_videos": _count_split(features, cfg.data.split),
               "steps": cfg.optim.steps, "batch_size": cfg.optim.batch_size, "wall_s": time.time() - start,
               "config": cfg.to_dict(), "features": str(features)}
     result_path.write_text(json.dumps(result, indent=2))

@@ -11,7 +11,7 @@ from train.config import TrainConfig
 from train.data import track_tokens, video_batch
 from train.losses import alignment_similarity, unit_region_attention
 from train.objectives import TextBatch, text_units, word_mask
-from train.text import CaptionTokenizer, clause_spans, frozen_token_features, resolve_model_dir
+from train.text import CaptionTokenizer, FrozenTextFeatures, clause_spans, resolve_model_dir
 
 
 @dataclass
@@ -47,7 +47,7 @@ def caption_attention(checkpoint: str, arrays: dict, caption: str) -> Attention:
     model.load_state_dict(ckpt["model"])
     model_dir = resolve_model_dir(cfg.text.model_dir)
     tokens = CaptionTokenizer(model_dir, cfg.text.max_tokens, "truncate")([caption])
-    inputs = frozen_token_features(model_dir, tokens, None) if cfg.text.frozen else tokens.ids
+    inputs = FrozenTextFeatures(model_dir)(tokens.ids, tokens.mask) if cfg.text.frozen else tokens.ids
     text = TextBatch(inputs, tokens.mask, tokens.phrase)
     video = video_batch({k: v[None] for k, v in arrays.items() if k != "caption"}, cfg.model.units, cfg.model.max_units)
     vo = model.encode_video(video.float())

@@ -13,12 +13,11 @@ log = logging.getLogger(__name__)
 
 # command-line switch -> config key (each objective is switched on by a weight > 0)
 SHORTCUTS = {
-    "split": "data.split", "eval_split": "data.eval_split", "max_videos": "data.max_videos",
+    "split": "data.split", "eval_split": "data.eval_split", "workers": "data.workers",
     "steps": "optim.steps", "batch_size": "optim.batch_size", "lr": "optim.lr", "accum_steps": "optim.accum_steps",
     "seed": "run.seed", "device": "run.device", "ckpt_every": "run.ckpt_every", "eval_every": "run.eval_every",
     "global_weight": "loss.global_weight", "align_weight": "loss.align_weight", "align_unit": "loss.align_unit",
     "clip_word_weight": "loss.clip_word_weight", "loc_weight": "loss.loc_weight", "units": "model.units",
-    "text_cache": "text.cache_dir",
 }
 
 
@@ -34,7 +33,7 @@ def train_parser() -> argparse.ArgumentParser:
                    help="strict override, e.g. --set model.dim=64 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--text-frozen", dest="text_frozen", action="store_true", default=None,
-                   help="freeze MiniLM and cache its token features (default)")
+                   help="freeze MiniLM (its features are computed per batch without gradients; default)")
     p.add_argument("--text-trainable", dest="text_frozen", action="store_false", help="fine-tune MiniLM")
     for name, key in SHORTCUTS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=f"sets {key}")
@@ -112,9 +111,8 @@ def evaluate_checkpoint(checkpoint: str, features: str, split: str, score: str |
     dist = setup_distributed(cfg.run.device)
     model = build_model(cfg, ckpt["store"]).to(dist.device)
     model.load_state_dict(ckpt["model"])
-    cache = Path(cfg.text.cache_dir) if cfg.text.cache_dir else run / "text_cache"
     with torch.no_grad():
-        metrics = evaluate(model, cfg, data, text_batch(cfg, data.captions, cache), dist.device,
+        metrics = evaluate(model, cfg, data, text_batch(cfg, data.captions), dist.device,
                            dist.rank, dist.world_size)
     metrics["checkpoint_step"] = float(ckpt["step"])
     log.info("evaluated %s on split %r of %s", checkpoint, split, features)

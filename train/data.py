@@ -1,5 +1,6 @@
-"""Features of one split, read from a store into memory, turned into video tokens; the epoch sampler
-with an exact resume position; the evaluation sharding that never drops an item."""
+"""Video tokens built per batch (vectorised), the check that features are finite, an evaluation split
+read into memory, and the evaluation sharding that never drops an item. Training streams its videos
+(train/stream.py)."""
 from __future__ import annotations
 
 import logging
@@ -39,10 +40,10 @@ def geom_dim(units: str, T: int) -> int:
     return TRACK_GEOM * T if units == "track" else REGION_GEOM
 
 
-def store_signature(reader) -> dict:
-    """What a checkpoint must agree with to read a store."""
-    d = reader.dims
-    return {"format_version": reader.store_meta.format_version, "T": d.T, "K": d.K, "Df": d.Df, "Dr": d.Dr}
+def store_signature(meta) -> dict:
+    """What a checkpoint must agree with to read a store (meta: the store's StoreMeta)."""
+    d = meta.dims
+    return {"format_version": meta.format_version, "T": d.T, "K": d.K, "Df": d.Df, "Dr": d.Dr}
 
 
 def check_signature(got: dict, expected: dict, what: str) -> None:
@@ -60,38 +61,61 @@ def _centre_size(boxes: np.ndarray) -> np.ndarray:
 
 
 def track_tokens(a: dict[str, np.ndarray], max_units: int) -> tuple[np.ndarray, ...]:
-    """One token per region class per video (with "given" boxes, class = object index = one object).
-    Where a class has several boxes in a frame, the best-scoring one is its box there.
+    """One token per region class per video (with "given" boxes, class = object index = one object),
+    built for the whole batch at once. A video keeps its max_units classes of highest total score (ties:
+    lower class), ordered by first appearance; where a class has several boxes in a frame, the
+    best-scoring one is its box there.
     -> features [N, R, Dr], geometry [N, R, 7T], frame index [N, R] (= T), mask [N, R], class [N, R]."""
-    feats, boxes, classes, scores = (a["region_features"], a["region_boxes"], a["region_classes"],
+    feats, boxes, classes, scores = (a["region_features"], a["region_boxes"], a["region_classes"].astype(np.int64),
                                      a["region_scores"].astype(np.float32))
     N, T, K, Dr = feats.shape
-    out_f = np.zeros((N, max_units, Dr), np.float16)  # [N, R, Dr]
-    out_g = np.zeros((N, max_units, T, TRACK_GEOM), np.float32)  # [N, R, T, 7]
-    out_m = np.zeros((N, max_units), bool)  # [N, R]
-    out_c = np.full((N, max_units), -1, np.int64)  # [N, R] region class of each track
-    for n in range(N):
-        cls = classes[n]  # [T, K]
-        present = sorted(set(cls[cls >= 0].tolist()))
-        total = {c: float(scores[n][cls == c].sum()) for c in present}
-        keep = sorted(present, key=lambda c: (-total[c], c))[:max_units]
-        keep.sort(key=lambda c: (int(np.argmax((cls == c).any(1))), c))  # order of first appearance
-        for j, c in enumerate(keep):
-            slot_scores = np.where(cls == c, scores[n] + 1.0, 0.0)  # [T, K]; +1 so a zero score still wins
-            best = slot_scores.argmax(1)  # [T]
-            here = slot_scores.max(1) > 0  # [T]
-            f = feats[n, np.arange(T), best].astype(np.float32)  # [T, Dr]
-            out_f[n, j] = (f[here].mean(0)).astype(np.float16)
-            cs = _centre_size(boxes[n, np.arange(T), best]) * here[:, None]  # [T, 4]
-            step = np.zeros((T, 2), np.float32)
-            both = here[1:] & here[:-1]
-            step[:-1] = (cs[1:, :2] - cs[:-1, :2]) * both[:, None] * 10.0  # displacement to the next frame
-            out_g[n, j] = np.concatenate([cs, here[:, None], step], axis=1)
-            out_m[n, j] = True
-            out_c[n, j] = c
-    R = max(1, int(out_m.sum(1).max()))  # drop slots no video uses
+    real = classes >= 0  # [N, T, K]
+    n_of, t_of, _ = np.nonzero(real)
+    C = int(classes.max()) + 1 if real.any() else 1
+    key, inv = np.unique(n_of * C + classes[real], return_inverse=True)  # one entry per (video, class)
+    total = np.bincount(inv, weights=scores[real], minlength=len(key))
+    first = np.full(len(key), T)
+    np.minimum.at(first, inv, t_of)
+    vid, cls = key // C, key % C
+    by_score = np.lexsort((cls, -total, vid))  # per video: highest total first
+    keep = by_score[_rank_in_group(vid[by_score]) < max_units]
+    keep = keep[np.lexsort((cls[keep], first[keep], vid[keep]))]  # per video: order of first appearance
+    slot = _rank_in_group(vid[keep])
+    R = max(1, int(slot.max()) + 1 if len(keep) else 1)
+    out_c = np.full((N, R), -1, np.int64)  # [N, R] region class of each track
+    out_c[vid[keep], slot] = cls[keep]
+    out_m = out_c >= 0  # [N, R]
+    match = (classes[:, None] == out_c[:, :, None, None]) & out_m[:, :, None, None]  # [N, R, T, K]
+    slot_scores = np.where(match, scores[:, None] + 1.0, 0.0)  # +1 so a zero score still wins
+    best = slot_scores.argmax(-1)  # [N, R, T]
+    here = slot_scores.max(-1) > 0  # [N, R, T]
+    n_ix, t_ix = np.arange(N)[:, None, None], np.arange(T)[None, None, :]
+    f = feats[n_ix, t_ix, best].astype(np.float32)  # [N, R, T, Dr]
+    out_f = ((f * here[..., None]).sum(2) / np.maximum(here.sum(2), 1)[..., None]).astype(np.float16)
+    cs = _centre_size(boxes[n_ix, t_ix, best]) * here[..., None]  # [N, R, T, 4]
+    step = np.zeros((N, R, T, 2), np.float32)
+    both = here[..., 1:] & here[..., :-1]
+    step[:, :, :-1] = (cs[:, :, 1:, :2] - cs[:, :, :-1, :2]) * both[..., None] * 10.0  # displacement to the next frame
+    geom = np.concatenate([cs, here[..., None], step], axis=-1).astype(np.float32)  # [N, R, T, 7]
     unit_frame = np.full((N, R), T, np.int64)
-    return out_f[:, :R], out_g[:, :R].reshape(N, R, T * TRACK_GEOM), unit_frame, out_m[:, :R], out_c[:, :R]
+    return out_f, geom.reshape(N, R, T * TRACK_GEOM), unit_frame, out_m, out_c
+
+
+def _rank_in_group(group: np.ndarray) -> np.ndarray:
+    """For a sorted array of group ids, each element's index within its group."""
+    if len(group) == 0:
+        return np.zeros(0, np.int64)
+    starts = np.r_[0, np.flatnonzero(group[1:] != group[:-1]) + 1]
+    return np.arange(len(group)) - np.repeat(starts, np.diff(np.r_[starts, len(group)]))
+
+
+def check_finite(a: dict[str, np.ndarray]) -> np.ndarray:
+    """[N] True where every float array of the video is finite (NaN/Inf videos must never be trained on)."""
+    ok = np.ones(len(a["frame_features"]), bool)
+    for name in ("frame_features", "region_features", "region_boxes", "region_scores", "frame_times"):
+        x = a[name]
+        ok &= np.isfinite(x.reshape(len(x), -1)).all(1)
+    return ok
 
 
 def region_tokens(a: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
@@ -123,58 +147,28 @@ def video_batch(a: dict[str, np.ndarray], units: str, max_units: int) -> VideoBa
                       unit_t, unit_m)
 
 
-def load_split(features: str, split: str, units: str, max_units: int, max_videos: int = 0,
-               expected: dict | None = None) -> tuple[SplitData, dict]:
+def load_split(features: str, split: str, units: str, max_units: int, expected: dict | None = None) -> tuple[SplitData, dict]:
     """Read the videos of `split` ("" = all stored videos) into memory as video tokens."""
     reader = open_store(features)
     if expected is not None:
-        check_signature(store_signature(reader), expected, repr(features))
+        check_signature(store_signature(reader.store_meta), expected, repr(features))
     ids = [v for v in reader.video_ids if not split or reader.meta(v).get("split", "") == split]
-    if max_videos:
-        ids = ids[:max_videos]
     if not ids:
         splits = sorted({reader.meta(v).get("split", "") for v in reader.video_ids})
         raise DataError(f"split {split!r} of store {features!r} has no stored videos (splits present: {splits}, "
                         f"{len(reader.video_ids)} videos stored ok); pick another split or check `vlpcache status`")
     a = reader.read_many(ids)
+    finite = check_finite(a)
+    if not finite.all():
+        log.warning("split %r of %s: skipping %d video(s) whose features contain NaN or Inf: %s", split, features,
+                    int((~finite).sum()), [v for v, f in zip(ids, finite) if not f][:10])
+        ids = [v for v, f in zip(ids, finite) if f]
+        a = {k: ([c for c, f in zip(v, finite) if f] if k == "caption" else v[finite]) for k, v in a.items()}
     video = video_batch(a, units, max_units)
     twins = [reader.meta(v).get("twin", "") for v in ids]
     log.info("split %r of %s: %d videos, T=%d, %d %s tokens per video", split, features, len(ids),
              reader.dims.T, video.units.shape[1], units)
-    return SplitData(ids, list(a["caption"]), twins, np.asarray(a["frame_times"]), video), store_signature(reader)
-
-
-class EpochSampler:
-    """Global batches from a seeded permutation per epoch; this rank takes its slice of each.
-    The state (epoch, next batch) is saved in checkpoints so a resumed run sees the same batches."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        if batch_size % world_size:
-            raise DataError(f"optim.batch_size={batch_size} must be divisible by the world size {world_size}")
-        self.n, self.seed, self.rank, self.world = n, seed, rank, world_size
-        self.batch_size = min(batch_size, n - n % world_size)
-        if self.batch_size < 2:
-            raise DataError(f"{n} training videos cannot make a contrastive batch over {world_size} rank(s)")
-        self.epoch, self.position = 0, 0
-
-    def _perm(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.n, generator=g)
-
-    def next(self) -> torch.Tensor:
-        """This rank's indices of the next global batch (incomplete last batches are skipped)."""
-        if (self.position + 1) * self.batch_size > self.n:
-            self.epoch, self.position = self.epoch + 1, 0
-        batch = self._perm()[self.position * self.batch_size:(self.position + 1) * self.batch_size]
-        self.position += 1
-        local = self.batch_size // self.world
-        return batch[self.rank * local:(self.rank + 1) * local]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+    return SplitData(ids, list(a["caption"]), twins, np.asarray(a["frame_times"]), video), store_signature(reader.store_meta)
 
 
 def eval_shard(n: int, rank: int, world_size: int) -> torch.Tensor:

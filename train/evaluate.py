@@ -29,6 +29,8 @@ class Embeddings:
 
 
 def _gather_rows(local: dict[str, torch.Tensor], idx: torch.Tensor, n: int, world_size: int) -> dict:
+    """Every rank's rows in item order. Axis 1 (word units) is zero-padded to the longest over ranks:
+    each rank pads only to its own longest caption."""
     if world_size == 1:
         return local
     import torch.distributed as dist
@@ -37,10 +39,19 @@ def _gather_rows(local: dict[str, torch.Tensor], idx: torch.Tensor, n: int, worl
     dist.all_gather_object(parts, (idx, local))
     out = {}
     for key in local:
-        full = torch.empty((n, *local[key].shape[1:]), dtype=local[key].dtype)
-        for part_idx, part in parts:
-            full[part_idx] = part[key]
+        pieces = [part[key] for _, part in parts]
+        if pieces[0].ndim >= 2:
+            pieces = [_pad_axis1(p, max(q.shape[1] for q in pieces)) for p in pieces]
+        full = torch.empty((n, *pieces[0].shape[1:]), dtype=pieces[0].dtype)
+        for (part_idx, _), piece in zip(parts, pieces):
+            full[part_idx] = piece
         out[key] = full
+    return out
+
+
+def _pad_axis1(x: torch.Tensor, width: int) -> torch.Tensor:
+    out = x.new_zeros((x.shape[0], width, *x.shape[2:]))
+    out[:, :x.shape[1]] = x
     return out
 
 

@@ -26,8 +26,27 @@ def symmetric_infonce(logits: torch.Tensor, labels: torch.Tensor | None = None) 
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient is multiplied by `factor` on the way back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
 class GlobalContrastiveLoss(nn.Module):
-    """(1) Symmetric InfoNCE on normalised [CLS] embeddings, negatives from every rank."""
+    """(1) Symmetric InfoNCE on normalised [CLS] embeddings, negatives from every rank.
+
+    Under W ranks every rank computes the same loss over the gathered [B, B] logits, with gradients
+    through its own rows only (open_clip's scheme). DDP then averages parameter gradients over ranks,
+    which would leave the feature path with 1/W of the one-process gradient over the union batch; the
+    local rows' gradients are therefore multiplied by W. The temperature's gradient is already whole on
+    every rank, so it is not scaled. Net effect: every parameter gets its one-process gradient."""
 
     def __init__(self, rank: int = 0, world_size: int = 1, gather: Gather | None = None):
         super().__init__()
@@ -38,8 +57,10 @@ class GlobalContrastiveLoss(nn.Module):
         """video, text [b, E] (this rank's rows, row i of one matches row i of the other) -> scalar."""
         if self.world_size > 1:
             videos, texts = self.gather(video.detach()), self.gather(text.detach())
-            # Put the local tensors back in: gradients flow through this rank's part only (as open_clip).
-            videos[self.rank], texts[self.rank] = video, text
+            # Put the local tensors back in (gradients flow through this rank's part only), scaled by W
+            # so DDP's mean over ranks restores the whole gradient.
+            videos[self.rank] = _ScaleGrad.apply(video, float(self.world_size))
+            texts[self.rank] = _ScaleGrad.apply(text, float(self.world_size))
             video, text = torch.cat(videos), torch.cat(texts)  # [B, E], B = b * world_size
         return symmetric_infonce(scale * text @ video.t())  # [B_text, B_video]
 

@@ -1,15 +1,17 @@
 """Text side: MiniLM-L6 (local files only), caption tokenization with phrase spans, a cache of frozen
 token features, and the small trainable text head.
 
+Frozen MiniLM features are computed per batch (`FrozenTextFeatures`, a bounded cache in memory).
 Captions longer than `text.max_tokens` are truncated at the right (the count is logged) or, with
 `text.long_captions=error`, rejected with the offending caption. MiniLM itself accepts at most 512 tokens.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +74,10 @@ class CaptionTokenizer:
         self.tokenizer.no_truncation()
         self.max_tokens, self.long_captions, self.max_phrases = max_tokens, long_captions, max_phrases
 
+    def word_counts(self, captions: list[str]) -> list[int]:
+        """Tokens per caption besides [CLS]/[SEP] (0 = empty after tokenisation)."""
+        return [max(0, len(enc.ids) - 2) for enc in self.tokenizer.encode_batch(captions)]
+
     def __call__(self, captions: list[str]) -> TokenBatch:
         n, L = len(captions), self.max_tokens
         ids = np.zeros((n, L), np.int64)
@@ -79,8 +85,8 @@ class CaptionTokenizer:
         lengths = np.zeros(n, np.int64)
         truncated = 0
         for i, (text, enc) in enumerate(zip(captions, self.tokenizer.encode_batch(captions))):
-            if not text.strip():
-                raise CaptionError(f"caption {i} is empty; every stored video needs a caption")
+            if len(enc.ids) <= 2:
+                raise CaptionError(f"caption {i} ({text!r}) is empty after tokenisation; every video needs a caption")
             if len(enc.ids) > L:
                 if self.long_captions == "error":
                     raise CaptionError(f"caption {text[:80]!r}... has {len(enc.ids)} tokens, over text.max_tokens={L}; "
@@ -105,14 +111,6 @@ class CaptionTokenizer:
         return TokenBatch(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(phrase), truncated)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_minilm(model_dir: Path) -> nn.Module:
     from transformers import BertModel
     from transformers.utils import logging as hf_logging
@@ -121,30 +119,54 @@ def load_minilm(model_dir: Path) -> nn.Module:
     return BertModel.from_pretrained(str(model_dir), local_files_only=True)
 
 
-@torch.no_grad()
-def frozen_token_features(model_dir: Path, tokens: TokenBatch, cache_dir: Path | None,
-                          batch_size: int = 128) -> torch.Tensor:
-    """[N, L, 384] float16 MiniLM token features, cached on disk by (model files, token ids)."""
-    key = hashlib.sha256()
-    key.update((model_dir / "config.json").read_bytes())
-    for weights in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
-        key.update(_file_sha256(weights).encode())
-    key.update(tokens.ids.numpy().tobytes())
-    path = cache_dir / f"minilm_{key.hexdigest()[:24]}.pt" if cache_dir else None
-    if path is not None and path.is_file():
-        return torch.load(path, weights_only=True)
-    model = load_minilm(model_dir).eval()
-    out = []
-    for s in range(0, len(tokens.ids), batch_size):
-        ids, mask = tokens.ids[s:s + batch_size], tokens.mask[s:s + batch_size]
-        out.append(model(input_ids=ids, attention_mask=mask.long()).last_hidden_state.half())
-    feats = torch.cat(out) if out else torch.zeros(0, tokens.ids.shape[1], MINILM_DIM, dtype=torch.float16)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".partial")
-        torch.save(feats, tmp)
-        tmp.replace(path)  # atomic: a crash never leaves a half-written cache entry
-    return feats
+@lru_cache(maxsize=2)
+def _shared_minilm(model_dir: Path, device: str) -> nn.Module:
+    """One frozen MiniLM per process and device (tests and evaluations build many runs in one process)."""
+    model = load_minilm(model_dir).eval().to(device)
+    model.requires_grad_(False)
+    return model
+
+
+class FrozenTextFeatures:
+    """Frozen MiniLM token features computed per batch, with a bounded in-memory cache keyed by the
+    caption's token ids (never a tensor of every caption). Captions are encoded at their own length, in
+    groups of equal length and a fixed row count (short groups repeat a row), so a caption's features do
+    not depend on the batch it came in: a resumed run, whose cache starts empty, gets the same bits."""
+
+    def __init__(self, model_dir: Path, device: torch.device = torch.device("cpu"), cache_size: int = 16384,
+                 group: int = 8):
+        self.model_dir, self.device, self.cache_size, self.group = model_dir, device, cache_size, group
+        self._cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids, mask [N, L] -> [N, L, 384] float16 (zeros past each caption's length)."""
+        lengths = mask.sum(1).tolist()
+        keys = [ids[i, :n].numpy().tobytes() for i, n in enumerate(lengths)]
+        missing: dict[int, list[int]] = {}  # length -> rows to encode
+        for k, i in dict(zip(keys, range(len(keys)))).items():  # each distinct caption once
+            if k not in self._cache:
+                missing.setdefault(lengths[i], []).append(i)
+        self.misses += sum(len(v) for v in missing.values())
+        self.hits += len(keys) - sum(len(v) for v in missing.values())
+        for n, rows in missing.items():
+            for s in range(0, len(rows), self.group):
+                part = rows[s:s + self.group]
+                g_ids = ids[part + [part[0]] * (self.group - len(part)), :n]  # [group, n]
+                out = self._model()(input_ids=g_ids.to(self.device)).last_hidden_state.half().cpu()
+                for j, i in enumerate(part):
+                    self._cache[keys[i]] = out[j]
+        out = torch.zeros(len(keys), ids.shape[1], MINILM_DIM, dtype=torch.float16)
+        for i, (k, n) in enumerate(zip(keys, lengths)):
+            self._cache.move_to_end(k)
+            out[i, :n] = self._cache[k]
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return out
+
+    def _model(self) -> nn.Module:
+        return _shared_minilm(self.model_dir, str(self.device))
 
 
 class TextEncoder(nn.Module):

@@ -15,13 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from train.config import TrainConfig
-from train.data import EpochSampler, SplitData, geom_dim, load_split
+from train.data import DataError, SplitData, check_signature, geom_dim, load_split, store_signature
 from train.evaluate import evaluate
 from train.model import VideoTextModel
 from train.objectives import Objectives, TextBatch
-from train.text import CaptionTokenizer, frozen_token_features, load_minilm, resolve_model_dir
+from train.stream import FeatureStream, StreamSpec, StreamState, batch_video
+from train.text import CaptionTokenizer, FrozenTextFeatures, load_minilm, resolve_model_dir
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -69,11 +71,14 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
-def text_batch(cfg: TrainConfig, captions: list[str], cache_dir: Path | None) -> TextBatch:
+def text_batch(cfg: TrainConfig, captions: list[str], features: FrozenTextFeatures | None = None) -> TextBatch:
+    """Captions -> model inputs: frozen MiniLM features (computed here) or token ids (live MiniLM)."""
     model_dir = resolve_model_dir(cfg.text.model_dir)
     tokens = CaptionTokenizer(model_dir, cfg.text.max_tokens, cfg.text.long_captions)(captions)
-    inputs = frozen_token_features(model_dir, tokens, cache_dir) if cfg.text.frozen else tokens.ids
-    return TextBatch(inputs, tokens.mask, tokens.phrase)
+    if not cfg.text.frozen:
+        return TextBatch(tokens.ids, tokens.mask, tokens.phrase)
+    features = features or FrozenTextFeatures(model_dir, cache_size=cfg.text.cache_size)
+    return TextBatch(features(tokens.ids, tokens.mask), tokens.mask, tokens.phrase)
 
 
 def build_model(cfg: TrainConfig, signature: dict) -> VideoTextModel:
@@ -195,16 +200,17 @@ class Trainer:
         if self.ckpt is not None and self.ckpt["config"] != cfg.to_dict():
             raise RunError(f"--resume with a config that differs from the run's ({ckpt_path}); "
                            "resume with the same config (it is saved in config.json)")
-        c = cfg.data
-        self.train_split, self.signature = load_split(features, c.split, cfg.model.units, cfg.model.max_units, c.max_videos,
-                                            expected=self.ckpt["store"] if self.ckpt else None)
-        cache = Path(cfg.text.cache_dir) if cfg.text.cache_dir else self.out / "text_cache"
-        self.train_text = text_batch(cfg, self.train_split.captions, cache)
+        self.stream = self._make_stream(cfg, features)
+        self.signature = store_signature(self.stream.meta)
+        if self.ckpt is not None:
+            check_signature(self.signature, self.ckpt["store"], repr(features))
+        model_dir = resolve_model_dir(cfg.text.model_dir)
+        self.text_features = FrozenTextFeatures(model_dir, self.dist.device, cfg.text.cache_size) if cfg.text.frozen else None
         self.eval_split: SplitData | None = None
-        if c.eval_split:
-            self.eval_split, _ = load_split(features, c.eval_split, cfg.model.units, cfg.model.max_units,
+        if cfg.data.eval_split:
+            self.eval_split, _ = load_split(features, cfg.data.eval_split, cfg.model.units, cfg.model.max_units,
                                             expected=self.signature)
-            self.eval_text = text_batch(cfg, self.eval_split.captions, cache)
+            self.eval_text = text_batch(cfg, self.eval_split.captions, self.text_features)
         self.model = build_model(cfg, self.signature).to(self.dist.device)
         self.objectives = Objectives(self.model, cfg, self.dist.rank, self.dist.world_size)
         self.wrapped: nn.Module = self.objectives
@@ -214,59 +220,89 @@ class Trainer:
                 find_unused_parameters=True)
         self.optimizer = _optimizer(self.model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        self.sampler = EpochSampler(len(self.train_split), cfg.optim.batch_size, cfg.run.seed,
-                                    self.dist.rank, self.dist.world_size)
         self.step = 0
+        self._batches = None  # the DataLoader iterator, started at the first step (after a restore)
+        self.skipped: dict[int, dict[str, int]] = {}  # worker -> videos skipped so far (NaN/Inf, empty caption)
         if self.ckpt is not None:
             self._restore(self.ckpt)
         self._mark_resume_point()
 
+    def _make_stream(self, cfg: TrainConfig, features: str) -> FeatureStream:
+        if cfg.optim.batch_size % self.dist.world_size:
+            raise DataError(f"optim.batch_size={cfg.optim.batch_size} must be divisible by the world size "
+                            f"{self.dist.world_size}")
+        shards = tuple(self.ckpt["stream_shards"].tolist()) if self.ckpt is not None else ()
+        spec = StreamSpec(features, cfg.data.split, cfg.optim.batch_size // self.dist.world_size, cfg.run.seed,
+                          self.dist.rank, self.dist.world_size, cfg.data.workers, cfg.data.shuffle_buffer,
+                          cfg.model.units, cfg.model.max_units, cfg.text.model_dir, cfg.text.max_tokens,
+                          cfg.text.long_captions, shards)
+        state = StreamState.from_dict(self.ckpt["stream"][self.dist.rank]) if self.ckpt is not None else None
+        return FeatureStream(spec, state)
+
+    def _next_batch(self) -> dict:
+        if self._batches is None:
+            cuda = self.dist.device.type == "cuda"
+            workers = self.cfg.data.workers
+            # its own generator: starting the loader must not draw from the global RNG (dropout's), or a
+            # resumed run, which starts it at another step, would diverge
+            loader = DataLoader(self.stream, batch_size=None, num_workers=workers, pin_memory=cuda,
+                                prefetch_factor=self.cfg.data.prefetch if workers else None,
+                                generator=torch.Generator().manual_seed(self.cfg.run.seed))
+            self._batches = iter(loader)
+        batch = next(self._batches)
+        self.stream.state.advance(batch["cursor"])
+        self.skipped[batch["worker"]] = batch["skipped"]
+        return batch
+
+    def _text(self, batch: dict) -> TextBatch:
+        tb = TextBatch(batch["ids"], batch["mask"], batch["phrase"])
+        if self.text_features is not None:
+            tb.inputs = self.text_features(batch["ids"], batch["mask"])
+        return tb.rows(torch.arange(len(batch["ids"])))
+
     def _mark_resume_point(self) -> None:
         """What a checkpoint records as "the next step starts here" (taken between steps only, so a
         checkpoint written after an interrupted step replays that step exactly)."""
-        self._resume_point = (self.step, self.sampler.state_dict(), _rng_state())
+        self._resume_point = (self.step, self.stream.state.to_dict(), _rng_state())
 
     def _restore(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.sampler.load_state_dict(ckpt["sampler"])
         _set_rng_state(ckpt["rng"][self.dist.rank])
         self.step = ckpt["step"]
         log.info("resumed %s at step %d", self.out, self.step)
 
     def checkpoint(self) -> None:
-        step, sampler, rng_state = self._resume_point
-        rng = [rng_state]
+        step, stream, rng_state = self._resume_point
+        per_rank = [(stream, rng_state)]
         if self.dist.world_size > 1:
             import torch.distributed as dist
 
-            rng = [None] * self.dist.world_size
-            dist.all_gather_object(rng, rng_state)
+            per_rank = [None] * self.dist.world_size
+            dist.all_gather_object(per_rank, (stream, rng_state))
         if not self.dist.main:
             return
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "sampler": sampler, "rng": rng,
+                 "scheduler": self.scheduler.state_dict(), "stream": [s for s, _ in per_rank],
+                 "stream_shards": torch.tensor(self.stream.shards), "rng": [r for _, r in per_rank],
                  "step": step, "config": self.cfg.to_dict(), "store": self.signature,
                  "world_size": self.dist.world_size}
         save_atomic(state, self.out / CHECKPOINT)
         log.info("checkpoint at step %d -> %s", self.step, self.out / CHECKPOINT)
 
-    def _micro_batches(self, idx: torch.Tensor) -> list[torch.Tensor]:
-        n = self.cfg.optim.accum_steps
-        return [part for part in idx.chunk(n) if len(part)]
-
     def train_step(self) -> dict[str, float]:
         self.wrapped.train()
-        idx = self.sampler.next()
-        parts = self._micro_batches(idx)
+        batch = self._next_batch()
+        video, text = batch_video(batch), self._text(batch)
+        parts = [p for p in torch.arange(len(batch["ids"])).chunk(self.cfg.optim.accum_steps) if len(p)]
         device, use_amp = self.dist.device, self.cfg.optim.amp and self.dist.device.type == "cuda"
         gen = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + self.step * self.dist.world_size + self.dist.rank)
         totals: dict[str, float] = {}
         for i, part in enumerate(parts):
             sync = nullcontext() if i == len(parts) - 1 or self.dist.world_size == 1 else self.wrapped.no_sync()
-            vb = self.train_split.batch(part).to(device)
-            tb = self.train_text.rows(part).to(device)
+            vb = video.index(part).to(device).float()
+            tb = text.rows(part).to(device)
             with sync, torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 terms = self.wrapped(vb, tb, gen)
                 loss = sum(terms.values()) / len(parts)
@@ -281,6 +317,8 @@ class Trainer:
         self.step += 1
         self._mark_resume_point()
         totals["loss"] = sum(v for k, v in totals.items() if k.startswith("loss_"))
+        for kind in ("nonfinite", "empty_caption"):
+            totals[f"skipped_{kind}"] = float(sum(counts[kind] for counts in self.skipped.values()))
         return totals
 
     def run_eval(self) -> dict[str, float]:
@@ -315,6 +353,7 @@ class Trainer:
                             "resume from the last periodic checkpoint", self.dist.world_size)
             else:
                 self.checkpoint()  # on exit, Ctrl-C included: completed steps are never lost
+            self._batches = None  # stops the DataLoader workers
             if metrics and metrics.path.exists():
                 plot_curves(metrics.path, self.out / "curves.png")
         return last_eval

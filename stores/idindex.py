@@ -1,0 +1,144 @@
+"""The store's id index: every manifest video id in row order, and a hash table from id to row.
+
+Both are written once, when the store is created, from an iterable of ids in bounded memory (batches
+of BATCH ids), and read through memory maps: opening costs nothing and a lookup touches a few pages,
+whatever the corpus size.
+
+- `index/video_ids.arrow`: an Arrow IPC file with one utf8 column `video_id`, row i = manifest row i.
+- `index/id_table.npy`: an open-addressing hash table of M = 2^k >= 4/3 N slots, each (hash uint64,
+  row int32; -1 = empty); hash = the first 8 bytes (little-endian uint64) of blake2b(utf-8 id,
+  digest_size=8); an id's probe sequence starts at slot hash & (M - 1) and steps by 1 (wrapping) up to
+  the first empty slot.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from stores.errors import StoreError
+from stores.io import fsync_path
+
+BATCH = 65536
+IDS_FILE = "video_ids.arrow"
+TABLE_FILE = "id_table.npy"
+SLOT = np.dtype([("hash", "<u8"), ("row", "<i4")])
+_SCHEMA = pa.schema([pa.field("video_id", pa.string(), nullable=False)])
+
+
+def id_hash(video_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(video_id.encode(), digest_size=8).digest(), "little")
+
+
+def _hashes(ids: list[str]) -> np.ndarray:  # [B] uint64
+    return np.frombuffer(b"".join(hashlib.blake2b(v.encode(), digest_size=8).digest() for v in ids), dtype="<u8")
+
+
+def table_slots(n: int) -> int:
+    return 1 << max(4, math.ceil(math.log2(max(1, n) * 4 / 3)))
+
+
+def write_id_index(folder: Path, video_ids: Iterable[str], n_videos: int) -> None:
+    """Stream ids into folder/{video_ids.arrow, id_table.npy}; StoreError on a count mismatch or a repeated id."""
+    folder.mkdir(parents=True)
+    table = np.lib.format.open_memmap(folder / TABLE_FILE, mode="w+", dtype=SLOT, shape=(table_slots(n_videos),))
+    table["row"] = -1
+    same_hash: list[tuple[int, int]] = []  # (row, row) pairs with equal hashes: compared as strings below
+    n = 0
+    with pa.OSFile(str(folder / IDS_FILE), "wb") as sink, pa.ipc.new_file(sink, _SCHEMA) as ipc:
+        for batch in _batches(video_ids):
+            if n + len(batch) > n_videos:
+                raise StoreError(f"video_ids has more than n_videos={n_videos} entries; pass one id per manifest row")
+            ipc.write_batch(pa.record_batch([pa.array(batch, pa.string())], schema=_SCHEMA))
+            same_hash += _insert(table, _hashes(batch), np.arange(n, n + len(batch), dtype=np.int32))
+            n += len(batch)
+    if n != n_videos:
+        raise StoreError(f"video_ids has {n} entries but n_videos={n_videos}; pass one id per manifest row")
+    table.flush()
+    del table
+    ids = IdIndex(folder)
+    for a, b in same_hash:
+        if ids.video_id(a) == ids.video_id(b):
+            raise StoreError(f"video id {ids.video_id(a)!r} appears twice in the manifest (rows {min(a, b)} and "
+                             f"{max(a, b)}); video ids must be unique: fix the manifest")
+    ids.close()
+    for name in (IDS_FILE, TABLE_FILE):
+        fsync_path(folder / name)
+    fsync_path(folder)
+
+
+def _batches(video_ids: Iterable[str]) -> Iterator[list[str]]:
+    it = iter(video_ids)
+    while batch := [str(v) for v in islice(it, BATCH)]:
+        yield batch
+
+
+def _insert(table: np.ndarray, hashes: np.ndarray, rows: np.ndarray) -> list[tuple[int, int]]:
+    """Vectorised linear-probing insert of one batch; returns row pairs whose hashes are equal."""
+    mask = np.uint64(len(table) - 1)
+    slot = (hashes & mask).astype(np.int64)
+    todo = np.arange(len(hashes))
+    pairs: list[tuple[int, int]] = []
+    while len(todo):
+        s = slot[todo]
+        held = table["row"][s]
+        free = held < 0
+        clash = ~free & (table["hash"][s] == hashes[todo])
+        pairs += zip(held[clash].tolist(), rows[todo[clash]].tolist())
+        # Among items aiming at the same free slot, the first takes it; the others look at it again
+        # next round (now taken), which also catches equal hashes inside one batch.
+        cand, cand_slot = todo[free], s[free]
+        taken, first = np.unique(cand_slot, return_index=True)
+        table["row"][taken] = rows[cand[first]]
+        table["hash"][taken] = hashes[cand[first]]
+        placed = np.zeros(len(hashes), dtype=bool)
+        placed[cand[first]] = True
+        move = todo[~free]
+        slot[move] = (slot[move] + 1) & int(mask)
+        todo = todo[~placed[todo]]
+    return pairs
+
+
+class IdIndex:
+    """Memory-mapped id -> row lookups and row -> id; opening maps two files and reads nothing."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        try:
+            with pa.memory_map(str(folder / IDS_FILE)) as source:  # buffers keep the mapping, not the fd
+                self._ids = pa.ipc.open_file(source).read_all().column("video_id")
+            self._table = np.load(folder / TABLE_FILE, mmap_mode="r")
+        except (OSError, pa.ArrowInvalid, ValueError, KeyError) as e:
+            raise StoreError(f"{folder}: the store's id index is unreadable ({e}); it is written once, when the "
+                             f"store is created: restore it from a backup, or re-extract into a new --out") from e
+        if self._table.dtype != SLOT or len(self._table) & (len(self._table) - 1):
+            raise StoreError(f"{folder / TABLE_FILE}: not a vlpcache id table (dtype {self._table.dtype}, "
+                             f"{len(self._table)} slots); the index is damaged")
+        self._mask = len(self._table) - 1
+        self._slot_hash, self._slot_row = self._table["hash"], self._table["row"]  # plain strided views
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def video_id(self, row: int) -> str:
+        return self._ids[row].as_py()
+
+    def row(self, video_id: str) -> int | None:
+        h = id_hash(video_id)
+        slot = h & self._mask
+        for _ in range(len(self._table)):
+            row = int(self._slot_row[slot])
+            if row < 0:
+                return None
+            if int(self._slot_hash[slot]) == h and self.video_id(row) == video_id:
+                return row
+            slot = (slot + 1) & self._mask
+        return None
+
+    def close(self) -> None:
+        self._ids = self._table = self._slot_hash = self._slot_row = None

@@ -1,0 +1,21 @@
+"""`make bench-train`'s code on tiny inputs (64^2 frames, a 64-video store): every figure is produced
+and sane; no timing is asserted."""
+import json
+
+import pytest
+
+from benchmarks.bench_train import main
+
+
+@pytest.mark.slow
+def test_bench_train_runs_on_tiny_inputs(tmp_path, capsys):
+    out = tmp_path / "figures.json"
+    assert main(["--quick", "--json", str(out), "--work", str(tmp_path / "work")]) == 0
+    fig = json.loads(out.read_text())
+    for key in ("cache_samples_per_s", "pixel_resnet50_samples_per_s", "pixel_effnet_lite0_samples_per_s",
+                "loader_samples_per_s", "flops_cache", "flops_pixel_resnet50"):
+        assert fig[key] > 0, key
+    assert fig["flops_pixel_resnet50"] > fig["flops_cache"]  # the trunk's forward + backward dominates
+    (row,) = fig["rss"]
+    assert row["videos"] == 64 and row["disk_mb"] > 0 and row["trainer_mb"] > 100 and row["with_workers_mb"] > 0
+    assert "training samples/s" in capsys.readouterr().out

@@ -1,0 +1,151 @@
+"""The cache side of `make bench-train` (benchmarks/bench_train.py runs it beside the pixel baseline):
+synthetic stores through the public writer, training samples/s from a store, loader samples/s against
+a training step's consumption, and the peak RSS of a training run as the store grows.
+
+Imports only stores/ and train/ (the pixel baseline, which needs extractors/, lives in benchmarks/).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from stores import create_store
+from stores.schema import ARRAYS, Dims
+
+WORDS = ("red green blue yellow circle square triangle diamond moves left right up down quickly slowly "
+         "enters leaves while then a the small large").split()
+
+
+def synthetic_store(out: Path, n: int, dims: Dims, shard_size: int = 1000, seed: int = 0) -> Path:
+    """n videos of random features and random captions (split=train), written shard by shard through
+    the public writer (one shard's arrays in memory at a time)."""
+    rng = np.random.default_rng(seed)
+    w = create_store(out, "zarr", dims=dims, n_videos=n, shard_size=shard_size, provenance={"bench": "train"},
+                     video_ids=(f"v{i:08d}" for i in range(n)))
+    T, K = dims.T, dims.K
+    for shard in range((n + shard_size - 1) // shard_size):
+        sw = w.shard_writer(shard)
+        rows = range(shard * shard_size, min(n, (shard + 1) * shard_size))
+        for row in rows:
+            a = {name: np.zeros(spec.shape(dims), spec.dtype) for name, spec in ARRAYS.items()}
+            a["frame_features"][:] = rng.standard_normal((T, dims.Df))
+            a["region_features"][:] = rng.standard_normal((T, K, dims.Dr))
+            xy = rng.uniform(0, 0.7, (T, K, 2))
+            a["region_boxes"][:] = np.concatenate([xy, xy + 0.3], -1)
+            a["region_scores"][:] = 1.0
+            a["region_classes"][:] = np.arange(K)[None]
+            a["region_counts"][:] = K
+            a["frame_times"][:] = np.arange(T) * 0.5
+            caption = " ".join(rng.choice(WORDS, int(rng.integers(4, 12))))
+            sw.put(row, f"v{row:08d}", caption, a, meta={"split": "train"})
+        sw.commit()
+    return Path(out)
+
+
+def store_bytes(store: Path) -> int:
+    return sum(p.stat().st_size for p in Path(store).rglob("*") if p.is_file())
+
+
+def bench_config(steps: int, batch_size: int, workers: int, extra: list[str] = ()):
+    from train.config import TrainConfig, apply_overrides
+
+    return apply_overrides(TrainConfig(), [f"optim.steps={steps}", f"optim.batch_size={batch_size}",
+                                           "data.eval_split=", "run.ckpt_every=0", "run.log_every=1000",
+                                           f"data.workers={workers}", *extra]).validate()
+
+
+def train_rate(store: Path, out: Path, steps: int, batch_size: int, workers: int = 2) -> dict[str, float]:
+    """Training samples/s of the default trainer model from the store (the first step, which starts the
+    loader and fills the text cache, is not timed)."""
+    from train.trainer import Trainer
+
+    trainer = Trainer(bench_config(steps + 1, batch_size, workers), str(store), out)
+    trainer.train_step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    wall = time.perf_counter() - start
+    trainer._batches = None
+    return {"samples_per_s": steps * batch_size / wall, "step_s": wall / steps}
+
+
+def loader_rate(store: Path, batches: int, batch_size: int, workers: int = 2) -> float:
+    """Samples/s the streaming DataLoader delivers alone (tokens built, captions tokenised)."""
+    from torch.utils.data import DataLoader
+
+    from train.stream import FeatureStream, StreamSpec
+
+    stream = FeatureStream(StreamSpec(str(store), batch_size=batch_size, workers=workers))
+    it = iter(DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None))
+    next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def peak_rss_of_training(store: Path, out: Path, steps: int, batch_size: int, workers: int = 2) -> dict[str, float]:
+    """Peak memory (MB) of a training run in a fresh process: the trainer's peak RSS (VmHWM) and the peak
+    PSS of the trainer plus its loader workers (sampled every 50 ms). getrusage is not used: its maximum survives exec, so a
+    child of a big benchmark process would report the parent's size."""
+    code = ("import json; from train.bench import bench_config, RssSampler; from train.trainer import Trainer; "
+            "s = RssSampler(); "
+            f"Trainer(bench_config({steps}, {batch_size}, {workers}), {str(store)!r}, {str(out)!r}).fit(); "
+            "print(json.dumps(s.stop()))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training run on {store} failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _status_kb(pid: int, key: str, file: str = "status") -> int:
+    try:
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:  # the process ended between listing and reading
+        pass
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            out += [int(c) for c in task.read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+class RssSampler:
+    """Samples the proportional set size (PSS: pages shared after fork counted once) of this process and
+    its descendants (Linux /proc) in a thread until stop()."""
+
+    def __init__(self, every_s: float = 0.05):
+        import os
+        import threading
+
+        self.pid, self.every_s, self.peak_tree_kb = os.getpid(), every_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            pids, total = [self.pid], 0
+            while pids:
+                pid = pids.pop()
+                total += _status_kb(pid, "Pss", "smaps_rollup")  # shared pages counted once over the tree
+                pids += _children(pid)
+            self.peak_tree_kb = max(self.peak_tree_kb, total)
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        return {"trainer_mb": _status_kb(self.pid, "VmHWM") / 1024, "with_workers_mb": self.peak_tree_kb / 1024}

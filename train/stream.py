@@ -1,0 +1,287 @@
+"""Streaming the features of a store: a torch IterableDataset for DataLoader workers, with exact resume.
+
+    from torch.utils.data import DataLoader
+    from train.stream import FeatureStream, StreamSpec, batch_video
+    stream = FeatureStream(StreamSpec("data/features/demo600", split="train", batch_size=64, workers=2))
+    for batch in DataLoader(stream, batch_size=None, num_workers=2, pin_memory=True):
+        video = batch_video(batch)  # VideoBatch: frame tokens, track/region tokens, masks
+        ids, mask = batch["ids"], batch["mask"]  # MiniLM token ids of one caption per video
+        stream.state.advance(batch["cursor"])  # stream.state.to_dict() resumes exactly
+
+How the order is made without random access to the corpus (index arithmetic, then records):
+- The committed shards are cut into pieces (contiguous row ranges of one shard); each epoch permutes the
+  pieces with a seeded generator and deals them to the ranks: ranks read disjoint videos in an epoch.
+- A rank reads its pieces in order, grouped in windows of at least `shuffle_buffer` rows; the rows of
+  a window are permuted (the shuffle buffer). A batch is the next `batch_size` usable rows (ok, of the
+  split, non-empty caption: from the records only) within one epoch; it reads whole chunks (one chunk =
+  one video) of the window's few shards, grouped by shard.
+- With W DataLoader workers, every worker walks the rank's order through the records, and worker w
+  reads the data of batches w, w + W, ...: DataLoader serves its workers round-robin, so the batches
+  come in the order one process would make them, whatever W.
+- The stream is endless; its position is (epoch, rows of the epoch's order consumed). Every batch
+  carries the position after it; handing the last one back (`StreamState`) restarts the stream exactly
+  there: the batches after a resume are the batches an uninterrupted run sees.
+
+Bad input: videos whose features hold NaN/Inf (found when the batch is read: the batch is one smaller)
+or whose caption is empty after tokenisation are skipped with a counted warning; a store still being
+written streams its committed shards (the pending count is logged).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from stores import open_store
+from stores.schema import ARRAYS
+from train.data import DataError, check_finite, video_batch
+from train.model import VideoBatch
+from train.text import CaptionTokenizer, resolve_model_dir
+
+log = logging.getLogger(__name__)
+PIECES_PER_SLOT = 8  # shards are cut so that every rank gets several pieces per epoch (balance)
+
+
+@dataclass
+class StreamSpec:
+    features: str
+    split: str = "train"  # the meta `split` value streamed ("" = every ok video)
+    batch_size: int = 64  # videos per batch of this rank
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    workers: int = 0  # DataLoader workers the stream is read with (0 = the main process)
+    shuffle_buffer: int = 10_000  # rows permuted together (a window of whole pieces)
+    units: str = "track"
+    max_units: int = 8
+    text_model_dir: str = ""
+    max_tokens: int = 40
+    long_captions: str = "truncate"
+    shards: tuple[int, ...] = ()  # committed shards streamed; () = those committed at start
+
+
+@dataclass
+class StreamState:
+    """Where this rank's stream stands: (epoch, rows of the epoch's order consumed) after the last batch."""
+
+    cursor: tuple[int, int] = (0, 0)
+
+    def advance(self, cursor) -> None:
+        self.cursor = (int(cursor[0]), int(cursor[1]))
+
+    def to_dict(self) -> dict:
+        return {"cursor": torch.tensor(self.cursor, dtype=torch.int64)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StreamState:
+        epoch, pos = d["cursor"].tolist()
+        return cls((int(epoch), int(pos)))
+
+
+class ShardSource:
+    """Per-process access to a store by rows, through the public reader (`stores.open_store`): with the
+    store index, opening is O(1) and a row's record / a shard's data are read on demand, so no worker
+    holds every ledger."""
+
+    def __init__(self, features: str):
+        self.reader = open_store(features)
+        self.meta = self.reader.store_meta
+
+    def committed(self) -> list[int]:
+        pending = set(self.reader.pending_shards())
+        return [s for s in range(self.meta.n_shards) if s not in pending]
+
+    def record(self, row: int):
+        return self.reader.record(row)
+
+    def read(self, rows: list[int]) -> dict[str, np.ndarray]:
+        """Arrays [n, ...] of the given ok rows (whole chunks, each shard file opened once), in order."""
+        a = self.reader.read_rows(rows)
+        return {name: a[name] for name in ARRAYS}
+
+
+def _rng(*keys: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) for k in keys])
+
+
+class StreamPlan:
+    """The row order of every slot in every epoch, from index arithmetic only."""
+
+    def __init__(self, shards: list[int], shard_size: int, n_videos: int, slots: int, seed: int, buffer: int):
+        self.slots, self.seed, self.buffer = slots, seed, max(1, buffer)
+        cuts = max(1, math.ceil(PIECES_PER_SLOT * slots / max(1, len(shards))))
+        self.pieces: list[tuple[int, int]] = []  # (row start, row stop)
+        for s in shards:
+            start, stop = s * shard_size, min((s + 1) * shard_size, n_videos)
+            step = max(1, math.ceil((stop - start) / cuts))
+            self.pieces += [(a, min(a + step, stop)) for a in range(start, stop, step)]
+        if len(self.pieces) < slots:
+            raise DataError(f"{len(self.pieces)} rows to stream cannot feed {slots} stream slots "
+                            "(ranks x DataLoader workers); use fewer workers or ranks")
+
+    def rows(self, epoch: int, slot: int) -> np.ndarray:
+        """[n] the rows slot `slot` reads in `epoch`, in order."""
+        order = _rng(self.seed, epoch).permutation(len(self.pieces))[slot::self.slots]
+        out, window = [], []
+        for i, p in enumerate(order):
+            window.append(np.arange(*self.pieces[p]))
+            if sum(len(w) for w in window) >= self.buffer or i == len(order) - 1:
+                rows = np.concatenate(window)
+                out.append(rows[_rng(self.seed, epoch, slot, len(out)).permutation(len(rows))])
+                window = []
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def _captions_of(record) -> list[str]:
+    """The video's captions: `caption` plus a `captions` meta column (a JSON list), duplicates dropped."""
+    extra = record.meta.get("captions", "")
+    if not extra:
+        return [record.caption]
+    try:
+        more = json.loads(extra)
+    except ValueError as e:
+        raise DataError(f"video {record.video_id!r}: the `captions` column must be a JSON list of strings, "
+                        f"got {extra[:80]!r}") from e
+    if not isinstance(more, list) or not all(isinstance(c, str) for c in more):
+        raise DataError(f"video {record.video_id!r}: the `captions` column must be a JSON list of strings, got {more!r}")
+    return list(dict.fromkeys([record.caption, *more]))
+
+
+class FeatureStream(IterableDataset):
+    """Endless batches of one rank: dicts with the video tokens, one caption per video (sampled per
+    epoch, seeded) as MiniLM token ids, the video ids, and the stream position after the batch."""
+
+    def __init__(self, spec: StreamSpec, state: StreamState | None = None):
+        super().__init__()
+        self.spec = spec
+        source = ShardSource(spec.features)
+        self.meta = source.meta
+        self.shard_size, self.n_videos = source.meta.shard_size, source.meta.n_videos
+        committed = source.committed()
+        shards = list(spec.shards) if spec.shards else committed
+        lost = sorted(set(shards) - set(committed))
+        if lost:
+            raise DataError(f"shards {lost[:10]} of {spec.features!r} were streamed before but are no longer "
+                            "committed; resume against the store the run started on")
+        if not shards:
+            raise DataError(f"store {spec.features!r} has no committed shard yet ({source.meta.n_shards} pending); "
+                            "wait for `vlpcache extract` to commit one, see `vlpcache status`")
+        pending = source.meta.n_shards - len(committed)
+        if pending:
+            log.warning("store %s is still being written: streaming %d committed shards, %d pending (not used "
+                        "by this run)", spec.features, len(shards), pending)
+        self.shards = tuple(shards)
+        self.n_workers = max(1, spec.workers)
+        self.plan = StreamPlan(list(shards), self.shard_size, self.n_videos, spec.world_size, spec.seed,
+                               spec.shuffle_buffer)
+        self.state = state or StreamState()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        if (info.num_workers if info is not None else 1) != self.n_workers:
+            raise DataError(f"FeatureStream was made for {self.n_workers} DataLoader workers (StreamSpec.workers); "
+                            "read it with as many")
+        return _RankReader(self, info.id if info is not None else 0).batches()
+
+
+class _RankReader:
+    """One worker's side of its rank's stream. Every worker walks the rank's row order through the
+    records only (status, split, caption) to find where each batch starts and ends; worker w reads the
+    data of batches w, w + W, w + 2W... after the start position, as DataLoader serves them round-robin."""
+
+    def __init__(self, stream: FeatureStream, worker: int):
+        s = stream.spec
+        self.stream, self.spec, self.worker, self.n_workers = stream, s, worker, stream.n_workers
+        self.source = ShardSource(s.features)
+        self.tokenizer = CaptionTokenizer(resolve_model_dir(s.text_model_dir), s.max_tokens, s.long_captions)
+        self.epoch, self.pos = stream.state.cursor
+        self.skipped = {"nonfinite": 0, "empty_caption": 0}
+        self._rows = None
+        self.splits_seen: set[str] = set()
+
+    def _epoch_rows(self) -> np.ndarray:
+        if self._rows is None:
+            self._rows = self.stream.plan.rows(self.epoch, self.spec.rank)
+        return self._rows
+
+    def _caption(self, record) -> str:
+        captions = _captions_of(record)
+        return captions[int(_rng(self.spec.seed, self.epoch, record.row).integers(len(captions)))]
+
+    def _usable(self, rows: list[int]) -> list[tuple[int, Any, str]]:
+        """(row, record, caption) of the rows that are ok videos of the split with a non-empty caption."""
+        picked = []
+        for row in rows:
+            record = self.source.record(row)
+            self.splits_seen.add(record.meta.get("split", ""))
+            if record.status == "ok" and (not self.spec.split or record.meta.get("split", "") == self.spec.split):
+                picked.append((row, record, self._caption(record)))
+        words = self.tokenizer.word_counts([c for _, _, c in picked])
+        for (row, record, caption), n in zip(picked, words):
+            if n == 0 and row % self.n_workers == self.worker:  # one worker reports each
+                self._skip("empty_caption", record.video_id, f"its caption {caption!r} is empty after tokenisation")
+        return [p for p, n in zip(picked, words) if n > 0]
+
+    def _next_batch_rows(self) -> list[tuple[int, Any, str]]:
+        """The next batch's rows within one epoch (an epoch's incomplete last batch is dropped, so a batch
+        never holds a video twice); moves the position past them."""
+        B, empty_epochs = self.spec.batch_size, 0
+        while True:
+            items, rows, whole_epoch = [], self._epoch_rows(), self.pos == 0
+            while len(items) < B and self.pos < len(rows):
+                take = rows[self.pos:self.pos + B - len(items)].tolist()
+                self.pos += len(take)
+                items += self._usable(take)
+            if len(items) == B:
+                return items
+            empty_epochs = empty_epochs + 1 if whole_epoch else 0
+            if empty_epochs >= 2:
+                raise DataError(f"rank {self.spec.rank} of the stream of {self.spec.features!r} found fewer than "
+                                f"{B} usable {self.spec.split!r} videos in whole epochs (split values seen: "
+                                f"{sorted(self.splits_seen)}); check the split name, or lower the batch size or "
+                                "the number of ranks")
+            self.epoch, self.pos, self._rows = self.epoch + 1, 0, None
+
+    def batches(self) -> Iterator[dict[str, Any]]:
+        k = 0
+        while True:
+            items = self._next_batch_rows()
+            if k % self.n_workers == self.worker:
+                yield self._batch(items)
+            k += 1
+
+    def _batch(self, items: list[tuple[int, Any, str]]) -> dict[str, Any]:
+        a = self.source.read([row for row, _, _ in items])  # grouped by shard, whole chunks
+        finite = check_finite(a)  # [n] bool
+        for (_, record, _), ok in zip(items, finite):
+            if not ok:
+                self._skip("nonfinite", record.video_id, "its features contain NaN or Inf")
+        if not finite.any():
+            raise DataError(f"every video of a batch of {self.spec.features!r} has NaN/Inf features: "
+                            f"{[r.video_id for _, r, _ in items][:10]}; run `vlpcache verify` and re-extract")
+        items = [it for it, ok in zip(items, finite) if ok]
+        a = {k: v[finite] for k, v in a.items()}
+        video = video_batch(a, self.spec.units, self.spec.max_units)
+        captions = [c for _, _, c in items]
+        tokens = self.tokenizer(captions)
+        return {"video": {f: getattr(video, f) for f in VideoBatch.__dataclass_fields__},
+                "ids": tokens.ids, "mask": tokens.mask, "phrase": tokens.phrase, "truncated": tokens.truncated,
+                "rows": torch.tensor([row for row, _, _ in items]), "video_ids": [r.video_id for _, r, _ in items],
+                "captions": captions, "worker": self.worker, "cursor": (self.epoch, self.pos),
+                "skipped": dict(self.skipped)}
+
+    def _skip(self, kind: str, video_id: str, why: str) -> None:
+        self.skipped[kind] += 1
+        log.warning("skipping video %r: %s (%d skipped so far for this reason by stream worker %d of rank %d)",
+                    video_id, why, self.skipped[kind], self.worker, self.spec.rank)
+
+
+def batch_video(batch: dict[str, Any]) -> VideoBatch:
+    """The VideoBatch of a streamed batch (features as stored: float16; `.float()` casts them)."""
+    return VideoBatch(**batch["video"])
