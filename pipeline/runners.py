@@ -461,7 +461,7 @@ class RayExecutor:
             try:
                 ray.get(actor.pid.remote(), timeout=max(1.0, deadline - time.monotonic()))
                 return
-            except ray.exceptions.ActorUnavailableError:
+            except ray.exceptions.RayActorError:  # restarting (or its dead incarnation not yet noticed)
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1.0)
@@ -505,11 +505,12 @@ class RayExecutor:
 
         actor = self.actors[call.batch_index % len(self.actors)]
         for _ in range(10):
+            self._await_actor(call)
             try:
                 return ray.get(actor.fault_report.remote(pid), timeout=self.encode_timeout_s)
-            except ray.exceptions.ActorUnavailableError:  # still restarting
+            except ray.exceptions.RayActorError:  # it died again in between: ask its next replacement
                 time.sleep(1.0)
-            except (ray.exceptions.RayError, TimeoutError):
+            except ray.exceptions.GetTimeoutError:
                 break
         return f"process {pid} died"
 
