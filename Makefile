@@ -17,7 +17,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help install sysdeps extract test test-slow test-faults bench-decode bench-store bench-scale bench-pipeline bench-train ablation clean
+.PHONY: help install sysdeps demo extract test test-slow test-faults bench-decode bench-store bench-scale bench-pipeline bench-train ablation clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -39,6 +39,22 @@ sysdeps: ## h5dump and ffprobe for the foreign-reader tests (apt, skipped when p
 	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq hdf5-tools ffmpeg >/dev/null; \
 	  else echo "h5dump/ffprobe missing and no apt-get: install hdf5-tools and ffmpeg"; fi; \
 	fi
+
+# make demo: the first run (configs/datasets/demo_detector.yaml; docs/demo.md)
+DEMO_CORPUS := data/demo400
+DEMO_DETECTOR := data/detector/demo_shapes.pt
+DEMO_FEATURES := data/features/demo_detector
+DEMO_RUN := runs/demo
+
+demo: $(STAMP) ## corpus, fine-tuned detector, extraction, training, test figures, a show PNG (goal: 8 min, 2 cores)
+	$(PY) -m pipeline demo-data $(DEMO_CORPUS) --videos 400 --val-videos 100 --test-videos 100 --seed 0
+	$(PY) -m pipeline finetune-detector $(DEMO_CORPUS) --out $(DEMO_DETECTOR) --reuse
+	$(PY) -m pipeline extract --dataset demo_detector --no-progress
+	rm -rf $(DEMO_RUN)
+	$(PY) -m pipeline train --features $(DEMO_FEATURES) --out $(DEMO_RUN) --config configs/train/demo.yaml
+	$(PY) -m pipeline eval --checkpoint $(DEMO_RUN) --features $(DEMO_FEATURES) --split test
+	$(PY) -m pipeline show $(DEMO_FEATURES) demo000300 --checkpoint $(DEMO_RUN) --png $(DEMO_RUN)/show.png
+	@echo "figures: $(DEMO_RUN)/eval_test.json; boxes and attention: $(DEMO_RUN)/show.png"
 
 extract: $(STAMP) ## extract DATASET (default demo) per configs/datasets/$(DATASET).yaml
 	$(PY) -m pipeline extract --dataset $(DATASET) $(ARGS)

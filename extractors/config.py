@@ -105,8 +105,10 @@ class RegionConfig:
     weights: str = ""  # detector checkpoint with torchvision key names (any class count); "" = random init
     #                    (refused unless extractor.allow_random_weights is true). The detector sees frames at
     #                    the decode scale (sampling.short_side / max_side): it does not resize them again
+    proposals: int = 0  # detector: RPN proposals per frame that the box head scores, its main cost on small
+    #                     frames (0 = the builder's: 150 for the mobilenet model, 1000 for resnet50)
     seed: int = 0  # seed of the random init when no weights file is given
-    backbone: str = "detector"  # given/grid: "detector" (FPN + box head, 1024-d) or "frame_encoder" (RoIAlign;
+    backbone: str = "detector"  # region features: "detector" (FPN + box head, 1024-d) or "frame_encoder" (RoIAlign;
     #                             grid with an open_clip frame encoder: its patch tokens, grid_size = patches per side)
     trunk_weights: str = "pkg:efficientnet_lite0"  # frame_encoder backbone, when not shared with the frame encoder
     grid_size: int = 3  # grid: grid_size^2 cells (must be <= max_boxes)
@@ -129,6 +131,8 @@ class RegionConfig:
         _choice("regions.levels", self.levels, TRUNK_LEVELS)
         for name in ("max_boxes", "grid_size", "roi_size", "region_input_size", "batch_size"):
             _positive(f"regions.{name}", getattr(self, name))
+        if self.proposals < 0:
+            raise ConfigError(f"regions.proposals must be >= 0 (0 = the builder's default), got {self.proposals}")
         if self.kind == "detector" and not 0 <= self.min_boxes <= self.max_boxes:
             raise ConfigError(f"regions.min_boxes must be in [0, max_boxes={self.max_boxes}], got {self.min_boxes}")
         for name in ("score_threshold", "nms_threshold"):
@@ -166,7 +170,7 @@ class ExtractorConfig:
         random = {"frame_encoder.weights": f.model} if not f.weights else {}
         if (r.kind == "detector" or r.backbone == "detector") and not r.weights:
             random["regions.weights"] = r.detector
-        elif (r.kind != "detector" and r.backbone == "frame_encoder" and not r.trunk_weights
+        if (r.backbone == "frame_encoder" and not r.trunk_weights
               and not self.shared_trunk() and not self.clip_patch_regions()):
             random["regions.trunk_weights"] = "efficientnet_lite0"
         return random
@@ -174,8 +178,8 @@ class ExtractorConfig:
     def shared_trunk(self) -> bool:
         """Regions RoI-pooled from the frame encoder's own EfficientNet-Lite0 (one trunk pass per frame)."""
         r, f = self.regions, self.frame_encoder
-        return (r.kind in ("given", "grid") and r.backbone == "frame_encoder" and not r.plugin
-                and f.model == "efficientnet_lite0" and f.weights == r.trunk_weights)
+        return (r.backbone == "frame_encoder" and not r.plugin and f.model == "efficientnet_lite0"
+                and f.weights == r.trunk_weights)
 
     def clip_patch_regions(self) -> bool:
         """Grid regions = the CLIP frame tower's patch tokens (one tower pass per frame for both)."""

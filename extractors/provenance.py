@@ -42,6 +42,10 @@ def extractor_provenance(cfg: ExtractorConfig) -> dict:
     if cfg.clip_patch_regions():
         prov.models["regions"] = f"grid:{f.model}-patch-tokens"
         prov.weights_sha256["regions"] = prov.weights_sha256["frame_encoder"]
+    elif r.kind == "detector" and r.backbone == "frame_encoder":  # detector boxes, trunk features: both matter
+        prov.models["regions"] = f"detector:{r.detector}+efficientnet_lite0-roialign"
+        prov.weights_sha256["regions"] = weights_id(r.weights, r.seed)
+        prov.weights_sha256["region_trunk"] = weights_id(r.trunk_weights, r.seed)
     elif r.kind == "detector" or r.backbone == "detector":
         prov.models["regions"] = f"{r.kind}:{r.detector}"
         prov.weights_sha256["regions"] = weights_id(r.weights, r.seed)

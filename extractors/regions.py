@@ -3,7 +3,9 @@
 - "detector": torchvision Faster R-CNN. Boxes are chosen as bottom-up attention does (per-class NMS,
   a score threshold on each proposal's best class, min..max boxes per frame, or a fixed K); the feature
   of each kept box is the 1024-d box-head representation of the FINAL box (the RoI pooler and box head
-  are run again on the kept, regressed boxes, not reused from the proposals).
+  are run again on the kept, regressed boxes, not reused from the proposals). Checkpoints load by
+  torchvision's key names with any class count (`build_detector`); the detector sees frames at the decode
+  scale and never resizes them again (`FixedScaleTransform`).
 - "given": boxes supplied per frame (e.g. the demo corpus's ground truth); class = object index.
 - "grid": a fixed grid of boxes; class = cell index.
 "given" and "grid" compute features with the backbone the config names: the detector's FPN + box head
@@ -46,12 +48,13 @@ class FixedScaleTransform(GeneralizedRCNNTransform):
         return image, target
 
 
-def build_detector(name: str, weights: str, seed: int, allow_random: bool = False) -> nn.Module:
+def build_detector(name: str, weights: str, seed: int, allow_random: bool = False, proposals: int = 0) -> nn.Module:
     """torchvision Faster R-CNN `name` with a checkpoint loaded by its published key names.
 
     The class count is read from the checkpoint's box predictor (COCO 91, Visual Genome 1601, a
     fine-tuned demo detector ...). A checkpoint for another architecture or with missing keys is
     refused (extractors.weights.check_and_load); keys the model does not use are reported and ignored.
+    `proposals` > 0: RPN proposals kept per frame at inference (changes no state-dict key).
     """
     import torchvision
 
@@ -60,11 +63,16 @@ def build_detector(name: str, weights: str, seed: int, allow_random: bool = Fals
     num_classes = int(state[CLS_SCORE_KEY].shape[0]) if CLS_SCORE_KEY in state else 91
     builder = getattr(torchvision.models.detection, name)
     with seeded(seed):
-        model = builder(weights=None, weights_backbone=None, num_classes=num_classes)
+        model = builder(weights=None, weights_backbone=None, num_classes=num_classes, **proposal_kwargs(proposals))
     if path is not None:
         check_and_load(model, state, path, name)
         log.info("%s: %d classes (from %s)", name, num_classes, path.name)
     return model
+
+
+def proposal_kwargs(proposals: int) -> dict[str, int]:
+    """Builder arguments that make the RPN keep `proposals` per frame at inference (0 = the builder's)."""
+    return {"rpn_pre_nms_top_n_test": proposals, "rpn_post_nms_top_n_test": proposals} if proposals else {}
 
 
 def single_scale(model: nn.Module) -> nn.Module:
@@ -82,7 +90,7 @@ class DetectorBackbone:
                  model: nn.Module | None = None) -> None:
         """`model`: an already built torchvision Faster R-CNN to use instead of cfg.weights."""
         if model is None:
-            model = build_detector(cfg.detector, cfg.weights, cfg.seed, allow_random)
+            model = build_detector(cfg.detector, cfg.weights, cfg.seed, allow_random, cfg.proposals)
         self.model = runtime.prepare(single_scale(model))
         self.runtime = runtime
         self.dim = model.roi_heads.box_predictor.cls_score.in_features  # 1024: the box-head representation
@@ -218,13 +226,16 @@ def _chunks(n: int, size: int):
 
 
 class DetectorRegions:
-    """Faster R-CNN boxes chosen bottom-up-attention style, with box-head features of the final boxes."""
+    """Faster R-CNN boxes chosen bottom-up-attention style, with box-head features of the final boxes, or,
+    with a featurizer (backbone: frame_encoder), RoIAlign features of those boxes from another trunk."""
 
     def __init__(self, cfg: RegionConfig, runtime: Runtime, allow_random: bool = False,
-                 model: nn.Module | None = None) -> None:
+                 model: nn.Module | None = None, featurizer=None) -> None:
         self.cfg, self.runtime = cfg, runtime
         self.backbone = DetectorBackbone(cfg, runtime, allow_random, model)
-        self.dim, self.max_boxes = self.backbone.dim, cfg.max_boxes
+        self.featurizer = featurizer
+        self.dim = featurizer.dim if featurizer is not None else self.backbone.dim
+        self.max_boxes = cfg.max_boxes
 
     def __call__(self, frames: list[np.ndarray], given_boxes: list[np.ndarray] | None = None) -> Regions:
         results = {"boxes": [], "scores": [], "classes": [], "feats": []}
@@ -235,7 +246,19 @@ class DetectorRegions:
         return pad_regions(results["boxes"], results["scores"], results["classes"], results["feats"],
                            frames, self.max_boxes, self.dim)
 
-    def _detect(self, frames: list[np.ndarray]):
+    def propose(self, frames: list[np.ndarray], given_boxes=None) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """Per frame: the kept pixel boxes [n, 4], scores [n], classes [n], without features."""
+        boxes, scores, classes = [], [], []
+        with self.runtime.context():
+            for sl in _chunks(len(frames), self.cfg.batch_size):
+                _, _, scale, final = self._run(frames[sl])
+                boxes += [(f[0] / scale[i].repeat(2)).cpu().numpy() for i, f in enumerate(final)]  # frame pixels
+                scores += [f[1] for f in final]
+                classes += [f[2] for f in final]
+        return boxes, scores, classes
+
+    def _run(self, frames: list[np.ndarray]):
+        """-> image list, FPN maps, scale [B, 2], per frame (kept boxes in transformed pixels, scores, classes)."""
         m = self.backbone.model
         image_list, feats, scale = self.backbone.features(frames)
         proposals, _ = m.rpn(image_list, feats)  # B x [P, 4]
@@ -244,14 +267,19 @@ class DetectorRegions:
         boxes = m.roi_heads.box_coder.decode(deltas, proposals)  # [sum P, C, 4]
         probs = logits.float().softmax(-1)
         counts = [len(p) for p in proposals]
-        final = []
-        for b, p, size in zip(boxes.split(counts), probs.split(counts), image_list.image_sizes):
-            final.append(self._select(b.float(), p, size))
+        final = [self._select(b.float(), p, size)
+                 for b, p, size in zip(boxes.split(counts), probs.split(counts), image_list.image_sizes)]
+        return image_list, feats, scale, final
+
+    def _detect(self, frames: list[np.ndarray]):
+        image_list, feats, scale, final = self._run(frames)
         kept = [f[0] for f in final]
-        feats_final = self.backbone.box_features(feats, kept, image_list.image_sizes)  # [sum n, 1024]
-        feats_final = feats_final.float().cpu().numpy()
-        split = np.split(feats_final, np.cumsum([len(k) for k in kept])[:-1])
         pixel = [(k / scale[i].repeat(2)).cpu().numpy() for i, k in enumerate(kept)]  # back to frame pixels
+        if self.featurizer is not None:
+            split = self.featurizer(frames, pixel)
+        else:
+            feats_final = self.backbone.box_features(feats, kept, image_list.image_sizes)  # [sum n, 1024]
+            split = np.split(feats_final.float().cpu().numpy(), np.cumsum([len(k) for k in kept])[:-1])
         return pixel, [f[1] for f in final], [f[2] for f in final], split
 
     def _select(self, boxes: torch.Tensor, probs: torch.Tensor, size) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
@@ -291,13 +319,17 @@ class BoxRegions:
         self.dim, self.max_boxes = featurizer.dim, cfg.max_boxes
 
     def __call__(self, frames: list[np.ndarray], given_boxes: list[np.ndarray] | None = None) -> Regions:
-        boxes, classes = self.boxes_for(frames, given_boxes)
+        boxes, scores, classes = self.propose(frames, given_boxes)
         feats: list[np.ndarray] = []
         with self.runtime.context():
             for sl in _chunks(len(frames), self.cfg.batch_size):
                 feats += self.featurizer(frames[sl], boxes[sl])
-        scores = [np.ones(len(b), np.float32) for b in boxes]
         return pad_regions(boxes, scores, classes, feats, frames, self.max_boxes, self.dim)
+
+    def propose(self, frames, given_boxes) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """Per frame: pixel boxes [n, 4], scores [n] (all 1), classes [n]."""
+        boxes, classes = self.boxes_for(frames, given_boxes)
+        return boxes, [np.ones(len(b), np.float32) for b in boxes], classes
 
     def boxes_for(self, frames, given_boxes) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Pixel boxes and classes per frame (at most K)."""
@@ -342,14 +374,17 @@ def build_region_source(cfg: RegionConfig, device: str | torch.device = "cpu", t
     if cfg.plugin:
         return load_plugin(cfg.plugin)(cfg, device, allow_random=allow_random)
     runtime = Runtime(torch.device(device), cfg.amp, cfg.channels_last)
-    if cfg.kind == "detector":
-        return DetectorRegions(cfg, runtime, allow_random, detector)
     if cfg.backbone == "detector":
+        if cfg.kind == "detector":
+            return DetectorRegions(cfg, runtime, allow_random, detector)
         return BoxRegions(cfg, runtime, DetectorRoIFeatures(DetectorBackbone(cfg, runtime, allow_random, detector)))
     if trunk is None:
         net, dim = build_trunk("efficientnet_lite0", cfg.region_input_size, cfg.trunk_weights, cfg.seed, allow_random)
         trunk = (runtime.prepare(net), dim)
-    return BoxRegions(cfg, runtime, TrunkRoIFeatures(trunk[0], trunk[1], cfg, runtime))
+    featurizer = TrunkRoIFeatures(trunk[0], trunk[1], cfg, runtime)
+    if cfg.kind == "detector":  # the detector's boxes, the trunk's features (a detector trained without colour)
+        return DetectorRegions(cfg, runtime, allow_random, detector, featurizer)
+    return BoxRegions(cfg, runtime, featurizer)
 
 
 def load_plugin(spec: str):

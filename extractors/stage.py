@@ -16,7 +16,7 @@ import torch
 from extractors.api import Regions
 from extractors.config import ExtractorConfig
 from extractors.encoders import Runtime, build_frame_encoder, build_trunk
-from extractors.regions import BoxRegions, TrunkRoIFeatures, build_region_source, grid_boxes, pad_regions
+from extractors.regions import BoxRegions, DetectorRegions, TrunkRoIFeatures, build_region_source, grid_boxes, pad_regions
 
 
 @dataclass
@@ -39,7 +39,8 @@ class ExtractionStage:
                                    cfg.frame_encoder.weights, cfg.frame_encoder.seed, allow_random)
             self.trunk = runtime.prepare(net)
             self.frame_dim = dim
-            self.regions: BoxRegions = build_region_source(cfg.regions, device, trunk=(self.trunk, dim))
+            self.regions: BoxRegions | DetectorRegions = build_region_source(
+                cfg.regions, device, trunk=(self.trunk, dim), allow_random=allow_random)
             self.runtime = runtime
             self.region_dim = self.regions.dim
             return
@@ -60,9 +61,9 @@ class ExtractionStage:
             return self._clip_patches(frames)
         if not self.shared:
             return StageOutput(self.encoder(frames), self.regions(frames, given_boxes))
-        source: BoxRegions = self.regions
+        source: BoxRegions | DetectorRegions = self.regions  # detector: its boxes, the trunk's features
         feat: TrunkRoIFeatures = source.featurizer
-        boxes, classes = source.boxes_for(frames, given_boxes)
+        boxes, scores, classes = source.propose(frames, given_boxes)
         frame_feats, region_feats = [], []
         with self.runtime.context():
             for start in range(0, len(frames), self.cfg.regions.batch_size):
@@ -70,7 +71,6 @@ class ExtractionStage:
                 maps = feat.feature_maps(frames[sl])  # maps[0]: head [b, 1280, h, w]
                 frame_feats.append(maps[0].float().mean(dim=(2, 3)).cpu().numpy())  # [b, 1280]
                 region_feats += feat.pool(maps, frames[sl], boxes[sl])
-        scores = [np.ones(len(b), np.float32) for b in boxes]
         regions = pad_regions(boxes, scores, classes, region_feats, frames, source.max_boxes, source.dim)
         frame = np.concatenate(frame_feats) if frame_feats else np.zeros((0, self.frame_dim), np.float32)
         return StageOutput(frame, regions)

@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("stores.cli", "re-read every shard and check checksums and counts"),
     "show": ("pipeline.show", "draw a video's sampled frames, boxes and word-region attention"),
     "demo-data": ("pipeline.demo", "write the synthetic demo corpus (mp4 + manifest + boxes)"),
+    "finetune-detector": ("pipeline.finetune", "fine-tune a torchvision detector on the demo corpus's boxes"),
     "train": ("train.cli", "pre-train a video-text model from cached features"),
     "eval": ("train.cli", "evaluate retrieval and moment retrieval"),
 }

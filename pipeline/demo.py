@@ -278,6 +278,19 @@ def make_demo_corpus(out: Path | str, videos: int = 200, seed: int = 0, val_vide
     return manifest
 
 
+def corpus_kwargs(section: dict) -> dict[str, int]:
+    """A dataset config's `demo:` section -> make_demo_corpus arguments (strict: unknown keys are an error)."""
+    known = {"videos": 48, "seed": 0, "val_videos": None, "test_videos": None}
+    unknown = sorted(set(section) - set(known))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in the dataset's demo section; known: {sorted(known)}")
+    kwargs = {**known, **section}
+    bad = {k: v for k, v in kwargs.items() if not (v is None or isinstance(v, int) and not isinstance(v, bool))}
+    if bad:
+        raise ValueError(f"demo section values must be integers, got {bad}")
+    return kwargs
+
+
 def demo_data_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vlpcache demo-data", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="output folder (becomes the video root of the manifest)")

@@ -101,10 +101,10 @@ def ensure_inputs(config: JobConfig, demo: dict[str, Any] | None, dataset: str |
     """Generate the demo corpus when the dataset asks for it; otherwise say what to put where."""
     manifest = Path(config.input.manifest)
     if demo is not None:
-        from pipeline.demo import make_demo_corpus
+        from pipeline.demo import corpus_kwargs, make_demo_corpus
 
         root = Path(config.input.video_root or manifest.parent)
-        made = make_demo_corpus(root, videos=int(demo.get("videos", 48)), seed=int(demo.get("seed", 0)))
+        made = make_demo_corpus(root, **corpus_kwargs(demo))
         if made.resolve() != manifest.resolve():
             raise ConfigError(f"dataset demo section wrote {made}, but input.manifest is {manifest}: make them agree")
         return

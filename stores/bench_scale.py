@@ -257,7 +257,7 @@ def table(results: dict) -> str:
         cells = [f"{name} ({f['unit']})"]
         for fmt in ("v2", "v1"):
             cells += [_fmt(v) for v in f[fmt]["values"]] + [_fmt(f[fmt]["projected_10M"])]
-        cells += [f"{f['x_better']:.0f}×", f["goal"]]
+        cells += [f"{_fmt(f['x_better'])}×", f["goal"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -35,7 +35,8 @@ def global_batch() -> tuple[VideoBatch, TextBatch]:
     mask = torch.arange(L)[None] < lengths[:, None]
     phrase = torch.where(mask, torch.arange(L)[None] // 3, -1)
     phrase[:, 0] = -1
-    return video, TextBatch(torch.randn(B, L, 384, generator=g), mask, phrase)
+    content = mask & (torch.arange(L)[None] % 2 == 1)  # every other token a content word
+    return video, TextBatch(torch.randn(B, L, 384, generator=g), mask, phrase, content)
 
 
 def model_for(objective: str) -> tuple[TrainConfig, VideoTextModel]:

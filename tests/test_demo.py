@@ -77,3 +77,12 @@ def test_entering_and_leaving_objects_are_out_of_view_part_of_the_clip():
 def test_bad_corpus_sizes_are_refused(tmp_path, videos, val, test):
     with pytest.raises(ValueError):
         demo.make_demo_corpus(tmp_path, videos=videos, val_videos=val, test_videos=test)
+
+
+def test_dataset_demo_section_is_read_strictly():
+    assert demo.corpus_kwargs({"videos": 400, "val_videos": 100, "test_videos": 100}) == {
+        "videos": 400, "seed": 0, "val_videos": 100, "test_videos": 100}
+    with pytest.raises(ValueError, match="vidoes"):
+        demo.corpus_kwargs({"vidoes": 400})
+    with pytest.raises(ValueError, match="integers"):
+        demo.corpus_kwargs({"videos": "400"})

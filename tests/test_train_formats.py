@@ -3,6 +3,7 @@ import csv
 import json
 
 
+from train.evaluate import split_captions
 from train.formats import main
 
 
@@ -23,13 +24,18 @@ def test_msrvtt_1ka_csv(tmp_path):
     assert list(rows[0]) == ["video_id", "path", "caption"]
 
 
-def test_msrvtt_json_all_captions(tmp_path):
+def test_msrvtt_json_one_row_per_1ka_video_with_all_its_captions(tmp_path):
     src = tmp_path / "MSRVTT_data.json"
     src.write_text(json.dumps({"sentences": [{"video_id": "video1", "caption": "a man talks", "sen_id": 0},
-                                             {"video_id": "video1", "caption": "a person speaks", "sen_id": 1}]}))
-    assert main(["msrvtt", str(src), "--out", str(tmp_path / "m.csv")]) == 0
-    assert [(r["video_id"], r["path"]) for r in _read(tmp_path / "m.csv")] == [("video1_0", "video1.mp4"),
-                                                                                ("video1_1", "video1.mp4")]
+                                             {"video_id": "video9", "caption": "a train split clip", "sen_id": 1},
+                                             {"video_id": "video1", "caption": "a person  speaks", "sen_id": 2}]}))
+    assert main(["msrvtt", str(src), "--out", str(tmp_path / "m.csv")]) == 2  # every split: refused
+    jsfusion = tmp_path / "MSRVTT_JSFUSION_test.csv"
+    jsfusion.write_text("key,vid_key,video_id,sentence\nret0,msr1,video1,a man talks\n")
+    assert main(["msrvtt", str(src), "--test-csv", str(jsfusion), "--out", str(tmp_path / "m.csv")]) == 0
+    rows = _read(tmp_path / "m.csv")
+    assert [(r["video_id"], r["path"]) for r in rows] == [("video1", "video1.mp4")]  # 1k-A only, one row
+    assert split_captions([r["caption"] for r in rows]) == (["a man talks", "a person speaks"], 2)
 
 
 DIDEMO = [

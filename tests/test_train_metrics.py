@@ -3,7 +3,10 @@ moment metrics."""
 import numpy as np
 import pytest
 
-from train.metrics import binding_accuracy, moment_metrics, retrieval_metrics, t2v_ranks, temporal_iou, v2t_ranks
+import logging
+
+from train.metrics import (binding_accuracy, moment_metrics, retrieval_metrics, t2v_ranks, temporal_iou,
+                           tie_averaged_t2v, v2t_ranks)
 
 
 def test_one_caption_per_video_with_ties():
@@ -58,3 +61,22 @@ def test_moment_metrics():
     assert m["moment_R@1_IoU0.3"] == pytest.approx(200 / 3)
     assert m["moment_R@1_IoU0.5"] == pytest.approx(100 / 3)
     assert m["moment_mIoU"] == pytest.approx(100 * (1 + 1 / 3 + 0.25) / 3)
+    assert m["moment_exact"] == pytest.approx(100 / 3)
+
+
+def test_tie_averaged_t2v_and_the_tie_warning(caplog):
+    """A constant matrix scores Frozen t2v R@1 = 100 but tie-averaged R@1 = 1/n, with a warning."""
+    with caplog.at_level(logging.WARNING, logger="train.metrics"):
+        m = retrieval_metrics(np.ones((4, 4)))
+    assert m["t2v_R@1"] == 100.0 and m["t2vavg_R@1"] == pytest.approx(25.0) and m["t2v_tied_pct"] == 100.0
+    assert m["t2vavg_MeanR"] == pytest.approx(2.5)
+    assert "tied" in caplog.text
+    # row 0: one above, one tied -> rank 1 or 2: P(R@1) = 0, P(R@5) = 1; row 1: clean hit
+    sims = np.array([[0.5, 0.7, 0.5], [0.1, 0.9, 0.2], [0.3, 0.2, 0.8]])
+    t = tie_averaged_t2v(sims)
+    assert t["t2vavg_R@1"] == pytest.approx(200 / 3) and t["t2v_tied_pct"] == pytest.approx(100 / 3)
+    assert t["t2vavg_MeanR"] == pytest.approx((1.5 + 0 + 0) / 3 + 1)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="train.metrics"):
+        retrieval_metrics(np.eye(3))
+    assert "tied" not in caplog.text

@@ -1,14 +1,16 @@
-"""Moment retrieval on merged sequences, end to end through train.evaluate with hand-made embeddings:
-positions -> segments, the tie rule of the window decoder, the IoU, and the localization head reading
-the phrase-region match of each text against the video of each segment."""
+"""Moment retrieval on merged sequences of random crops, end to end through train.evaluate with
+hand-made embeddings: the plan's spans, the tie rule of the window decoder, the IoU, and the
+localization head reading the per-position region match (the regions visible at each position)."""
 import itertools
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from train.config import load_config
+from train.data import SplitData
 from train.evaluate import Embeddings, best_window, moment_retrieval
-from train.model import VideoTextModel
+from train.model import VideoBatch, VideoTextModel
 
 
 def test_best_window_matches_brute_force_and_breaks_plateau_ties_by_length():
@@ -20,11 +22,23 @@ def test_best_window_matches_brute_force_and_breaks_plateau_ties_by_length():
     assert best_window((plateau[:, None] + plateau[None, :])[None]).tolist() == [[2, 5]]
 
 
-def _model_and_embeddings(N=8, T=4, E=8):
-    cfg = load_config(None, ["loss.loc_weight=1.0", "model.dim=16", "model.embed_dim=8", "model.heads=2"])
+def _split(N, T, Df=4, Dr=4):
+    g = torch.Generator().manual_seed(2)
+    geom = torch.zeros(N, 1, T, 7)
+    geom[..., 4] = 1.0  # each video's single track is visible in every frame
+    video = VideoBatch(torch.randn(N, T, Df, generator=g), torch.ones(N, T, dtype=torch.bool),
+                       torch.randn(N, 1, Dr, generator=g), geom.reshape(N, 1, 7 * T), torch.full((N, 1), T),
+                       torch.ones(N, 1, dtype=torch.bool))
+    ids = [f"v{i}" for i in range(N)]
+    return SplitData(ids, [f"caption {i}" for i in ids], [f"v{i ^ 1}" for i in range(N)], np.zeros((N, T)), video)
+
+
+def _model_and_embeddings(N=4, T=6, E=8):
+    cfg = load_config(None, ["loss.loc_weight=1.0", "loss.loc_videos=4", "loss.loc_min_frames=3", "model.dim=16",
+                             "model.embed_dim=8", "model.heads=2"])
     model = VideoTextModel(cfg, Df=4, Dr=4, G=7 * T, T=T).eval()
-    with torch.no_grad():  # the head decides by the match alone: start = end = match of the segment's video
-        for lin in (model.loc.query, model.loc.start, model.loc.end, model.loc.boundary, model.loc.segment):
+    with torch.no_grad():  # the head decides by the match alone: start = end = match at the position
+        for lin in (model.loc.query, model.loc.start, model.loc.end, model.loc.boundary, model.loc.member):
             lin.weight.zero_()
             lin.bias.zero_()
     g = torch.Generator().manual_seed(1)
@@ -34,21 +48,54 @@ def _model_and_embeddings(N=8, T=4, E=8):
                      text_cls=torch.randn(N, 16, generator=g), frames=torch.randn(N, T, 16, generator=g),
                      units=regions.clone(), unit_mask=torch.ones(N, 1, dtype=torch.bool),
                      regions=regions, region_mask=torch.ones(N, 1, dtype=torch.bool))
-    return model, cfg, emb
+    return model, cfg, emb, _split(N, T)
 
 
-def test_moment_retrieval_with_the_head_finds_each_captions_video_exactly():
-    model, cfg, emb = _model_and_embeddings()
-    out = moment_retrieval(model, cfg, emb, seed=0)
-    assert out["moment_queries"] == 8
-    assert out["moment_R@1_IoU0.7"] == 100.0 and out["moment_mIoU"] == 100.0
+def test_moment_retrieval_with_the_head_finds_each_captions_crop_exactly():
+    model, cfg, emb, split = _model_and_embeddings()
+    out = moment_retrieval(model, cfg, emb, split, seed=0, device=torch.device("cpu"))
+    assert out["moment_queries"] == 4
+    assert out["moment_R@1_IoU0.7"] == 100.0 and out["moment_mIoU"] == 100.0 and out["moment_exact"] == 100.0
 
 
 def test_moment_retrieval_with_swapped_regions_finds_the_twin():
-    """Regions of videos 2k and 2k+1 swapped (a colour-swapped twin pair): every caption lands on the
-    other video of its pair, which never overlaps its own."""
-    model, cfg, emb = _model_and_embeddings()
-    swap = torch.arange(8) ^ 1
-    emb.regions = emb.regions[swap]
-    out = moment_retrieval(model, cfg, emb, seed=0)
+    """Regions of videos 2k and 2k+1 swapped (a colour-swapped twin pair, here in one group): every
+    caption lands on the other video of its pair, which never overlaps its own."""
+    model, cfg, emb, split = _model_and_embeddings()
+    emb.regions = emb.regions[torch.arange(4) ^ 1]
+    out = moment_retrieval(model, cfg, emb, split, seed=0, device=torch.device("cpu"))
     assert out["moment_R@1_IoU0.3"] == 0.0 and out["moment_mIoU"] == 0.0
+
+
+def test_window_baseline_is_scored_on_the_same_queries():
+    """Without the head the same plan is decoded by the window baseline: frame tokens equal to each
+    caption's own text embedding make it find every crop exactly."""
+    model, cfg, emb, split = _model_and_embeddings()
+    cfg.loss.loc_weight = 0.0
+    with torch.no_grad():
+        model.proj_video.weight.copy_(torch.eye(16)[:8])
+        model.proj_video.bias.zero_()
+    emb.text = torch.eye(8)[:4]
+    emb.frames = torch.eye(16)[:4, None].repeat(1, 6, 1)  # video i's frames project onto axis i
+    out = moment_retrieval(model, cfg, emb, split, seed=0, device=torch.device("cpu"))
+    assert out["moment_queries"] == 4 and out["moment_exact"] == 100.0
+
+
+def test_multi_caption_evaluation_scores_caption_i_against_video_i_div_q():
+    """q = 2 captions per video through evaluate(): text rows follow their videos, the retrieval metrics
+    use the multi-caption protocol, binding and moments are left out."""
+    from train.evaluate import evaluate, split_captions
+    from train.objectives import TextBatch
+
+    N, T, q, L = 4, 6, 2, 5
+    model, cfg, _, split = _model_and_embeddings(N=N, T=T)
+    split.captions = [f"a red circle {i}\nthe same clip, told again {i}" for i in range(N)]
+    captions, got_q = split_captions(split.captions)
+    assert got_q == q and captions[2:4] == ["a red circle 1", "the same clip, told again 1"]
+    mask = torch.ones(N * q, L, dtype=torch.bool)
+    text = TextBatch(torch.randn(N * q, L, 384, generator=torch.Generator().manual_seed(3)), mask,
+                     torch.zeros(N * q, L, dtype=torch.long), mask.clone())
+    out = evaluate(model, cfg, split, text, torch.device("cpu"))
+    assert out["captions_per_video"] == 2.0 and out["videos"] == 4.0
+    assert "t2v_R@1" in out and "t2vavg_R@1" in out and "v2t_R@1" in out
+    assert "binding_acc" not in out and not any(k.startswith("moment") for k in out)

@@ -1,16 +1,21 @@
 """`make ablation`: the objective ablation on the demo corpus, 3 seeds, one table.
 
-Makes (once, cached under data/ablation/) the demo corpus with `vlpcache demo-data` and its features with
-`vlpcache extract --config configs/train/ablation_extract.yaml` (cached per hash of that file; ground-truth boxes as regions, the
-pretrained EfficientNet-Lite0 as frame and region trunk), trains every row over the seeds and prints a
-paper-style table of mean ± std of t2v R@1, binding accuracy and moment R@1 at IoU 0.5 on the held-out
-test clips. Finished runs are cached (runs/ablation/ROW_seedS/result.json, valid for the same config and
-features), so a re-run only trains what is missing; --fresh retrains.
+Makes (once, cached under data/ablation/) the demo corpus with `vlpcache demo-data` (train / val >= 100 /
+test >= 100 clips) and its features with `vlpcache extract --config configs/train/ablation_extract.yaml`
+(ground-truth boxes; cached per hash of that file) and, for the detector row, with
+configs/train/ablation_extract_detector.yaml and a detector fine-tuned on the train split
+(`vlpcache finetune-detector`). Each row is trained over the seeds; model selection (which of the
+evaluated steps to keep) uses the val split only; the selected model is evaluated on test exactly once.
+The table gives mean ± std and the code version (commit, dirty flag) of every row. Finished runs are
+cached (runs/ablation/ROW_seedS/result.json), valid only for the same code version, config and features;
+--fresh retrains.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
+import importlib.util
 import json
 import logging
 import shutil
@@ -21,25 +26,34 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from train.config import load_config
-from train.evaluate import evaluate
+from train.config import TrainConfig, load_config
+from train.data import load_split
+from train.evaluate import evaluate, split_captions
 from train.trainer import Trainer, text_batch
 
 log = logging.getLogger(__name__)
 
-# row name -> (label, overrides on configs/train/ablation.yaml)
-ROWS: dict[str, tuple[str, list[str]]] = {
-    "global": ("global contrastive only", []),
-    "word": ("+ word-region alignment (contextual words)", ["loss.align_weight=1.0", "loss.align_unit=word"]),
-    "align": ("+ region-phrase alignment", ["loss.align_weight=1.0"]),
-    "clipword": ("+ clip-word / temporal-aware", ["loss.clip_word_weight=0.5"]),
-    "loc": ("+ localization (TemPVL)", ["loss.loc_weight=1.0"]),
-    "all": ("all objectives", ["loss.align_weight=1.0", "loss.clip_word_weight=0.5", "loss.loc_weight=1.0"]),
+ALIGN = ["loss.align_weight=1.0"]
+LOCVTP = ["loss.clip_word_weight=0.5"]
+LOC = ["loss.loc_weight=1.0"]
+# row name -> (label, overrides on configs/train/ablation.yaml, features: "given" boxes or "detector")
+ROWS: dict[str, tuple[str, list[str], str]] = {
+    "global": ("global contrastive only", [], "given"),
+    "align": ("+ region-word alignment, given boxes", ALIGN, "given"),
+    "detector": ("+ region-word alignment, detector regions (no identity)", ALIGN + ["model.units=region"], "detector"),
+    "phrase": ("+ region-phrase alignment (demo-grammar clauses), given boxes", ALIGN + ["loss.align_unit=phrase"],
+               "given"),
+    "locvtp": ("+ LocVTP clip-word / temporal-aware", LOCVTP, "given"),
+    "loc": ("+ localization (TemPVL), variable-length segments", LOC, "given"),
+    "all": ("all (alignment + LocVTP + localization), given boxes", ALIGN + LOCVTP + LOC, "given"),
 }
-EXTRACT_CONFIG = "configs/train/ablation_extract.yaml"
-DEFAULT_ROWS = "global,align,clipword,loc,all"
-COLUMNS = (("t2v_R@1", "t2v R@1"), ("binding_acc", "binding acc"), ("moment_R@1_IoU0.5", "moment R@1@0.5"))
+EXTRACT_CONFIG = {"given": "configs/train/ablation_extract.yaml", "detector": "configs/train/ablation_extract_detector.yaml"}
+DEFAULT_ROWS = "global,align,detector,locvtp,loc,all"
+COLUMNS = (("binding_acc", "binding"), ("t2v_R@1", "t2v R@1"), ("t2vavg_R@1", "t2v R@1 tie-avg"),
+           ("moment_R@1_IoU0.5", "moment R@1@0.5"), ("moment_R@1_IoU0.7", "moment R@1@0.7"),
+           ("moment_mIoU", "moment mIoU"), ("moment_exact", "moment exact"))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -47,7 +61,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--videos", type=int, default=600, help="demo clips in all splits (default 600)")
     p.add_argument("--test-videos", type=int, default=100, help="held-out test clips, twins (default 100)")
-    p.add_argument("--val-videos", type=int, default=20, help="val clips (default 20; unused by the table)")
+    p.add_argument("--val-videos", type=int, default=100, help="val clips, twins (default 100): model selection")
     p.add_argument("--corpus-seed", type=int, default=0)
     p.add_argument("--seeds", default="0,1,2", help="training seeds (default 0,1,2)")
     p.add_argument("--rows", default=DEFAULT_ROWS, help=f"rows among {','.join(ROWS)} (default {DEFAULT_ROWS})")
@@ -55,7 +69,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every row")
     p.add_argument("--data", default="data/ablation", help="cache of the corpus and features")
     p.add_argument("--out", default="runs/ablation", help="runs and the table")
+    p.add_argument("--select-every", type=int, default=100, help="steps between val evaluations (model selection)")
+    p.add_argument("--detector-weights", default="", help="fine-tuned detector for the detector row (default: "
+                   "made with `vlpcache finetune-detector` on the corpus' train split)")
     p.add_argument("--fresh", action="store_true", help="retrain rows that already have a result")
+    p.add_argument("--table-only", action="store_true", help="print the table of the finished runs in --out "
+                   "(whatever their code version) without training anything")
     args = p.parse_args(argv)
     unknown = [r for r in args.rows.split(",") if r not in ROWS]
     if unknown:
@@ -69,23 +88,65 @@ def _vlpcache(*args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
-def prepare_features(args: argparse.Namespace) -> Path:
-    """Demo corpus + features, made once: demo.json marks a complete corpus, a store with every video
-    stored or failed a complete extraction (extract resumes where it stopped)."""
-    from stores import open_store
+def code_version() -> dict:
+    """The commit, whether the worktree differs from it, and a hash of the difference (so two different
+    dirty states never share cached results)."""
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], capture_output=True, text=True, check=True).stdout
 
-    tag = f"v{args.videos}_t{args.test_videos}_s{args.corpus_seed}"
-    # features are keyed by the extraction config too, so editing it never reuses stale features
-    config_key = hashlib.sha256(Path(EXTRACT_CONFIG).read_bytes()).hexdigest()[:8]
-    corpus, features = Path(args.data) / f"demo_{tag}", Path(args.data) / f"features_{tag}_{config_key}"
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        status = git("status", "--porcelain", "--untracked-files=no")
+        diff = hashlib.sha256(git("diff", "HEAD").encode()).hexdigest()[:12] if status.strip() else ""
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": "unknown", "dirty": True, "diff": str(time.time())}  # never reused
+    return {"commit": commit, "dirty": bool(status.strip()), "diff": diff}
+
+
+def _corpus(args: argparse.Namespace) -> Path:
+    tag = f"v{args.videos}_val{args.val_videos}_t{args.test_videos}_s{args.corpus_seed}"
+    corpus = Path(args.data) / f"demo_{tag}"
     if not (corpus / "demo.json").is_file():
         _vlpcache("demo-data", str(corpus), "--videos", str(args.videos), "--seed", str(args.corpus_seed),
                   "--test-videos", str(args.test_videos), "--val-videos", str(args.val_videos))
+    return corpus
+
+
+def detector_weights(args: argparse.Namespace, corpus: Path) -> Path | None:
+    """The fine-tuned detector: --detector-weights, or made once with `vlpcache finetune-detector`."""
+    if args.detector_weights:
+        return Path(args.detector_weights)
+    out = Path(args.data) / f"detector_{corpus.name}.pt"
+    if not out.is_file():
+        if importlib.util.find_spec("pipeline.finetune") is None:
+            return None
+        _vlpcache("finetune-detector", str(corpus), "--out", str(out))
+    return out
+
+
+def prepare_features(args: argparse.Namespace, kind: str = "given") -> Path | None:
+    """Demo corpus + features, made once: demo.json marks a complete corpus, a store with every video
+    stored or failed a complete extraction (extract resumes where it stopped). None when the detector
+    row cannot be built (no fine-tuned detector)."""
+    from stores import open_store
+
+    corpus = _corpus(args)
+    extra: list[str] = []
+    key = hashlib.sha256(Path(EXTRACT_CONFIG[kind]).read_bytes())
+    if kind == "detector":
+        weights = detector_weights(args, corpus)
+        if weights is None:
+            log.warning("no fine-tuned detector (vlpcache finetune-detector is not in this checkout and "
+                        "--detector-weights was not given): the detector row is skipped")
+            return None
+        extra = ["--set", f"extractor.regions.weights={weights}"]
+        key.update(weights.read_bytes())
+    # features are keyed by the extraction config (and detector) too, so editing it never reuses stale features
+    features = Path(args.data) / f"features_{corpus.name[5:]}_{kind}_{key.hexdigest()[:8]}"
     done = (features / "store.json").is_file() and open_store(features).status.pending == 0
     if not done:
-        _vlpcache("extract", "--config", EXTRACT_CONFIG, "--manifest",
-                  str(corpus / "manifest.csv"), "--video-root", str(corpus), "--out", str(features),
-                  "--runner", "local", "--no-progress")
+        _vlpcache("extract", "--config", EXTRACT_CONFIG[kind], "--manifest", str(corpus / "manifest.csv"),
+                  "--video-root", str(corpus), "--out", str(features), "--runner", "local", "--no-progress", *extra)
     status = open_store(features).status
     if status.failed:
         log.warning("%d demo videos failed extraction and are left out: %s", status.failed, status.failures[:5])
@@ -99,52 +160,87 @@ def _count_split(features: Path, split: str) -> int:
     return sum(reader.meta(v).get("split", "") == split for v in reader.video_ids)
 
 
-def run_one(args: argparse.Namespace, features: Path, row: str, seed: int) -> dict:
+def selection_score(m: dict[str, float], cfg: TrainConfig) -> float:
+    """What model selection maximises on val: t2v R@1 + binding, + moment R@1@0.7 with the head."""
+    score = m.get("t2v_R@1", 0.0) + m.get("binding_acc", 0.0)
+    return score + (m.get("moment_R@1_IoU0.7", 0.0) if cfg.loss.loc_weight > 0 else 0.0)
+
+
+def train_and_select(cfg: TrainConfig, features: Path, out: Path, every: int) -> tuple[Trainer, dict]:
+    """Train, evaluating val every `every` steps; the model keeps the weights of the best val score."""
+    trainer = Trainer(cfg, str(features), out)
+    val, _ = load_split(str(features), "val", cfg.model.units, cfg.model.max_units, expected=trainer.signature)
+    val_text = text_batch(cfg, split_captions(val.captions)[0], trainer.text_features)
+    best: dict = {"score": -1.0}
+    while trainer.step < cfg.optim.steps:
+        trainer.train_step()
+        if trainer.step % every == 0 or trainer.step == cfg.optim.steps:
+            m = evaluate(trainer.model, cfg, val, val_text, trainer.dist.device)
+            score = selection_score(m, cfg)
+            log.info("val at step %d: %.1f %s", trainer.step, score, {k: round(m.get(k, -1), 1) for k, _ in COLUMNS})
+            if score > best["score"]:
+                best = {"score": score, "step": trainer.step, "val": m,
+                        "state": copy.deepcopy(trainer.model.state_dict())}
+    trainer.model.load_state_dict(best.pop("state"))
+    return trainer, best
+
+
+def run_one(args: argparse.Namespace, features: Path, row: str, seed: int, code: dict) -> dict:
     out = Path(args.out) / f"{row}_seed{seed}"
     cfg = load_config(args.config, ROWS[row][1] + list(args.set) +
                       [f"run.seed={seed}"]).validate()
     result_path = out / "result.json"
     if result_path.is_file() and not args.fresh:
         cached = json.loads(result_path.read_text())
-        if cached.get("config") == cfg.to_dict() and cached.get("features") == str(features):
+        if (cached.get("config") == cfg.to_dict() and cached.get("features") == str(features)
+                and cached.get("code") == code and cached.get("select_every") == args.select_every):
             return cached
     shutil.rmtree(out, ignore_errors=True)
     start = time.time()
-    trainer = Trainer(cfg, str(features), out)
-    trainer.fit()
-    from train.data import load_split
-
+    trainer, selected = train_and_select(cfg, features, out, args.select_every)
     test, _ = load_split(str(features), "test", cfg.model.units, cfg.model.max_units, expected=trainer.signature)
-    metrics = evaluate(trainer.model, cfg, test, text_batch(cfg, test.captions, trainer.text_features),
+    metrics = evaluate(trainer.model, cfg, test, text_batch(cfg, split_captions(test.captions)[0], trainer.text_features),
                        trainer.dist.device)
-    result = {"row": row, "seed": seed, "metrics": metrics, "train_videos": _count_split(features, cfg.data.split),
-              "steps": cfg.optim.steps, "batch_size": cfg.optim.batch_size, "wall_s": time.time() - start,
-              "config": cfg.to_dict(), "features": str(features)}
+    result = {"row": row, "seed": seed, "metrics": metrics, "selected_step": selected["step"],
+              "val": selected["val"], "train_videos": _count_split(features, cfg.data.split), "steps": cfg.optim.steps,
+              "batch_size": cfg.optim.batch_size, "wall_s": time.time() - start, "config": cfg.to_dict(),
+              "features": str(features), "code": code, "select_every": args.select_every}
     result_path.write_text(json.dumps(result, indent=2))
-    log.info("%s seed %d: %s (%.0f s)", row, seed, {k: round(metrics.get(k, float("nan")), 1) for k, _ in COLUMNS},
-             result["wall_s"])
+    log.info("%s seed %d (step %d selected on val): test %s (%.0f s)", row, seed, selected["step"],
+             {k: round(metrics.get(k, float("nan")), 1) for k, _ in COLUMNS}, result["wall_s"])
     return result
+
+
+def _cell(vals: np.ndarray) -> str:
+    if np.all(np.isnan(vals)):
+        return "–"
+    return f"{np.nanmean(vals):.1f} ± {np.nanstd(vals, ddof=1) if len(vals) > 1 else 0.0:.1f}"
+
+
+def _version(code: dict) -> str:
+    return code["commit"][:10] + (f"+dirty({code['diff']})" if code["dirty"] else "")
 
 
 def table(results: dict[str, list[dict]]) -> str:
     any_result = next(r for rs in results.values() for r in rs)
     m = any_result["metrics"]
-    lines = ["| objectives | " + " | ".join(name for _, name in COLUMNS) + " |",
-             "|---|" + "---|" * len(COLUMNS)]
+    lines = ["| row | " + " | ".join(name for _, name in COLUMNS) + " | val-selected steps | code |",
+             "|---|" + "---|" * (len(COLUMNS) + 2)]
     for row, rs in results.items():
-        cells = []
-        for key, _ in COLUMNS:
-            vals = np.array([r["metrics"].get(key, np.nan) for r in rs])
-            cells.append(f"{vals.mean():.1f} ± {vals.std(ddof=1) if len(vals) > 1 else 0.0:.1f}")
-        lines.append(f"| {ROWS[row][0]} | " + " | ".join(cells) + " |")
+        cells = [_cell(np.array([r["metrics"].get(key, np.nan) for r in rs], dtype=float)) for key, _ in COLUMNS]
+        steps = "/".join(str(r["selected_step"]) for r in rs) + f" (seeds {','.join(str(r['seed']) for r in rs)})"
+        versions = ", ".join(sorted({_version(r["code"]) for r in rs}))
+        lines.append(f"| {ROWS[row][0]} | " + " | ".join(cells) + f" | {steps} | {versions} |")
     seeds = sorted({r["seed"] for rs in results.values() for r in rs})
     wall = sum(r["wall_s"] for rs in results.values() for r in rs)
     lines.append("")
-    lines.append(f"mean ± std over seeds {seeds}; {any_result['train_videos']} training videos, "
-                 f"{int(m['videos'])} held-out test clips ({int(m.get('binding_pairs', 0))} captions in twin pairs, "
-                 f"{int(m.get('moment_queries', 0))} moment queries on 4-video merged sequences); "
+    lines.append(f"mean ± std over seeds {seeds}; {any_result['train_videos']} training videos, model selection "
+                 f"on val ({int(any_result['val']['videos'])} clips), test evaluated once per row and seed "
+                 f"({int(m['videos'])} held-out clips, {int(m.get('binding_pairs', 0))} captions in twin pairs, "
+                 f"{int(m.get('moment_queries', 0))} moment queries on merged sequences of random crops); "
                  f"{any_result['steps']} steps of batch {any_result['batch_size']}; training + eval wall time "
-                 f"{wall / 60:.1f} min. Chance: t2v R@1 {100 / m['videos']:.0f}%, binding 50%.")
+                 f"{wall / 60:.1f} min. Chance: t2v R@1 {100 / m['videos']:.0f}%, binding 50%. Moment columns "
+                 "of rows without the localization head: the training-free window baseline, same queries.")
     return "\n".join(lines)
 
 
@@ -154,17 +250,39 @@ def cpu_minutes() -> float:
     return (own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime) / 60
 
 
+def finished(out: Path) -> dict[str, list[dict]]:
+    """The results cached under `out`, by row (in ROWS order) and seed."""
+    found = [json.loads(p.read_text()) for p in sorted(out.glob("*_seed*/result.json"))]
+    by_row = {row: sorted((r for r in found if r["row"] == row), key=lambda r: r["seed"]) for row in ROWS}
+    return {row: rs for row, rs in by_row.items() if rs}
+
+
+def print_table(results: dict[str, list[dict]], out: str) -> int:
+    if not results:
+        print(f"no finished runs under {out}")
+        return 1
+    text = table(results)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "table.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(sys.argv[1:] if argv is None else argv)
     start = time.time()
-    features = prepare_features(args)
+    if args.table_only:
+        return print_table(finished(Path(args.out)), args.out)
+    code = code_version()
     seeds = [int(s) for s in args.seeds.split(",")]
-    results = {row: [run_one(args, features, row, seed) for seed in seeds] for row in args.rows.split(",")}
-    text = table(results)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "table.md").write_text(text + "\n")
-    print(text)
+    features = {kind: prepare_features(args, kind) for kind in sorted({ROWS[r][2] for r in args.rows.split(",")})}
+    rows = [r for r in args.rows.split(",") if features[ROWS[r][2]] is not None]
+    results: dict[str, list[dict]] = {r: [] for r in rows}
+    for seed in seeds:  # seed-major: an interrupted run still leaves every row's first seeds cached
+        for row in rows:
+            results[row].append(run_one(args, features[ROWS[row][2]], row, seed, code))
+    print_table(results, args.out)
     print(f"\ntotal wall time {((time.time() - start) / 60):.1f} min, CPU time {cpu_minutes():.1f} min "
           f"(this process and its subprocesses); table in {Path(args.out) / 'table.md'}")
     return 0

@@ -12,6 +12,7 @@ from train.data import track_tokens, video_batch
 from train.losses import alignment_similarity, unit_region_attention
 from train.objectives import TextBatch, text_units, word_mask
 from train.text import CaptionTokenizer, FrozenTextFeatures, clause_spans, resolve_model_dir
+from train.words import content_mask
 
 
 @dataclass
@@ -46,22 +47,25 @@ def caption_attention(checkpoint: str, arrays: dict, caption: str) -> Attention:
     model = build_model(cfg, ckpt["store"]).eval()
     model.load_state_dict(ckpt["model"])
     model_dir = resolve_model_dir(cfg.text.model_dir)
-    tokens = CaptionTokenizer(model_dir, cfg.text.max_tokens, "truncate")([caption])
+    tokenizer = CaptionTokenizer(model_dir, cfg.text.max_tokens, "truncate")
+    tokens = tokenizer([caption])
     inputs = FrozenTextFeatures(model_dir)(tokens.ids, tokens.mask) if cfg.text.frozen else tokens.ids
-    text = TextBatch(inputs, tokens.mask, tokens.phrase)
+    content = content_mask(tokenizer.tokenizer, [caption], tokens.ids.shape[1], cfg.loss.content_max_df)
+    text = TextBatch(inputs, tokens.mask, tokens.phrase, content)
     video = video_batch({k: v[None] for k, v in arrays.items() if k != "caption"}, cfg.model.units, cfg.model.max_units)
     vo = model.encode_video(video.float())
     to = model.encode_text(text.inputs, text.mask)
-    units, umask = text_units(to.tokens, text.mask, text.phrase, cfg.loss.align_unit)
+    units, umask = text_units(to.tokens, text, cfg.loss.align_unit)
     units = F.normalize(model.align_text(units), dim=-1)[0]  # [P, E]
     regions = F.normalize(model.align_video(vo.units), dim=-1)[0]  # [R, E]
     weights = unit_region_attention(units, umask[0], regions, video.unit_mask[0], cfg.loss.align_lambda)
     score = float(alignment_similarity(units[None], umask, regions[None], video.unit_mask, cfg.loss.align_lambda))
     if cfg.loss.align_unit == "phrase":
         labels = [caption[a:b] for a, b in clause_spans(caption)][: int(umask.sum())]
-    else:
-        enc = CaptionTokenizer(model_dir, cfg.text.max_tokens).tokenizer.encode(caption)
-        keep = word_mask(text.mask)[0].tolist()
+    else:  # word units: one label per kept token, in order
+        enc = tokenizer.tokenizer.encode(caption)
+        keep = (word_mask(text.mask) if cfg.loss.align_unit == "word" else text.content & text.mask)[0].tolist()
         labels = [tok for tok, k in zip(enc.tokens, keep) if k]
-        weights = weights[torch.tensor(keep[: weights.shape[0]])]
+        if cfg.loss.align_unit == "word":
+            weights = weights[torch.tensor(keep[: weights.shape[0]])]
     return Attention(labels, weights[: len(labels)].numpy(), _slots(arrays, cfg.model.units, cfg.model.max_units), score)

@@ -99,7 +99,7 @@ def evaluate_checkpoint(checkpoint: str, features: str, split: str, score: str |
     import torch
 
     from train.data import load_split
-    from train.evaluate import evaluate
+    from train.evaluate import evaluate, split_captions
     from train.trainer import build_model, load_checkpoint, setup_distributed, text_batch
 
     ckpt = load_checkpoint(checkpoint)
@@ -112,7 +112,7 @@ def evaluate_checkpoint(checkpoint: str, features: str, split: str, score: str |
     model = build_model(cfg, ckpt["store"]).to(dist.device)
     model.load_state_dict(ckpt["model"])
     with torch.no_grad():
-        metrics = evaluate(model, cfg, data, text_batch(cfg, data.captions), dist.device,
+        metrics = evaluate(model, cfg, data, text_batch(cfg, split_captions(data.captions)[0]), dist.device,
                            dist.rank, dist.world_size)
     metrics["checkpoint_step"] = float(ckpt["step"])
     log.info("evaluated %s on split %r of %s", checkpoint, split, features)

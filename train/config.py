@@ -53,16 +53,20 @@ class LossConfig:
     global_weight: float = 1.0  # (1) symmetric InfoNCE, [CLS] text vs [CLS] video
     init_temperature: float = 0.07  # learnable; clamped to >= 0.01
     align_weight: float = 0.0  # (2) bidirectional region-phrase alignment (DemoVLP, phrase-level)
-    align_unit: str = "phrase"  # "phrase" (colour+shape+motion clause) or "word" (naive per word)
+    align_unit: str = "content"  # "content" (content words), "phrase" (demo-grammar clauses) or "word" (every word)
+    content_max_df: float = 0.8  # a word in more than this fraction of the captions is no content word
     align_lambda: float = 20.0  # softmax sharpness of the attention (DemoVLP's lambda)
     align_temperature: float = 0.05  # contrastive temperature on S_loc (DemoVLP's tau)
     clip_word_weight: float = 0.0  # (3) LocVTP clip-word correspondence + temporal-aware contrastive
     clip_frames: int = 2  # consecutive sampled frames per clip
     clip_word_temperature: float = 0.07  # LocVTP's T
     temporal_weight: float = 1.0  # relative weight of the temporal-aware part inside (3)
+    max_shift: int = 2  # temporal-aware: signed shifts delta in [-max_shift, max_shift] \ {0}
+    temporal_sigma: float = 0.5  # neighbour weight exp(-|c' - (c + delta)| / sigma) of the soft target
     loc_weight: float = 0.0  # (4) TemPVL localization on merged sequences
     loc_videos: int = 4  # M videos merged into one sequence
     loc_hard: bool = True  # hard sampling: merge videos whose caption features are similar
+    loc_min_frames: int = 4  # each merged video contributes a random crop of loc_min_frames..T frames
 
 
 @dataclass
@@ -119,7 +123,8 @@ class TrainConfig:
             (self.text.long_captions in ("truncate", "error"), "text.long_captions must be 'truncate' or 'error'"),
             (self.model.units in ("track", "region"), "model.units must be 'track' or 'region'"),
             (self.model.max_units >= 1, "model.max_units must be >= 1"),
-            (self.loss.align_unit in ("phrase", "word"), "loss.align_unit must be 'phrase' or 'word'"),
+            (self.loss.align_unit in ("content", "phrase", "word"), "loss.align_unit must be content|phrase|word"),
+            (self.loss.max_shift >= 1, "loss.max_shift must be >= 1"),
             (self.loss.loc_videos >= 2, "loss.loc_videos must be >= 2"),
             (self.loss.clip_frames >= 1, "loss.clip_frames must be >= 1"),
             (self.run.score in ("auto", "global", "global+align"), "run.score must be auto|global|global+align"),

@@ -1,7 +1,9 @@
-"""Evaluation: embed a split (sharded over ranks, nothing dropped), then retrieval, binding on twins and
-moment retrieval on merged sequences of `loss.loc_videos` held-out videos."""
+"""Evaluation: embed a split (sharded over ranks, nothing dropped), then retrieval (one or several
+captions per video), binding on twins and, on the demo corpus only, moment retrieval on merged sequences
+of `loss.loc_videos` held-out videos (train/moments.py)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,10 +12,25 @@ import torch.nn.functional as F
 
 from train.config import TrainConfig
 from train.data import SplitData, eval_shard
+from train.formats import CAPTION_SEPARATOR
 from train.losses import alignment_similarity
 from train.metrics import binding_accuracy, moment_metrics, retrieval_metrics
 from train.model import VideoTextModel
-from train.objectives import TextBatch, align_inputs, group_match, merge_sequence
+from train.moments import MergePlan, plan_merge
+from train.objectives import TextBatch, align_inputs, localize
+
+log = logging.getLogger(__name__)
+
+
+def split_captions(captions: list[str]) -> tuple[list[str], int]:
+    """Rows of one or several captions -> the flat caption list (caption i of video i // q) and q. Every
+    video must hold the same number q of captions (the Frozen-in-Time multi-caption protocol)."""
+    per_video = [[c.strip() for c in row.split(CAPTION_SEPARATOR) if c.strip()] for row in captions]
+    counts = sorted({len(c) for c in per_video})
+    if len(counts) != 1 or counts[0] == 0:
+        raise ValueError(f"videos hold different numbers of captions ({counts[:5]}...): multi-caption evaluation "
+                         "needs the same number per video; rebuild the manifest with train.formats")
+    return [c for row in per_video for c in row], counts[0]
 
 
 @dataclass
@@ -26,6 +43,7 @@ class Embeddings:
     unit_mask: torch.Tensor  # [N, P]
     regions: torch.Tensor  # [N, R, E]
     region_mask: torch.Tensor  # [N, R]
+    q: int = 1  # captions per video: text rows are [N * q], caption i belongs to video i // q
 
 
 def _gather_rows(local: dict[str, torch.Tensor], idx: torch.Tensor, n: int, world_size: int) -> dict:
@@ -66,21 +84,35 @@ def _cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def embed_split(model: VideoTextModel, cfg: TrainConfig, split: SplitData, text: TextBatch,
                 device: torch.device, rank: int = 0, world_size: int = 1, chunk: int = 128) -> Embeddings:
+    """text holds q captions per video (q = len(text) / len(split)), caption i of video i // q."""
     model.eval()
-    P = int(text.phrase.max().clamp(min=0)) + 1
+    q = text.mask.shape[0] // len(split)
+    P = int(text.content.sum(1).max().clamp(min=1)) if cfg.loss.align_unit == "content" else \
+        int(text.phrase.max().clamp(min=0)) + 1
     idx = eval_shard(len(split), rank, world_size)
     pieces: dict[str, list[torch.Tensor]] = {}
     for s in range(0, len(idx), chunk):
         rows = idx[s:s + chunk]
-        vb, tb = split.batch(rows).to(device), text.rows(rows).to(device)
-        vo, to = model.encode_video(vb), model.encode_text(tb.inputs, tb.mask)
+        vb = split.batch(rows).to(device)
+        vo = model.encode_video(vb)
+        trows = (rows[:, None] * q + torch.arange(q)).reshape(-1)  # the captions of these videos
+        tb = text.rows(trows).to(device)
+        to = model.encode_text(tb.inputs, tb.mask)
         units, umask, regions, rmask = align_inputs(model, vo, to, vb, tb, cfg.loss.align_unit, P)
         got = {"video": model.global_video(vo), "text": model.global_text(to), "text_cls": to.cls,
                "frames": vo.frames, "units": units, "unit_mask": umask, "regions": regions, "region_mask": rmask}
         for k, v in got.items():
             pieces.setdefault(k, []).append(v.float().cpu() if v.is_floating_point() else v.cpu())
     local = {k: _cat_padded(v) for k, v in pieces.items()}
-    return Embeddings(**_gather_rows(local, idx, len(split), world_size))
+    if q > 1:  # gather text rows video by video, then flatten back to caption order
+        local = {k: v.reshape(len(idx), q, *v.shape[1:]) if k in TEXT_KEYS else v for k, v in local.items()}
+    full = _gather_rows(local, idx, len(split), world_size)
+    if q > 1:
+        full = {k: v.reshape(len(split) * q, *v.shape[2:]) if k in TEXT_KEYS else v for k, v in full.items()}
+    return Embeddings(**full, q=q)
+
+
+TEXT_KEYS = ("text", "text_cls", "units", "unit_mask")
 
 
 @torch.no_grad()
@@ -97,7 +129,7 @@ def score_matrix(emb: Embeddings, cfg: TrainConfig, chunk: int = 16) -> torch.Te
 def binding(sims: np.ndarray, split: SplitData) -> dict[str, float]:
     pos = {v: i for i, v in enumerate(split.video_ids)}
     pairs = [(i, pos[t]) for i, t in enumerate(split.twins) if t and t in pos]
-    if not pairs:
+    if not pairs or sims.shape[0] != sims.shape[1]:
         return {}
     own = np.array([sims[i, i] for i, _ in pairs])
     twin = np.array([sims[i, j] for i, j in pairs])
@@ -117,36 +149,51 @@ def best_window(score: torch.Tensor) -> torch.Tensor:
     return torch.stack([pick // S, pick % S + 1], dim=1)
 
 
-@torch.no_grad()
-def moment_retrieval(model: VideoTextModel, cfg: TrainConfig, emb: Embeddings, seed: int) -> dict[str, float]:
-    """Merge consecutive groups of M held-out videos (in a seeded random order) and find each caption's
-    video. With the localization head: argmax start + end logits; without it: the window maximising the
-    summed (text . frame - mean) similarity in the global space."""
-    M, (N, T, d) = cfg.loss.loc_videos, emb.frames.shape
-    G = N // M
-    if G == 0:
-        return {}
-    groups = torch.arange(G * M).reshape(G, M)
-    g = torch.Generator().manual_seed(seed)
-    slots = torch.stack([torch.randperm(M, generator=g) for _ in range(G)])  # [G, M]
-    seq = merge_sequence(emb.frames, groups, slots)  # [G, S, d]
+def has_moments(split: SplitData) -> bool:
+    """Moment retrieval runs on merged sequences of trimmed clips whose captions describe the whole clip:
+    the demo corpus (its videos carry a `twin` column). Other datasets report retrieval only."""
+    return any(split.twins)
+
+
+def window_scores(model: VideoTextModel, emb: Embeddings, groups: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+    """Training-free baseline: the window maximising the summed (text . frame - mean) similarity in the
+    global space, frames = each video's encoded frame tokens at the plan's positions. -> [G, M, S, S]."""
     device = next(model.parameters()).device
+    frames = emb.frames[plan.video, plan.frame]  # [G, S, d]
+    frames = F.normalize(model.proj_video(frames.to(device)), dim=-1).cpu()
+    sim = torch.einsum("gme,gse->gms", emb.text[groups], frames)  # [G, M, S]
+    valid = plan.valid[:, None, :]
+    mean = (sim * valid).sum(-1, keepdim=True) / valid.sum(-1, keepdim=True)
+    sim = torch.where(valid, sim - mean, torch.full_like(sim, -1e4))  # padding never joins a window
+    cum = F.pad(sim.cumsum(-1), (1, 0))  # [G, M, S + 1]
+    return cum[..., None, 1:] - cum[..., :-1, None]  # sum over [s, e]
+
+
+@torch.no_grad()
+def moment_retrieval(model: VideoTextModel, cfg: TrainConfig, emb: Embeddings, split: SplitData, seed: int,
+                     device: torch.device) -> dict[str, float]:
+    """Random groups of M held-out videos (a seeded permutation, not neighbours in the manifest), each
+    merged into one sequence of random crops (train/moments.py), and each caption's segment predicted by
+    the localization head (argmax start + end logits) or, for a model trained without it, the window
+    baseline. Both are scored by the same code on the same queries."""
+    M, N, T = cfg.loss.loc_videos, len(split), split.video.frames.shape[1]
+    G = N // M
+    if G == 0 or emb.q != 1:
+        return {}
+    g = torch.Generator().manual_seed(seed)
+    groups = torch.randperm(N, generator=g)[: G * M].reshape(G, M)
+    plan = plan_merge(groups, T, cfg.loss.loc_min_frames, g)
     if cfg.loss.loc_weight > 0:
         model.eval()
-        match = torch.stack([alignment_similarity(emb.units[g], emb.unit_mask[g], emb.regions[g], emb.region_mask[g],
-                                                  cfg.loss.align_lambda) for g in groups])  # [G, M text, M video]
-        s_loc = torch.block_diag(*match)  # [G*M, G*M]: a group's texts against its own videos
-        match = group_match(s_loc, groups, slots)  # [G, M, K]
-        out = model.loc(seq.to(device), emb.text_cls[groups].to(device), T, match.to(device))
+        video = split.video.float().to(device)
+        aligned = (emb.units.to(device), emb.unit_mask.to(device), emb.regions.to(device), emb.region_mask.to(device))
+        out = localize(model, cfg, video, emb.text_cls.to(device), aligned, groups, plan)
         score = out["start"].cpu()[..., :, None] + out["end"].cpu()[..., None, :]  # [G, M, S, S]
     else:
-        frames = F.normalize(model.proj_video(seq.to(device)), dim=-1).cpu()  # [G, S, E]
-        sim = torch.einsum("gme,gse->gms", emb.text[groups], frames)
-        cum = F.pad((sim - sim.mean(-1, keepdim=True)).cumsum(-1), (1, 0))  # [G, M, S + 1]
-        score = cum[..., None, 1:] - cum[..., :-1, None]  # sum over [s, e]
-    pred = best_window(score.reshape(G * M, M * T, M * T)).numpy()
-    gt = torch.stack([slots * T, slots * T + T], dim=-1).reshape(G * M, 2).numpy()
-    out = moment_metrics(pred, gt)
+        score = window_scores(model, emb, groups, plan)
+    S = score.shape[-1]
+    pred = best_window(score.reshape(G * M, S, S)).numpy()
+    out = moment_metrics(pred, plan.spans.reshape(G * M, 2).numpy())
     out["moment_queries"] = float(G * M)
     return out
 
@@ -157,6 +204,8 @@ def evaluate(model: VideoTextModel, cfg: TrainConfig, split: SplitData, text: Te
     sims = score_matrix(emb, cfg).numpy()
     out = retrieval_metrics(sims)
     out.update(binding(sims, split))
-    out.update(moment_retrieval(model, cfg, emb, cfg.run.seed))
+    if has_moments(split):
+        out.update(moment_retrieval(model, cfg, emb, split, cfg.run.seed, device))
     out["videos"] = float(len(split))
+    out["captions_per_video"] = float(emb.q)
     return out

@@ -3,12 +3,15 @@ generic manifest `video_id,path,caption[,start,end]` that `vlpcache extract` rea
 window to decode, seconds). Users with those videos extract it and run `vlpcache eval --split ""`.
 
     python -m train.formats msrvtt MSRVTT_JSFUSION_test.csv --out msrvtt_1ka.csv
+    python -m train.formats msrvtt MSRVTT_data.json --test-csv MSRVTT_JSFUSION_test.csv --out msrvtt_1ka_all.csv
     python -m train.formats didemo test_data.json --out didemo.csv [--moments]
     python -m train.formats charades charades_sta_test.txt --out charades_sta.csv
 
 - MSR-VTT 1k-A: the JSFusion test CSV (`key,vid_key,video_id,sentence`: 1,000 clips, one caption each),
-  or MSRVTT_data.json (`sentences: [{video_id, caption}]`, every caption of each clip; the metric's
-  multi-caption case then needs the same number per video). Path: VIDEO_ID.mp4.
+  one row per clip. Or MSRVTT_data.json (`sentences: [{video_id, caption}]`) with --test-csv naming the
+  JSFusion CSV: one row per 1k-A clip holding *all* its captions, one per line (the 20-captions
+  protocol; `vlpcache eval` then scores caption i against video i // q). Only the 1k-A test clips are
+  kept. Path: VIDEO_ID.mp4.
 - DiDeMo: the JSON list of moments (`video`, `description`, `times` in 5 s segment indices from 4
   annotators). Default: the paragraph protocol of Frozen-in-Time/DemoVLP (one row per video, its
   descriptions joined in time order, the whole video). --moments: one row per description with the
@@ -47,24 +50,37 @@ def _rows_out(rows: list[dict], out: Path) -> int:
     return len(rows)
 
 
-def msrvtt(path: Path, ext: str = ".mp4") -> list[dict]:
-    if path.suffix == ".json":
-        data = json.loads(path.read_text())
-        if "sentences" not in data:
-            raise FormatError(f"{path}: MSRVTT_data.json must hold a 'sentences' list")
-        per_video: dict[str, list[str]] = {}
-        for s in data["sentences"]:
-            per_video.setdefault(s["video_id"], []).append(s["caption"].strip())
-        return [{"video_id": f"{vid}_{k}", "path": vid + ext, "caption": cap}
-                for vid, caps in per_video.items() for k, cap in enumerate(caps)]
+CAPTION_SEPARATOR = "\n"  # several captions of one video in one manifest cell (train.evaluate reads it)
+
+
+def _jsfusion(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         missing = {"video_id", "sentence"} - set(reader.fieldnames or [])
         if missing:
             raise FormatError(f"{path}: MSR-VTT 1k-A CSV needs columns video_id,sentence; missing {sorted(missing)} "
                               f"(header: {reader.fieldnames})")
+        return list(reader)
+
+
+def msrvtt(path: Path, ext: str = ".mp4", test_csv: Path | None = None) -> list[dict]:
+    if path.suffix != ".json":
         return [{"video_id": r["video_id"], "path": r["video_id"] + ext, "caption": r["sentence"].strip()}
-                for r in reader]
+                for r in _jsfusion(path)]
+    if test_csv is None:
+        raise FormatError(f"{path}: MSRVTT_data.json holds every split; pass --test-csv MSRVTT_JSFUSION_test.csv "
+                          "to keep the 1k-A test clips only")
+    data = json.loads(path.read_text())
+    if "sentences" not in data:
+        raise FormatError(f"{path}: MSRVTT_data.json must hold a 'sentences' list")
+    per_video: dict[str, list[str]] = {}
+    for s in data["sentences"]:
+        per_video.setdefault(s["video_id"], []).append(" ".join(s["caption"].split()))
+    test_ids = [r["video_id"] for r in _jsfusion(test_csv)]
+    missing = [v for v in test_ids if v not in per_video]
+    if missing:
+        raise FormatError(f"{path}: no captions for 1k-A clips {missing[:5]} ({len(missing)} missing)")
+    return [{"video_id": v, "path": v + ext, "caption": CAPTION_SEPARATOR.join(per_video[v])} for v in test_ids]
 
 
 def _didemo_window(times: list[list[int]]) -> tuple[int, int]:
@@ -122,13 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="generic manifest CSV to write")
     p.add_argument("--ext", default=".mp4", help="video file extension for MSR-VTT / Charades (default .mp4)")
     p.add_argument("--moments", action="store_true", help="DiDeMo: one row per moment (default: paragraphs)")
+    p.add_argument("--test-csv", help="MSR-VTT with MSRVTT_data.json: the JSFusion 1k-A CSV naming the test clips")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     src = Path(args.input)
     if not src.is_file():
         print(f"train.formats: annotation file {src} not found", file=sys.stderr)
         return 2
     try:
-        rows = {"msrvtt": lambda: msrvtt(src, args.ext), "didemo": lambda: didemo(src, args.moments),
+        rows = {"msrvtt": lambda: msrvtt(src, args.ext, Path(args.test_csv) if args.test_csv else None), "didemo": lambda: didemo(src, args.moments),
                 "charades": lambda: charades(src, args.ext)}[args.format]()
         n = _rows_out(rows, Path(args.out))
     except (FormatError, json.JSONDecodeError, KeyError) as e:

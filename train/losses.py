@@ -130,54 +130,74 @@ class RegionAlignmentLoss(nn.Module):
 
 
 class ClipWordLoss(nn.Module):
-    """(3) LocVTP: clip-word correspondence discovery + temporal-aware contrastive.
+    """(3) LocVTP (Cao et al., ECCV 2022, arXiv 2207.10362), Sec. 3.2-3.3.
 
-    Within a matched pair, the positive word of a clip is argmax_words softmax(clip . word) and the
-    positive clip of a word is argmax_clips; each is contrasted (InfoNCE, temperature T) against every
-    word / clip of the batch. Temporal-aware part: the context query of clip c shifted by s in {-1, +1}
-    must find the key of clip c+s among all clips of the batch (its own video's other clips included),
-    so clip features carry temporal order.
+    Clip-word correspondence discovery: within a matched pair, the positive word of clip c is the content
+    word most similar to it, w*(c) = argmax_w softmax_w(v_c . w) (function words and corpus-wide words are
+    never candidates, see train/words.py), and the positive clip of a content word likewise; each is
+    contrasted (InfoNCE, temperature T) against every content word / clip of the batch.
+
+    Temporal-aware contrastive: the context projection head warps clip c by a signed shift delta,
+    q = g(v_c + e_delta), and q must retrieve the key of clip c + delta among all clips of the batch.
+    Temporal neighbours are weaker positives: the target puts weight exp(-|c' - (c + delta)| / sigma) on
+    each clip c' of the same video (normalised), none on other videos. The query's own clip c is no
+    candidate: q is built from it, and nothing else of its video enters q, so the loss cannot be lowered
+    by copying (tests/test_train_losses.py: on random features it stays at its chance value log(BC - 1)).
     """
 
-    def __init__(self, temperature: float = 0.07, temporal_weight: float = 1.0):
+    def __init__(self, temperature: float = 0.07, temporal_weight: float = 1.0, sigma: float = 0.5):
         super().__init__()
-        self.temperature, self.temporal_weight = temperature, temporal_weight
+        self.temperature, self.temporal_weight, self.sigma = temperature, temporal_weight, sigma
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor,
-                shift: torch.Tensor) -> torch.Tensor:
-        """queries/keys [B, C, E] (context-projected / plain clips), words [B, L, E], word_mask [B, L],
-        shift [2, E] embeddings of shifts -1 / +1; all features L2-normalised."""
-        B, C, E = queries.shape
+    def forward(self, clips: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor, keys: torch.Tensor,
+                queries: torch.Tensor, shifts: list[int]) -> torch.Tensor:
+        """clips/keys [B, C, E], words [B, L, E], word_mask [B, L] (content words), queries [D, B, C, E]
+        for the signed shifts [D]; all features L2-normalised."""
+        loss = self.correspondence(clips, words, word_mask)
+        if self.temporal_weight > 0 and clips.shape[1] > 1:
+            loss = loss + self.temporal_weight * self.temporal(keys, queries, shifts)
+        return loss
+
+    def correspondence(self, clips: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+        B, C, E = clips.shape
         L = words.shape[1]
-        flat_words = words.reshape(B * L, E)
-        flat_mask = word_mask.reshape(B * L)
-        within = torch.einsum("bce,ble->bcl", queries, words).masked_fill(~word_mask[:, None], float("-inf"))
         has_words = word_mask.any(1)  # [B]
-        # clip -> word: positive = the best word of its own caption
+        if not bool(has_words.any()):
+            return clips.sum() * 0.0
+        flat_words, flat_mask = words.reshape(B * L, E), word_mask.reshape(B * L)
+        within = torch.einsum("bce,ble->bcl", clips, words).masked_fill(~word_mask[:, None], float("-inf"))
+        # clip -> word: positive = the best content word of its own caption
         pos_word = within.argmax(-1) + (torch.arange(B, device=words.device) * L)[:, None]  # [B, C]
-        logits = (queries.reshape(B * C, E) @ flat_words.t()) / self.temperature  # [B*C, B*L]
-        logits = logits.masked_fill(~flat_mask[None], float("-inf"))
+        logits = (clips.reshape(B * C, E) @ flat_words.t() / self.temperature).masked_fill(~flat_mask[None], float("-inf"))
         keep = has_words.repeat_interleave(C)
         loss_c2w = F.cross_entropy(logits[keep], pos_word.reshape(-1)[keep])
         # word -> clip: positive = the best clip of its own video
         pos_clip = within.argmax(1) + (torch.arange(B, device=words.device) * C)[:, None]  # [B, L]
-        logits_w = (flat_words @ queries.reshape(B * C, E).t()) / self.temperature  # [B*L, B*C]
+        logits_w = flat_words @ clips.reshape(B * C, E).t() / self.temperature  # [B*L, B*C]
         loss_w2c = F.cross_entropy(logits_w[flat_mask], pos_clip.reshape(-1)[flat_mask])
-        loss = 0.5 * (loss_c2w + loss_w2c)
-        if self.temporal_weight > 0 and C > 1:
-            loss = loss + self.temporal_weight * self._temporal(queries, keys, shift)
-        return loss
+        return 0.5 * (loss_c2w + loss_w2c)
 
-    def _temporal(self, queries: torch.Tensor, keys: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        B, C, E = queries.shape
+    def temporal(self, keys: torch.Tensor, queries: torch.Tensor, shifts: list[int]) -> torch.Tensor:
+        B, C, E = keys.shape
+        dev = keys.device
         flat_keys = keys.reshape(B * C, E)
+        c = torch.arange(C, device=dev)
+        own = torch.eye(B * C, dtype=torch.bool, device=dev)  # the query's own clip: never a candidate
+        same_video = torch.block_diag(*[torch.ones(C, C, device=dev)] * B).bool()  # [BC, BC]
         losses = []
-        for s, emb in ((-1, shift[0]), (1, shift[1])):
-            src = torch.arange(max(0, -s), C - max(0, s), device=queries.device)  # clips with a neighbour at c+s
-            q = F.normalize(queries[:, src] + emb, dim=-1).reshape(-1, E)  # [B*|src|, E]
-            target = ((torch.arange(B, device=queries.device) * C)[:, None] + src[None] + s).reshape(-1)
-            losses.append(F.cross_entropy(q @ flat_keys.t() / self.temperature, target))
-        return torch.stack(losses).mean()
+        for q, delta in zip(queries, shifts):
+            target_c = c + delta  # [C]
+            ok = (target_c >= 0) & (target_c < C)
+            if not bool(ok.any()):
+                continue
+            dist = (c[None, :] - target_c[:, None]).abs().float()  # [C query, C key]
+            weight = torch.exp(-dist / self.sigma).repeat(B, B) * same_video * ~own  # [BC, BC]
+            target = weight / weight.sum(1, keepdim=True).clamp(min=1e-12)
+            logits = (q.reshape(B * C, E) @ flat_keys.t() / self.temperature).masked_fill(own, float("-inf"))
+            rows = ok.repeat(B)
+            logp = torch.log_softmax(logits[rows], dim=1).masked_fill(own[rows], 0.0)
+            losses.append(-(target[rows] * logp).sum(1).mean())
+        return torch.stack(losses).mean() if losses else keys.sum() * 0.0
 
 
 def hard_groups(feats: torch.Tensor, m: int, generator: torch.Generator, hard: bool = True) -> torch.Tensor:
@@ -202,20 +222,16 @@ def hard_groups(feats: torch.Tensor, m: int, generator: torch.Generator, hard: b
     return torch.tensor(groups, dtype=torch.long).reshape(-1, m)
 
 
-def localization_targets(slots: torch.Tensor, segment_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """slots [G, M]: position of text m's video in the merged sequence -> start/end frame indices [G, M]."""
-    return slots * segment_len, slots * segment_len + segment_len - 1
-
-
 class LocalizationLoss(nn.Module):
-    """(4) TemPVL: start/end cross-entropy for each text over the merged sequence, plus the segment ->
-    text classification (which of the M texts each video segment shows)."""
+    """(4) TemPVL on merged sequences: start/end cross-entropy over the positions for each text, plus the
+    position -> text membership (which of the M texts each real position shows)."""
 
-    def forward(self, out: dict[str, torch.Tensor], slots: torch.Tensor, segment_len: int) -> torch.Tensor:
+    def forward(self, out: dict[str, torch.Tensor], spans: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        """out: start/end/member [G, M, S] logits; spans [G, M, 2] (start, end exclusive) of text m's
+        segment; owner [G, S] text shown at each position (-1 = padding)."""
         G, M, S = out["start"].shape
-        start, end = localization_targets(slots, segment_len)  # [G, M]
-        loss = F.cross_entropy(out["start"].reshape(G * M, S), start.reshape(-1))
-        loss = loss + F.cross_entropy(out["end"].reshape(G * M, S), end.reshape(-1))
-        # segment k shows the video of the text whose slot is k
-        text_of_segment = torch.argsort(slots, dim=1)  # [G, M]
-        return loss + F.cross_entropy(out["segment"].reshape(G * M, M), text_of_segment.reshape(-1))
+        loss = F.cross_entropy(out["start"].reshape(G * M, S), spans[..., 0].reshape(-1))
+        loss = loss + F.cross_entropy(out["end"].reshape(G * M, S), spans[..., 1].reshape(-1) - 1)
+        member = out["member"].transpose(1, 2).reshape(G * S, M)  # [G*S, M]
+        real = owner.reshape(-1) >= 0
+        return loss + F.cross_entropy(member[real], owner.reshape(-1)[real])

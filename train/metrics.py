@@ -6,10 +6,20 @@ captions per video, caption i belongs to video i // q.
 - video->text rank of caption c of video v: #{k : s_kv > s_cv} + (#{k : s_kv = s_cv} - 1) / 2
   (ties split evenly), and the video's rank is the min over its captions.
 R@K = 100 * mean(rank < K); MedR = median(rank) + 1; MeanR = mean(rank) + 1.
+
+Because the t2v figure counts ties in the query's favour, a constant similarity matrix scores t2v R@1 =
+100. `retrieval_metrics` therefore also reports the tie-averaged t2v figures (`t2vavg_*`: the expected
+R@K / rank when ties are broken at random) and logs a warning when more than 1% of the ground-truth
+scores are tied with another video's score (`t2v_tied_pct`).
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+
+log = logging.getLogger(__name__)
+TIE_WARNING_PCT = 1.0
 
 
 def _summary(ranks: np.ndarray, prefix: str) -> dict[str, float]:
@@ -41,6 +51,27 @@ def t2v_ranks(sims: np.ndarray) -> np.ndarray:
     return np.sum(sims > s_gt, axis=1).astype(np.float64)
 
 
+def t2v_ties(sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[n_text] videos scored strictly above the ground truth, and videos tied with it (itself excluded)."""
+    sims = _check_sims(sims)
+    q = sims.shape[0] // sims.shape[1]
+    gt = np.arange(sims.shape[0]) // q
+    s_gt = sims[np.arange(sims.shape[0]), gt][:, None]
+    return np.sum(sims > s_gt, axis=1).astype(np.float64), (np.sum(sims == s_gt, axis=1) - 1).astype(np.float64)
+
+
+def tie_averaged_t2v(sims: np.ndarray) -> dict[str, float]:
+    """t2v R@K, MedR and MeanR in expectation over random tie-breaking: with g videos above the ground
+    truth and e tied with it, its rank is uniform on {g, ..., g + e}, so P(rank < K) = clip((K - g) / (e + 1))."""
+    greater, equal = t2v_ties(sims)
+    out = {f"t2vavg_R@{k}": float(100.0 * np.mean(np.clip((k - greater) / (equal + 1), 0.0, 1.0))) for k in (1, 5, 10)}
+    expected = greater + equal / 2.0
+    out["t2vavg_MedR"] = float(np.median(expected) + 1)
+    out["t2vavg_MeanR"] = float(np.mean(expected) + 1)
+    out["t2v_tied_pct"] = float(100.0 * np.mean(equal > 0))
+    return out
+
+
 def v2t_ranks(sims: np.ndarray) -> np.ndarray:
     """[n_video] 0-based rank of each video's best caption (ties split evenly)."""
     sims = _check_sims(sims)
@@ -60,6 +91,12 @@ def retrieval_metrics(sims: np.ndarray) -> dict[str, float]:
     """t2v and v2t R@1/R@5/R@10/MedR/MeanR of a [n_text, n_video] similarity matrix."""
     out = _summary(t2v_ranks(sims), "t2v")
     out.update(_summary(v2t_ranks(sims), "v2t"))
+    out.update(tie_averaged_t2v(sims))
+    if out["t2v_tied_pct"] > TIE_WARNING_PCT:
+        log.warning("%.1f%% of the ground-truth scores are tied with another video's score: the Frozen-in-Time "
+                    "t2v figures count those ties as hits (t2v R@1 %.1f); tie-averaged t2v R@1 is %.1f. Identical "
+                    "features (one row per caption pointing at one file?) or a collapsed model cause this.",
+                    out["t2v_tied_pct"], out["t2v_R@1"], out["t2vavg_R@1"])
     return out
 
 
@@ -80,10 +117,11 @@ def temporal_iou(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
 
 
 def moment_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
-    """R@1 at IoU >= 0.3/0.5/0.7 and mean IoU (percent) of top-1 predicted segments."""
+    """R@1 at IoU >= 0.3/0.5/0.7, mean IoU and exact-segment accuracy (percent) of top-1 segments."""
     if len(pred) == 0:
         raise ValueError("moment_metrics needs at least one query")
     iou = temporal_iou(pred, gt)
     out = {f"moment_R@1_IoU{t}": float(100.0 * np.mean(iou >= t)) for t in (0.3, 0.5, 0.7)}
     out["moment_mIoU"] = float(100.0 * iou.mean())
+    out["moment_exact"] = float(100.0 * np.mean(np.all(np.asarray(pred) == np.asarray(gt), axis=1)))
     return out

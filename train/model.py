@@ -87,43 +87,44 @@ class VideoEncoder(nn.Module):
 
 
 class LocalizationHead(nn.Module):
-    """TemPVL over a merged sequence of M videos: per-position start/end logits for each text and, for
-    each video segment, which of the M texts it shows.
+    """TemPVL over a merged sequence built from raw frame features (no per-video encoding, so no
+    within-clip frame index and no segment boundary reaches it): per-position start/end logits for each
+    text and, per position, which of the M texts it shows.
 
     A text's logit at position s = (text-independent boundary logit of s: a one-layer transformer with
-    position embeddings over the merged frame tokens) + (text [CLS] query . position key) + match / tau,
-    where match is the binding-aware score of the text against the video that fills position s: the
-    region-phrase alignment S_loc of its phrases against that video's region/track tokens (phrase ->
-    region attention and back, as in DemoVLP). The [CLS] query alone cannot tell a caption from its
-    colour-swapped twin; the phrase-region match can, so hard-sampled groups become learnable."""
+    position embeddings over the merged sequence) + (text [CLS] query . position key) + match[s] / tau,
+    where match[s] is the region-phrase score S_loc of the text against the region tokens *visible at
+    position s* (computed by the caller, frame by frame). The [CLS] query alone cannot tell a caption
+    from its colour-swapped twin; the region match can."""
 
-    def __init__(self, dim: int, heads: int, dropout: float, max_positions: int, init_temperature: float):
+    def __init__(self, dim: int, heads: int, dropout: float, max_positions: int, init_temperature: float, Df: int):
         super().__init__()
+        self.frame_in = nn.Sequential(nn.LayerNorm(Df), nn.Linear(Df, dim))
         self.pos = nn.Embedding(max_positions, dim)
         self.blocks = _encoder(dim, 1, heads, dropout)
         self.query = nn.Linear(dim, dim)
         self.start = nn.Linear(dim, dim)
         self.end = nn.Linear(dim, dim)
         self.boundary = nn.Linear(dim, 2)  # start / end logit of a position, whatever the text
-        self.segment = nn.Linear(dim, dim)
+        self.member = nn.Linear(dim, dim)
         self.match_scale = nn.Parameter(torch.tensor(1.0 / init_temperature).log())
 
-    def forward(self, seq: torch.Tensor, texts: torch.Tensor, segment_len: int, match: torch.Tensor
+    def forward(self, seq: torch.Tensor, valid: torch.Tensor, texts: torch.Tensor, match: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
-        """seq [G, S, d] merged frame tokens, texts [G, M, d], match [G, M, M] (text m vs the video in
-        segment k) -> start/end [G, M, S], segment [G, M, M] (segment k, text m)."""
-        G, S, d = seq.shape
-        h = self.blocks(seq + self.pos.weight[:S])  # [G, S, d]
+        """seq [G, S, Df] raw frame features of the merged sequences, valid [G, S] bool (False = padding),
+        texts [G, M, d], match [G, M, S] -> start/end/member [G, M, S] logits (padding at -inf)."""
+        G, S, _ = seq.shape
+        h = self.blocks(self.frame_in(seq) + self.pos.weight[:S], src_key_padding_mask=~valid)  # [G, S, d]
         q = self.query(texts)  # [G, M, d]
-        scale = d ** -0.5
-        m = match * self.match_scale.exp().clamp(max=100.0)  # [G, M, K]
-        m_pos = m.repeat_interleave(segment_len, dim=2)  # [G, M, S]: each position gets its video's match
+        scale = h.shape[-1] ** -0.5
+        m = match * self.match_scale.exp().clamp(max=100.0)  # [G, M, S]
         bound = self.boundary(h)  # [G, S, 2]
-        start = torch.einsum("gmd,gsd->gms", q, self.start(h)) * scale + bound[:, None, :, 0] + m_pos
-        end = torch.einsum("gmd,gsd->gms", q, self.end(h)) * scale + bound[:, None, :, 1] + m_pos
-        segs = self.segment(h).reshape(G, S // segment_len, segment_len, d).mean(2)  # [G, K, d]
-        segment = torch.einsum("gkd,gmd->gkm", segs, q) * scale + m.transpose(1, 2)  # [G, segment k, text m]
-        return {"start": start, "end": end, "segment": segment}
+        pad = (~valid)[:, None, :]
+        start = torch.einsum("gmd,gsd->gms", q, self.start(h)) * scale + bound[:, None, :, 0] + m
+        end = torch.einsum("gmd,gsd->gms", q, self.end(h)) * scale + bound[:, None, :, 1] + m
+        member = torch.einsum("gmd,gsd->gms", q, self.member(h)) * scale + m
+        return {k: v.masked_fill(pad, float("-inf")) for k, v in
+                (("start", start), ("end", end), ("member", member))}
 
 
 class VideoTextModel(nn.Module):
@@ -135,11 +136,18 @@ class VideoTextModel(nn.Module):
         self.text = TextEncoder(m.dim, cfg.text.head_layers, m.heads, m.dropout, cfg.text.max_tokens, minilm)
         self.proj_video, self.proj_text = nn.Linear(m.dim, E), nn.Linear(m.dim, E)  # (1) global
         self.align_video, self.align_text = nn.Linear(m.dim, E), nn.Linear(m.dim, E)  # (2) region-phrase
-        # (3) LocVTP: a clip is projected together with its two temporal neighbours (context head).
-        self.clip_context = nn.Sequential(nn.Linear(3 * m.dim, m.dim), nn.GELU(), nn.Linear(m.dim, E))
-        self.clip_key, self.word = nn.Linear(m.dim, E), nn.Linear(m.dim, E)
-        self.shift = nn.Embedding(2, E)  # temporal-aware: signed shift -1 / +1
-        self.loc = LocalizationHead(m.dim, m.heads, m.dropout, cfg.loss.loc_videos * T, cfg.loss.align_temperature)  # (4) TemPVL
+        # (3) LocVTP. Clips are encoded one by one from their own frames (the video encoder's per-frame
+        # input layer, then an MLP; LocVTP has a per-clip backbone): no clip feature holds another clip,
+        # so the context query of clip c cannot contain the clip it must find. The context projection
+        # head warps clip c by a signed shift delta.
+        self.max_shift = cfg.loss.max_shift
+        self.clip_enc = nn.Sequential(nn.GELU(), nn.Linear(m.dim, m.dim))
+        self.clip_word, self.word = nn.Linear(m.dim, E), nn.Linear(m.dim, E)
+        self.clip_key = nn.Linear(m.dim, E)
+        self.shift = nn.Embedding(2 * cfg.loss.max_shift + 1, m.dim)  # delta in [-max_shift, max_shift]
+        self.clip_context = nn.Sequential(nn.Linear(m.dim, m.dim), nn.GELU(), nn.Linear(m.dim, E))
+        self.loc = LocalizationHead(m.dim, m.heads, m.dropout, cfg.loss.loc_videos * T, cfg.loss.align_temperature,
+                                    Df)  # (4) TemPVL
         self.logit_scale = nn.Parameter(torch.tensor(1.0 / cfg.loss.init_temperature).log())
 
     def encode_video(self, v: VideoBatch) -> VideoOut:
@@ -155,14 +163,18 @@ class VideoTextModel(nn.Module):
     def global_text(self, out: TextOut) -> torch.Tensor:
         return F.normalize(self.proj_text(out.cls), dim=-1)  # [B, E]
 
-    def clips(self, out: VideoOut, clip_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Context-projected clips [B, C, E] (queries) and plain clip keys [B, C, E], normalised."""
-        B, T, d = out.frames.shape
+    def clips(self, frames: torch.Tensor, clip_frames: int, shifts: list[int]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """LocVTP clips from raw frame features [B, T, Df]: clip-word embeddings [B, C, E], temporal keys
+        [B, C, E] and context queries [D, B, C, E] (clip c warped by shift delta = shifts[i]), normalised."""
+        B, T, Df = frames.shape
         C = T // clip_frames
-        clip = out.frames[:, : C * clip_frames].reshape(B, C, clip_frames, d).mean(2)  # [B, C, d]
-        padded = F.pad(clip, (0, 0, 1, 1))  # zero neighbours at both ends
-        context = torch.cat([padded[:, :-2], clip, padded[:, 2:]], dim=-1)  # [B, C, 3d]
-        return F.normalize(self.clip_context(context), dim=-1), F.normalize(self.clip_key(clip), dim=-1)
+        per_frame = self.video.frame_in(frames[:, : C * clip_frames])  # [B, C*k, d], no mixing across frames
+        clip = self.clip_enc(per_frame.reshape(B, C, clip_frames, -1).mean(2))  # [B, C, d]
+        delta = torch.tensor(shifts, device=frames.device) + self.max_shift  # [D]
+        queries = self.clip_context(clip[None] + self.shift(delta)[:, None, None])  # [D, B, C, E]
+        return (F.normalize(self.clip_word(clip), dim=-1), F.normalize(self.clip_key(clip), dim=-1),
+                F.normalize(queries, dim=-1))
 
     def scale(self) -> torch.Tensor:
         """Learnable inverse temperature of the global loss, capped at 100 (temperature >= 0.01)."""

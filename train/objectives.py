@@ -11,6 +11,7 @@ from train.config import TrainConfig
 from train.losses import (ClipWordLoss, GlobalContrastiveLoss, LocalizationLoss, RegionAlignmentLoss,
                           alignment_similarity, hard_groups)
 from train.model import TextOut, VideoBatch, VideoOut, VideoTextModel
+from train.moments import MergePlan, plan_merge, position_match, unit_presence
 
 
 @dataclass
@@ -18,28 +19,46 @@ class TextBatch:
     inputs: torch.Tensor  # [B, L, 384] frozen MiniLM features, or [B, L] ids for live MiniLM
     mask: torch.Tensor  # [B, L] bool
     phrase: torch.Tensor  # [B, L] int64 clause index, -1 = special/joiner/padding
+    content: torch.Tensor  # [B, L] bool, token of a content word (train/words.py)
 
     def to(self, device: torch.device) -> "TextBatch":
-        return TextBatch(self.inputs.to(device), self.mask.to(device), self.phrase.to(device))
+        return TextBatch(self.inputs.to(device), self.mask.to(device), self.phrase.to(device),
+                         self.content.to(device))
 
     def rows(self, idx: torch.Tensor) -> "TextBatch":
         """The captions idx, cut to their longest real length (padding past it costs time, changes nothing)."""
         mask = self.mask[idx]
         L = max(int(mask.sum(1).max()), 1)
-        return TextBatch(self.inputs[idx][:, :L], mask[:, :L], self.phrase[idx][:, :L])
+        return TextBatch(self.inputs[idx][:, :L], mask[:, :L], self.phrase[idx][:, :L], self.content[idx][:, :L])
 
 
-def text_units(tokens: torch.Tensor, mask: torch.Tensor, phrase: torch.Tensor, unit: str, P: int = 0
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Alignment units of the text side: mean token feature per clause ("phrase") or each word ("word").
-    tokens [B, L, d] -> units [B, P, d], mask [B, P]; P = 0 sizes the phrase axis to this batch."""
+def text_units(tokens: torch.Tensor, text: TextBatch, unit: str, P: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Alignment units of the text side: each contextual content-word token ("content", LocVTP/DemoVLP's
+    word level without function words), every word token ("word"), or the mean token feature per clause
+    of the demo-grammar splitter ("phrase"). tokens [B, L, d] -> units [B, P, d], mask [B, P]; P = 0
+    sizes the unit axis to this batch."""
+    mask, phrase = text.mask, text.phrase
     if unit == "word":
         return tokens, word_mask(mask)
+    if unit == "content":
+        return compact(tokens, text.content, P)
     P = P or int(phrase.max().clamp(min=0)) + 1
     onehot = (phrase[..., None] == torch.arange(P, device=phrase.device)).float()  # [B, L, P]
     count = onehot.sum(1)  # [B, P]
     units = torch.einsum("blp,bld->bpd", onehot, tokens) / count.clamp(min=1)[..., None]
     return units, count > 0
+
+
+def compact(tokens: torch.Tensor, keep: torch.Tensor, P: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept tokens of each row moved to the front: tokens [B, L, d], keep [B, L] -> [B, P, d], [B, P]."""
+    B, L, d = tokens.shape
+    P = P or max(1, int(keep.sum(1).max()))
+    slot = keep.long().cumsum(1) - 1  # [B, L] destination of each kept token
+    out = tokens.new_zeros(B, P + 1, d)
+    dest = torch.where(keep & (slot < P), slot, torch.full_like(slot, P))  # dropped tokens go to slot P
+    out = out.scatter(1, dest[..., None].expand(B, L, d), tokens * keep[..., None])
+    umask = torch.arange(P, device=tokens.device)[None] < keep.sum(1, keepdim=True)
+    return out[:, :P], umask
 
 
 def word_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -57,8 +76,10 @@ class Objectives(nn.Module):
         self.model, self.cfg = model, cfg
         self.global_loss = GlobalContrastiveLoss(rank, world_size)
         self.align_loss = RegionAlignmentLoss(cfg.loss.align_lambda, cfg.loss.align_temperature)
-        self.clip_word_loss = ClipWordLoss(cfg.loss.clip_word_temperature, cfg.loss.temporal_weight)
+        self.clip_word_loss = ClipWordLoss(cfg.loss.clip_word_temperature, cfg.loss.temporal_weight,
+                                           cfg.loss.temporal_sigma)
         self.loc_loss = LocalizationLoss()
+        self.shifts = [d for d in range(-cfg.loss.max_shift, cfg.loss.max_shift + 1) if d != 0]
 
     def forward(self, video: VideoBatch, text: TextBatch, generator: torch.Generator) -> dict[str, torch.Tensor]:
         m, lc = self.model, self.cfg.loss
@@ -67,49 +88,47 @@ class Objectives(nn.Module):
         if lc.global_weight > 0:
             terms["global"] = lc.global_weight * self.global_loss(m.global_video(vo), m.global_text(to), m.scale())
         use_loc = lc.loc_weight > 0 and video.frames.shape[0] >= lc.loc_videos
-        if lc.align_weight > 0 or use_loc:  # S_loc of every pair: the alignment's scores, the head's match
-            s_loc = alignment_similarity(*align_inputs(m, vo, to, video, text, lc.align_unit), lc.align_lambda)
+        if lc.align_weight > 0 or use_loc:  # the alignment's units and regions, also the head's match
+            aligned = align_inputs(m, vo, to, video, text, lc.align_unit)
         if lc.align_weight > 0:
-            terms["align"] = lc.align_weight * self.align_loss.from_similarity(s_loc)
+            terms["align"] = lc.align_weight * self.align_loss.from_similarity(
+                alignment_similarity(*aligned, lc.align_lambda))
         if lc.clip_word_weight > 0:
-            queries, keys = m.clips(vo, lc.clip_frames)
+            clips, keys, queries = m.clips(video.frames, lc.clip_frames, self.shifts)
             words = F.normalize(m.word(to.tokens), dim=-1)
             terms["clip_word"] = lc.clip_word_weight * self.clip_word_loss(
-                queries, keys, words, word_mask(text.mask), m.shift.weight)
+                clips, words, text.content & text.mask, keys, queries, self.shifts)
         if use_loc:
-            terms["loc"] = lc.loc_weight * self._localization(vo, to, s_loc, generator)
+            terms["loc"] = lc.loc_weight * self._localization(video, to, aligned, generator)
         return terms
 
-    def _localization(self, vo: VideoOut, to: TextOut, s_loc: torch.Tensor, generator: torch.Generator
-                      ) -> torch.Tensor:
-        M, T = self.cfg.loss.loc_videos, vo.frames.shape[1]
-        groups = hard_groups(F.normalize(to.cls, dim=-1).cpu(), M, generator, self.cfg.loss.loc_hard)  # [G, M]
-        slots = torch.stack([torch.randperm(M, generator=generator) for _ in range(len(groups))])  # [G, M]
-        groups, slots = groups.to(vo.frames.device), slots.to(vo.frames.device)
-        out = self.model.loc(merge_sequence(vo.frames, groups, slots), to.cls[groups], T,
-                             group_match(s_loc, groups, slots))
-        return self.loc_loss(out, slots, T)
+    def _localization(self, video: VideoBatch, to: TextOut, aligned, generator: torch.Generator) -> torch.Tensor:
+        lc, T = self.cfg.loss, video.frames.shape[1]
+        groups = hard_groups(F.normalize(to.cls, dim=-1).cpu(), lc.loc_videos, generator, lc.loc_hard)  # [G, M]
+        plan = plan_merge(groups, T, lc.loc_min_frames, generator)
+        out = localize(self.model, self.cfg, video, to.cls, aligned, groups, plan)
+        dev = video.frames.device
+        return self.loc_loss(out, plan.spans.to(dev), plan.owner.to(dev))
 
 
-def group_match(s_loc: torch.Tensor, groups: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """s_loc [B, B] (text i, video j), groups/slots [G, M] -> [G, M, M]: text m of a group against the
-    video placed in segment k of its merged sequence."""
-    order = torch.gather(groups, 1, torch.argsort(slots, dim=1))  # [G, K] video in each segment
-    return s_loc[groups[:, :, None], order[:, None, :]]
-
-
-def merge_sequence(frames: torch.Tensor, groups: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """frames [B, T, d], groups [G, M] video indices, slots [G, M] (video m of a group goes to position
-    slots[g, m]) -> merged [G, M*T, d]."""
-    G, M = groups.shape
-    order = torch.gather(groups, 1, torch.argsort(slots, dim=1))  # [G, M] video at each position
-    return frames[order].reshape(G, M * frames.shape[1], frames.shape[2])
+def localize(model: VideoTextModel, cfg: TrainConfig, video: VideoBatch, text_cls: torch.Tensor, aligned,
+             groups: torch.Tensor, plan: MergePlan) -> dict[str, torch.Tensor]:
+    """Run the localization head on the merged sequences of `plan`: raw frame features per position and the
+    per-position match of each text against the regions visible there. aligned = align_inputs(...)."""
+    dev = video.frames.device
+    units, umask, regions, rmask = aligned
+    presence = unit_presence(video.unit_geom, video.unit_frame, rmask, video.frames.shape[1], cfg.model.units)
+    pv, pf, valid, g = plan.video.to(dev), plan.frame.to(dev), plan.valid.to(dev), groups.to(dev)
+    plan_dev = MergePlan(pv, pf, valid, plan.owner.to(dev), plan.spans.to(dev))
+    match = position_match(units, umask, regions, presence, g, plan_dev, cfg.loss.align_lambda)  # [G, M, S]
+    seq = video.frames[pv, pf] * valid[..., None]  # [G, S, Df]
+    return model.loc(seq, valid, text_cls[g], match)
 
 
 def align_inputs(m: VideoTextModel, vo: VideoOut, to: TextOut, video: VideoBatch, text: TextBatch, unit: str,
                  P: int = 0):
     """Normalised text units [B, P, E] + mask and region/track tokens [B, R, E] + mask for S_loc."""
-    units, umask = text_units(to.tokens, text.mask, text.phrase, unit, P)
+    units, umask = text_units(to.tokens, text, unit, P)
     regions = F.normalize(m.align_video(vo.units), dim=-1)  # [B, R, E]
     rmask = video.unit_mask if m.video.use_regions else torch.zeros_like(video.unit_mask)
     return F.normalize(m.align_text(units), dim=-1), umask, regions, rmask

@@ -19,11 +19,12 @@ from torch.utils.data import DataLoader
 
 from train.config import TrainConfig
 from train.data import DataError, SplitData, check_signature, geom_dim, load_split, store_signature
-from train.evaluate import evaluate
+from train.evaluate import evaluate, split_captions
 from train.model import VideoTextModel
 from train.objectives import Objectives, TextBatch
 from train.stream import FeatureStream, StreamSpec, StreamState, batch_video
 from train.text import CaptionTokenizer, FrozenTextFeatures, load_minilm, resolve_model_dir
+from train.words import content_mask
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -74,11 +75,13 @@ def lr_lambda(cfg: TrainConfig):
 def text_batch(cfg: TrainConfig, captions: list[str], features: FrozenTextFeatures | None = None) -> TextBatch:
     """Captions -> model inputs: frozen MiniLM features (computed here) or token ids (live MiniLM)."""
     model_dir = resolve_model_dir(cfg.text.model_dir)
-    tokens = CaptionTokenizer(model_dir, cfg.text.max_tokens, cfg.text.long_captions)(captions)
+    tokenizer = CaptionTokenizer(model_dir, cfg.text.max_tokens, cfg.text.long_captions)
+    tokens = tokenizer(captions)
+    content = content_mask(tokenizer.tokenizer, captions, tokens.ids.shape[1], cfg.loss.content_max_df)
     if not cfg.text.frozen:
-        return TextBatch(tokens.ids, tokens.mask, tokens.phrase)
+        return TextBatch(tokens.ids, tokens.mask, tokens.phrase, content)
     features = features or FrozenTextFeatures(model_dir, cache_size=cfg.text.cache_size)
-    return TextBatch(features(tokens.ids, tokens.mask), tokens.mask, tokens.phrase)
+    return TextBatch(features(tokens.ids, tokens.mask), tokens.mask, tokens.phrase, content)
 
 
 def build_model(cfg: TrainConfig, signature: dict) -> VideoTextModel:
@@ -206,11 +209,12 @@ class Trainer:
             check_signature(self.signature, self.ckpt["store"], repr(features))
         model_dir = resolve_model_dir(cfg.text.model_dir)
         self.text_features = FrozenTextFeatures(model_dir, self.dist.device, cfg.text.cache_size) if cfg.text.frozen else None
+        self.tokenizer = CaptionTokenizer(model_dir, cfg.text.max_tokens).tokenizer  # content words of batches
         self.eval_split: SplitData | None = None
         if cfg.data.eval_split:
             self.eval_split, _ = load_split(features, cfg.data.eval_split, cfg.model.units, cfg.model.max_units,
                                             expected=self.signature)
-            self.eval_text = text_batch(cfg, self.eval_split.captions, self.text_features)
+            self.eval_text = text_batch(cfg, split_captions(self.eval_split.captions)[0], self.text_features)
         self.model = build_model(cfg, self.signature).to(self.dist.device)
         self.objectives = Objectives(self.model, cfg, self.dist.rank, self.dist.world_size)
         self.wrapped: nn.Module = self.objectives
@@ -255,7 +259,8 @@ class Trainer:
         return batch
 
     def _text(self, batch: dict) -> TextBatch:
-        tb = TextBatch(batch["ids"], batch["mask"], batch["phrase"])
+        content = content_mask(self.tokenizer, batch["captions"], batch["ids"].shape[1], self.cfg.loss.content_max_df)
+        tb = TextBatch(batch["ids"], batch["mask"], batch["phrase"], content)
         if self.text_features is not None:
             tb.inputs = self.text_features(batch["ids"], batch["mask"])
         return tb.rows(torch.arange(len(batch["ids"])))

@@ -1,0 +1,66 @@
+"""Content words of captions, for the word-level objectives (LocVTP's clip-word correspondence and the
+word-level region alignment), without any knowledge of a caption grammar.
+
+A token is *content* when the word it belongs to is alphabetic, is not an English function word
+(a general list: articles, pronouns, prepositions, conjunctions, auxiliaries, a few light verbs) and
+occurs in at most `max_df` of the captions given (an IDF-style filter: a word present in nearly every
+caption, such as a corpus' generic verb, cannot tell one caption from another). Every word piece of a
+content word is a content token. No part-of-speech tagger, no phrase regex.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import torch
+
+# General English function words (closed classes) plus the commonest light verbs. Directional particles
+# (up, down, left...) are deliberately absent: in video captions they carry the motion.
+FUNCTION_WORDS = frozenset("""
+a an the this that these those some any each every another other such no one ones
+i me my we us our you your he him his she her it its they them their there here
+and or but nor so yet while whereas as than then after before when where whence since until once
+of in on at to from by with without into onto upon about above below over under across through
+throughout along among between behind beyond near off toward towards within via per around
+is are was were be been being am do does did doing have has had having will would shall should can
+could may might must
+not also just very too only again still even all both either neither
+what which who whom whose why how
+get gets got make makes made go goes went gone move moves moved moving come comes came seem seems
+""".split())
+
+
+def content_words(words: list[str], doc_freq: dict[str, float], max_df: float) -> list[bool]:
+    """Which of a caption's (lower-cased) words are content words."""
+    return [w.isalpha() and w not in FUNCTION_WORDS and doc_freq.get(w, 0.0) <= max_df for w in words]
+
+
+def document_frequency(captions: list[str]) -> dict[str, float]:
+    """Fraction of the captions holding each lower-cased alphabetic word."""
+    count: Counter[str] = Counter()
+    for c in captions:
+        count.update({w for w in _split(c)})
+    return {w: n / max(1, len(captions)) for w, n in count.items()}
+
+
+def _split(caption: str) -> list[str]:
+    return "".join(ch.lower() if ch.isalpha() else " " for ch in caption).split()
+
+
+MIN_CAPTIONS_FOR_DF = 50  # fewer captions (one caption shown by `vlpcache show`) cannot estimate frequencies
+
+
+def content_mask(tokenizer, captions: list[str], length: int, max_df: float = 0.8) -> torch.Tensor:
+    """[N, length] bool: token j of caption i belongs to a content word. `tokenizer` is a `tokenizers`
+    Tokenizer whose encodings match the ids the captions were padded to (same truncation at `length`).
+    The frequency filter needs at least MIN_CAPTIONS_FOR_DF captions; below, function words only."""
+    df = document_frequency(captions) if len(captions) >= MIN_CAPTIONS_FOR_DF else {}
+    out = np.zeros((len(captions), length), bool)
+    for i, (text, enc) in enumerate(zip(captions, tokenizer.encode_batch(captions))):
+        for j, (word_id, (a, b)) in enumerate(zip(enc.word_ids, enc.offsets)):
+            if j >= length - 1 or word_id is None or b <= a:  # the last slot is [SEP] when truncated
+                continue
+            a0, b0 = enc.word_to_chars(word_id)
+            word = text[a0:b0].lower()
+            out[i, j] = content_words([word], df, max_df)[0]
+    return torch.from_numpy(out)
