@@ -17,7 +17,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help install sysdeps demo extract test test-slow bench-decode bench-store bench-scale bench-pipeline bench-train ablation clean
+.PHONY: help install sysdeps demo extract test test-slow test-faults bench-decode bench-store bench-scale bench-pipeline bench-train ablation clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -64,6 +64,10 @@ test: $(STAMP) ## fast test suite (under 10 minutes on 2 cores)
 
 test-slow: $(STAMP) ## heavier tests (kill -9 sweeps, long runs)
 	$(PY) -m pytest -q -m slow $(ARGS)
+
+test-faults: $(STAMP) ## fault suite: kill -9, poison video, hung actor, disk full, damaged files...; prints a table
+	$(PY) -m pytest -q -m "slow or not slow" tests/test_faults.py tests/test_faults_slow.py \
+	  tests/test_pipeline_ray.py -k "faults or kill" $(ARGS)
 
 bench-decode: $(STAMP) ## CPU cost of sparse decoding (pyav, torchcodec, decord backends) vs torchcodec / decord / full decode / limit
 	$(PY) -m extractors.bench $(ARGS)

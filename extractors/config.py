@@ -118,9 +118,13 @@ class RegionConfig:
     batch_size: int = 16  # frames per forward pass
     amp: str = "bf16"  # autocast dtype on CUDA ("none" = fp32)
     channels_last: bool = True  # CUDA: NHWC memory format for the convolutions (ignored on CPU)
+    plugin: str = ""  # "FILE.py:FACTORY" or "MODULE:FACTORY": FACTORY(cfg, device, allow_random=...) -> RegionSource wraps or
+    # replaces the source `kind` names (tests inject faults this way); "" = the built-in source
 
     def __post_init__(self) -> None:
         _choice("regions.kind", self.kind, REGION_KINDS)
+        if self.plugin and ":" not in self.plugin:
+            raise ValueError(f"regions.plugin must be 'FILE.py:FACTORY' or 'MODULE:FACTORY', got {self.plugin!r}")
         _choice("regions.detector", self.detector, DETECTOR_MODELS)
         _choice("regions.backbone", self.backbone, REGION_BACKBONES)
         _choice("regions.amp", self.amp, AMP_DTYPES)
@@ -174,11 +178,12 @@ class ExtractorConfig:
     def shared_trunk(self) -> bool:
         """Regions RoI-pooled from the frame encoder's own EfficientNet-Lite0 (one trunk pass per frame)."""
         r, f = self.regions, self.frame_encoder
-        return r.backbone == "frame_encoder" and f.model == "efficientnet_lite0" and f.weights == r.trunk_weights
+        return (r.backbone == "frame_encoder" and not r.plugin and f.model == "efficientnet_lite0"
+                and f.weights == r.trunk_weights)
 
     def clip_patch_regions(self) -> bool:
         """Grid regions = the CLIP frame tower's patch tokens (one tower pass per frame for both)."""
-        return (self.regions.kind == "grid" and self.regions.backbone == "frame_encoder"
+        return (self.regions.kind == "grid" and self.regions.backbone == "frame_encoder" and not self.regions.plugin
                 and self.frame_encoder.model.startswith("open_clip:"))
 
     @property

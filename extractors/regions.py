@@ -368,9 +368,11 @@ def grid_boxes(width: int, height: int, g: int) -> np.ndarray:
 
 def build_region_source(cfg: RegionConfig, device: str | torch.device = "cpu", trunk: tuple[nn.Module, int] | None = None,
                         allow_random: bool = False, detector: nn.Module | None = None):
-    """The RegionSource for cfg.kind. `trunk` (module, dim): a frame-encoder trunk to share (see stage.py);
+    """The RegionSource for cfg.kind (or cfg.plugin). `trunk` (module, dim): a frame-encoder trunk to share (see stage.py);
     `allow_random`: a missing weight file means a seeded random init; `detector`: a built torchvision
     Faster R-CNN to use instead of loading cfg.weights."""
+    if cfg.plugin:
+        return load_plugin(cfg.plugin)(cfg, device, allow_random=allow_random)
     runtime = Runtime(torch.device(device), cfg.amp, cfg.channels_last)
     if cfg.backbone == "detector":
         if cfg.kind == "detector":
@@ -383,6 +385,27 @@ def build_region_source(cfg: RegionConfig, device: str | torch.device = "cpu", t
     if cfg.kind == "detector":  # the detector's boxes, the trunk's features (a detector trained without colour)
         return DetectorRegions(cfg, runtime, allow_random, detector, featurizer)
     return BoxRegions(cfg, runtime, featurizer)
+
+
+def load_plugin(spec: str):
+    """The factory named by regions.plugin: 'path/to/file.py:name' (loaded by path, so it works in any
+    worker process whatever its sys.path) or 'package.module:name'."""
+    import importlib
+    import importlib.util
+
+    where, _, name = spec.rpartition(":")
+    if where.endswith(".py"):
+        module_spec = importlib.util.spec_from_file_location(f"vlpcache_plugin_{Path(where).stem}", where)
+        if module_spec is None or not Path(where).is_file():
+            raise ValueError(f"regions.plugin: no such file {where}")
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    factory = getattr(module, name, None)
+    if factory is None:
+        raise ValueError(f"regions.plugin: {where} has no {name!r}")
+    return factory
 
 
 # ---------------------------------------------------------------- sidecar boxes

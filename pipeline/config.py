@@ -55,8 +55,16 @@ class RunConfig:
     max_inflight_videos: int = 32  # decoded-or-decoding videos per shard at once (backpressure)
     concurrent_shards: int = 2  # shards open at once (each has one writer)
     timeout_s: float = 120.0  # per-video decode timeout; the decode is killed, the video recorded failed
+    encode_timeout_s: float = 0.0  # longest forward pass of one batch before its model actor is killed and
+    # replaced (0 = auto: 60 s + 2 s per frame of a batch, batch_videos x T)
+    decode_wait_s: float = 0.0  # longest wait for a decode task, queue included, before it is cancelled and
+    # resubmitted once (0 = auto: 2 x timeout_s + 60 s)
+    io_retries: int = 3  # retries of a video read that hit a transient I/O error (EIO, ESTALE, ...)
+    io_backoff_s: float = 1.0  # first retry's delay; doubles each retry
     shard_retries: int = 2  # retries of a shard whose worker died
-    max_failure_rate: float = 1.0  # exit non-zero when failed/total exceeds this (1.0 = never)
+    max_failure_rate: float = 0.05  # stop with exit 1 once failed/done exceeds this (1.0 = never)
+    failure_check_after: int = 200  # videos this run must finish before the failure rate is checked as it goes
+    lock_lease_s: float = 60.0  # --out lock lease: renewed every lease/3; a lock not renewed for this long is stale
     retry_failed: bool = False  # re-attempt only the failed videos of committed shards
     progress: bool = True  # tqdm bar on stderr
 
@@ -76,8 +84,20 @@ class RunConfig:
             )
         if self.timeout_s <= 0 or self.shard_retries < 0:
             raise ConfigError(f"run.timeout_s must be > 0 and run.shard_retries >= 0, got {self.timeout_s}, {self.shard_retries}")
+        for name in ("encode_timeout_s", "decode_wait_s", "io_retries", "io_backoff_s", "failure_check_after"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"run.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lock_lease_s < 3:
+            raise ConfigError(f"run.lock_lease_s must be >= 3 (seconds), got {self.lock_lease_s}")
         if not 0.0 <= self.max_failure_rate <= 1.0:
             raise ConfigError(f"run.max_failure_rate must be in [0, 1], got {self.max_failure_rate}")
+
+    def encode_timeout(self, frames_per_video: int) -> float:
+        """Seconds one batch's forward pass may take: scales with the batch unless set."""
+        return self.encode_timeout_s or 60.0 + 2.0 * self.batch_videos * frames_per_video
+
+    def decode_wait(self) -> float:
+        return self.decode_wait_s or 2 * self.timeout_s + 60.0
 
 
 @dataclass

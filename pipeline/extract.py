@@ -1,12 +1,16 @@
 """`vlpcache extract`: run the extractors over a manifest and write a feature store.
 
 Exit status: 0 when the job ran to the end (failed videos are in the ledger and the summary);
-1 when the failure rate exceeds --max-failure-rate or a shard could not be written after its retries;
-2 when the job could not run (bad config, unreadable manifest, a store made by another job).
+1 when the failure rate exceeds --max-failure-rate (checked as the job goes: it stops early), a shard
+could not be written after its retries, or the disk is full; 2 when the job could not run (bad config,
+unreadable manifest, a store made by another job, another job writing the same --out) or stopped on an
+error that is a bug, not a bad video (its traceback is printed). Committed shards are always kept:
+rerun the same command to resume.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import glob
 import logging
 import sys
@@ -58,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all)")
     out.add_argument("--batch-videos", type=int, help="videos per forward pass (default 8)")
     out.add_argument("--timeout", type=float, help="per-video decode timeout in seconds (default 120)")
-    out.add_argument("--max-failure-rate", type=float, help="exit 1 when failed/total exceeds this (default 1.0)")
+    out.add_argument("--max-failure-rate", type=float, help="stop with exit 1 once failed/done exceeds this (default 0.05)")
     out.add_argument("--retry-failed", action="store_true", help="re-attempt only the failed videos of committed shards")
     out.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     out.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -136,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     from stores import StoreError
 
     from pipeline.job import Job
+    from pipeline.runners import JobStopped, WorkerBug
 
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -149,5 +154,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ManifestError, StoreError, ValueError) as e:
         print(f"vlpcache extract: error: {e}", file=sys.stderr)
         return 2
+    except WorkerBug as e:
+        print(f"{e.trace.rstrip()}\nvlpcache extract: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except JobStopped as e:
+        print(f"vlpcache extract: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = e.filename or config.run.out
+        print(f"vlpcache extract: error: no space left on device in {config.run.out} ({e.strerror}: {where}); "
+              f"free space, then rerun to resume", file=sys.stderr)
+        return 1
     print(summary(stats))
     return 1 if stats.exit_reason else 0

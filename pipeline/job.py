@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from pipeline.config import ConfigError, JobConfig, save_config
 from pipeline.manifest import ManifestIndex, ManifestRow, scan_manifest
-from pipeline.runners import Event, ShardFailed, ShardRetry, make_runner
+from pipeline.lock import OutLock
+from pipeline.runners import Event, JobStopped, ShardFailed, ShardRetry, make_runner
 from pipeline.shard import ShardJob, ShardProgress, ShardResult, ShardSpec, plan_shards
 from pipeline.work import StageTimes, VideoTask
 
@@ -117,11 +118,25 @@ class Job:
         }
 
     def run(self, on_runner_ready=None) -> RunStats:
-        """Run to the end (or to a job-level error). `on_runner_ready(runner)` lets tests reach the workers."""
+        """Run to the end, to a failure rate above the limit, or to a job-level error (JobStopped, raised
+        after the run's stats are written). `on_runner_ready(runner)` lets tests reach the workers. One
+        job at a time per output folder (pipeline/lock.py)."""
         run = self.config.run
         stats = RunStats(str(self.out), run.runner, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
         stats.n_videos = len(self.manifest)
         start = time.perf_counter()
+        with OutLock(self.out, run.lock_lease_s):
+            try:
+                self._run(stats, on_runner_ready)
+            except JobStopped as e:
+                stats.exit_reason = str(e)
+                self._finish(stats, start)
+                raise
+            self._finish(stats, start)
+        return stats
+
+    def _run(self, stats: RunStats, on_runner_ready) -> None:
+        self._remove_stale_partials()
         todo = None
         existing = self._existing_dims()
         if existing is not None:  # a rerun: find the work left before building any model
@@ -140,10 +155,24 @@ class Job:
                 self._consume(runner.run(self.shard_jobs(todo, store)), sum(len(s) for s in todo), stats)
             finally:
                 runner.close()
-        stats.wall_s = time.perf_counter() - start
-        stats.videos_per_s = (stats.videos_ok + stats.videos_failed) / stats.wall_s if stats.wall_s else 0.0
-        self._finish(stats)
-        return stats
+
+    def _remove_stale_partials(self) -> None:
+        """Holding OUT's lock, every partial file or shard in OUT is a killed run's leftover: a shard writer
+        only clears its own shard's, so one killed after its ledger was written would stay for good."""
+        import shutil
+
+        from stores.ledger import Layout
+
+        layout = Layout(self.out)
+        stale = list(layout.partial.iterdir()) if layout.partial.is_dir() else []
+        for folder in (layout.out, layout.ledgers, self.out / STATS_DIR):
+            stale += folder.glob("*.partial") if folder.is_dir() else []
+        for path in stale:
+            log.info("removing %s, left by a killed run", path)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
 
     def _existing_dims(self):
         from stores import open_store
@@ -200,9 +229,13 @@ class Job:
     def _consume(self, events, total: int, stats: RunStats) -> None:
         times = StageTimes()
         reasons: Counter[str] = Counter()
+        committed = [0, 0]  # ok, failed videos of the shards this run committed
         with tqdm(total=total, unit="video", disable=not self.config.run.progress, dynamic_ncols=True) as bar:
             for event in events:
                 self._on_event(event, bar, stats, times, reasons)
+                if isinstance(event, ShardResult) and self._failing(event, committed, stats):
+                    events.close()  # stops the runner's loop; committed shards stay
+                    break
         stats.failed_by_reason = dict(reasons.most_common())
         stats.times = {k: round(v, 4) for k, v in asdict(times).items()}
 
@@ -225,14 +258,34 @@ class Job:
         elif isinstance(event, ShardFailed):
             stats.shards_failed.append({"index": event.index, "attempts": event.attempts, "error": event.error})
 
-    def _finish(self, stats: RunStats) -> None:
+    def _failing(self, result: ShardResult, committed: list[int], stats: RunStats) -> bool:
+        """Checked as the job goes: once enough videos are committed, a failure rate above the limit stops
+        the job early (most likely a wrong --video-root or a broken decoder, not bad videos)."""
+        run = self.config.run
+        committed[0] += result.ok + result.kept
+        committed[1] += result.failed
+        done = sum(committed)
+        if done < max(1, run.failure_check_after) or committed[1] / done <= run.max_failure_rate:
+            return False
+        stats.exit_reason = (f"stopped early: {committed[1]} of the {done} videos committed so far failed "
+                             f"({committed[1] / done:.3f} > --max-failure-rate {run.max_failure_rate}); the "
+                             f"committed shards are kept. Check the failures (vlpcache status {self.out}), then "
+                             f"rerun to resume, with a higher --max-failure-rate if they are expected")
+        log.error("%s", stats.exit_reason)
+        return True
+
+    def _finish(self, stats: RunStats, start: float) -> None:
         from stores import open_store
 
+        stats.wall_s = time.perf_counter() - start
+        stats.videos_per_s = (stats.videos_ok + stats.videos_failed) / stats.wall_s if stats.wall_s else 0.0
         status = open_store(self.out).status
         stats.store_ok, stats.store_failed, stats.store_pending = status.ok, status.failed, status.pending
         stats.weights = dict(self.provenance()["extractor"]["weights_sha256"])
         limit = self.config.run.max_failure_rate
-        if stats.shards_failed:
+        if stats.exit_reason:  # stopped early or on a job-level error: that is the reason
+            pass
+        elif stats.shards_failed:
             stats.exit_reason = (
                 f"{len(stats.shards_failed)} shard(s) could not be written after retries "
                 f"(first: shard {stats.shards_failed[0]['index']}: {stats.shards_failed[0]['error']}); rerun to resume"
@@ -246,5 +299,9 @@ class Job:
 
         stamp = stats.started.replace(":", "").replace("+0000", "Z")
         path = self.out / STATS_DIR / f"{stamp}-{os.getpid()}.json"
-        atomic_write_json(path, {**asdict(stats), "failure_rate": stats.failure_rate})
+        try:
+            atomic_write_json(path, {**asdict(stats), "failure_rate": stats.failure_rate})
+        except OSError as e:  # a full disk must not hide the job's own outcome behind this one
+            log.warning("could not write the run stats %s: %s", path, e)
+            return
         log.info("run stats: %s", path)

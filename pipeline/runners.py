@@ -1,14 +1,22 @@
 """Runners execute shard jobs and stream their events to the driver: in-process (no Ray; comparisons
 and tiny jobs) or on Ray (CPU decode tasks, long-lived model actors, one writer task per shard).
 
-Both retry a shard whose attempt raised, up to `shard_retries` times; a shard that still fails is
-reported as ShardFailed and stays pending in the store (never half-written: the store only sees a
-shard once its ledger is committed).
+Both retry a shard whose attempt failed for a reason a retry can fix (a worker died, a transient I/O
+error), up to `shard_retries` times; a shard that still fails is reported as ShardFailed and stays
+pending in the store (never half-written: the store only sees a shard once its ledger is committed).
+A full disk or a bug of ours (an exception that is no decode, model-input or I/O error) stops the job
+instead (JobStopped): retrying cannot fix it, and it must not fill the ledger with failures.
 """
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
+import sys
+import time
+import traceback
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,11 +48,67 @@ class ShardFailed:
 Event = ShardProgress | ShardResult | ShardRetry | ShardFailed
 
 
+class JobStopped(Exception):
+    """The job cannot go on; committed shards stay as they are. `exit_code` is what the CLI returns."""
+
+    exit_code = 2
+
+
+class DiskFull(JobStopped):
+    exit_code = 1
+
+
+class WorkerBug(JobStopped):
+    """An exception that is neither a decode, model-input nor I/O error: a bug, with its traceback."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, trace: str) -> None:
+        super().__init__(message)
+        self.trace = trace
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The user exception inside Ray's wrappers (a task's error re-raised by the task that waited on it)."""
+    ray = sys.modules.get("ray")
+    while ray is not None and isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
+        if error.cause is error:
+            break
+        error = error.cause
+    return error
+
+
+def _is_infrastructure(error: BaseException) -> bool:
+    """A worker, actor, node or object lost: the work itself is fine, a retry redoes it."""
+    ray = sys.modules.get("ray")
+    if ray is None:
+        return False
+    x = ray.exceptions
+    kinds = (x.RayActorError, x.WorkerCrashedError, x.ObjectLostError, x.NodeDiedError, x.TaskCancelledError,
+             x.GetTimeoutError, x.RaySystemError, x.ObjectFetchTimedOutError, x.OutOfMemoryError)
+    return isinstance(error, kinds) and not isinstance(error, x.RayTaskError)
+
+
+def check_shard_error(error: BaseException, out: str) -> None:
+    """Return when a retry of the shard may fix `error`; raise JobStopped when it must stop the job."""
+    cause = _root_cause(error)
+    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = cause.filename or out
+        raise DiskFull(f"no space left on device in {out} ({cause.strerror}: {where}); free space, then rerun "
+                       f"to resume") from None
+    if _is_infrastructure(error) or _is_infrastructure(cause) or isinstance(cause, OSError):
+        return
+    trace = str(error) if error is not cause else "".join(traceback.format_exception(error))
+    raise WorkerBug(f"a shard worker raised {type(cause).__name__}: {cause}; this is a bug, not a bad video: "
+                    f"the job stopped, committed shards are kept", trace) from None
+
+
 class _Attempts:
     """Per-shard attempt counting and progress bookkeeping shared by both runners."""
 
-    def __init__(self, retries: int) -> None:
+    def __init__(self, retries: int, out: str) -> None:
         self.retries = retries
+        self.out = out
         self.attempt: dict[int, int] = {}
         self.progress: dict[int, list[int]] = {}
 
@@ -57,7 +121,8 @@ class _Attempts:
         self.progress[event.index][1] += event.failed
 
     def failed(self, index: int, error: BaseException) -> tuple[Event, bool]:
-        """The event for a failed attempt, and whether to try again."""
+        """The event for a failed attempt, and whether to try again (JobStopped if nothing may)."""
+        check_shard_error(error, self.out)
         message = f"{type(error).__name__}: {error}".strip()
         attempt = self.attempt[index]
         if attempt > self.retries:
@@ -104,15 +169,17 @@ class LocalRunner:
         except (OSError, ValueError) as e:  # a missing or unreadable weights file, a model the config cannot build
             raise ConfigError(f"could not build the models: {type(e).__name__}: {e}") from e
         need_boxes = self.model.config.regions.kind == "given"
-        self.executor = LocalExecutor(Decoder(self.model.config.sampling, run.timeout_s, need_boxes), self.model)
+        decoder = Decoder(self.model.config.sampling, run.timeout_s, need_boxes, run.io_retries, run.io_backoff_s)
+        self.executor = LocalExecutor(decoder, self.model)
         self.retries = run.shard_retries
+        self.out = run.out
 
     @property
     def dims(self) -> Dims:
         return self.model.dims
 
     def run(self, jobs: Iterable[ShardJob]) -> Iterator[Event]:
-        attempts = _Attempts(self.retries)
+        attempts = _Attempts(self.retries, self.out)
         for job in jobs:
             while True:
                 attempts.start(job.spec.index)
@@ -133,14 +200,26 @@ class LocalRunner:
 
 
 # ---------------------------------------------------------------- Ray
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+
+
 def ray_init(address: str, num_cpus: int) -> bool:
     """Join `address` (or $RAY_ADDRESS), else start an embedded Ray bound to loopback. Returns True when
     this process started Ray (and must shut it down)."""
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if not address:
+        # Ray 2.60 reads these when it is imported: set them first. Without the first, Ray binds every
+        # interface; the second turns token auth off, which only a loopback-only embedded cluster may do.
+        if "ray" in sys.modules and any(os.environ.get(k) != v for k, v in LOOPBACK_ENV.items()):
+            log.warning("ray was imported before its loopback settings were made (%s): set them in the environment "
+                        "of this process so that the embedded Ray stays on 127.0.0.1", LOOPBACK_ENV)
+        os.environ.update(LOOPBACK_ENV)
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
     if ray.is_initialized():  # a caller (a test, a notebook) runs Ray already: use it, leave it running
+        _check_same_cluster(ray, address)
         return False
-    address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
         host = address.split("://")[-1].rsplit(":", 1)[0]
         if host not in ("127.0.0.1", "localhost", "::1") and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
@@ -153,29 +232,48 @@ def ray_init(address: str, num_cpus: int) -> bool:
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
         return True
-    # Without the first variable Ray 2.60 binds every interface; the second turns token auth off,
-    # which only a loopback-only embedded cluster may do.
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(
-        address="local",
-        num_cpus=num_cpus or os.cpu_count(),
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=True,
-    )
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+             _node_ip_address="127.0.0.1", log_to_driver=True)
     return True
 
 
-class _ModelActor:
-    """A long-lived holder of the frame encoder + region source; batches of many videos come to it."""
+def _check_same_cluster(ray: Any, address: str) -> None:
+    """An already initialised Ray must be the cluster asked for: work sent elsewhere would be a surprise."""
+    if not address or address in ("auto", "local"):
+        return
+    current = ray.get_runtime_context().gcs_address or ""
+    want = address.split("://")[-1]
+    host, _, port = want.rpartition(":")
+    alias = {"localhost": "127.0.0.1"}
+    if (alias.get(host, host), port) != tuple(alias.get(p, p) for p in current.rsplit(":", 1)):
+        raise ConfigError(f"Ray is already initialised in this process on the cluster at {current}, not at "
+                          f"--ray-address {address}; call ray.shutdown() first, or drop --ray-address")
 
-    def __init__(self, extractor: dict, device: str, threads: int) -> None:
+
+KV_NAMESPACE = "vlpcache"
+FAULT_DIR = "vlpcache-faults"  # under the temp dir of a model actor's node: its faulthandler reports
+
+
+def _kv():
+    from ray.experimental import internal_kv
+
+    return internal_kv
+
+
+class _ModelActor:
+    """A long-lived holder of the frame encoder + region source; batches of many videos come to it.
+
+    Before a forward pass it records "call TOKEN started" in Ray's key-value store (GCS): when the actor
+    dies, the caller of the call that was running tells itself apart from the callers whose calls only
+    waited in the queue, and only the former isolates its batch (RayExecutor.encoded)."""
+
+    def __init__(self, extractor: dict, device: str, threads: int, job_id: str, index: int) -> None:
         import warnings
 
         # Frames arrive as read-only views of Ray's object store; the models only read them.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        self.key = f"{job_id}/actor{index}"
+        self._fault_file = _enable_fault_report()
         self.runner = ModelRunner(extractor, device, threads)
 
     def dims(self) -> Dims:
@@ -184,47 +282,243 @@ class _ModelActor:
     def pid(self) -> int:
         return os.getpid()
 
-    def encode(self, *decoded: Decoded) -> Encoded:
+    def encode(self, token: str, *decoded: Decoded) -> Encoded:
         # Ray resolves top-level ObjectRef arguments: the frames come straight from the decode workers.
-        return self.runner(list(decoded))
+        kv = _kv()
+        started = json.dumps({"t": time.time(), "pid": os.getpid()}).encode()
+        kv._internal_kv_put(token, started, namespace=KV_NAMESPACE)
+        kv._internal_kv_put(self.key, json.dumps({"token": token, "t": time.time()}).encode(), namespace=KV_NAMESPACE)
+        encoded = self.runner(list(decoded))
+        kv._internal_kv_put(token, b"done", namespace=KV_NAMESPACE)
+        return encoded
+
+    def fault_report(self, pid: int) -> str:
+        """What a dead predecessor process on this node reported as it died (faulthandler's first line)."""
+        import re
+        import tempfile
+        from pathlib import Path
+
+        path = Path(tempfile.gettempdir()) / FAULT_DIR / f"{pid}.txt"
+        try:
+            text = path.read_text()
+        except OSError:
+            return f"process {pid} died (no report on this node)"
+        path.unlink(missing_ok=True)
+        if m := re.search(r"Fatal Python error: (.+)", text):
+            return m.group(1).strip()
+        return f"process {pid} died with no fault report (SIGKILL, the OOM killer or an exit)"
+
+
+def _enable_fault_report() -> Any:
+    """faulthandler to a per-pid file: a fatal signal (SIGSEGV, SIGBUS, SIGFPE, SIGABRT, SIGILL) is named there."""
+    import faulthandler
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.gettempdir()) / FAULT_DIR
+    folder.mkdir(exist_ok=True)
+    for old in folder.glob("*.txt"):  # reports nobody asked for within a day
+        if time.time() - old.stat().st_mtime > 86400:
+            old.unlink(missing_ok=True)
+    f = open(folder / f"{os.getpid()}.txt", "w")  # kept open: faulthandler writes to its descriptor
+    faulthandler.enable(file=f)
+    return f
 
 
 def _decode(decoder: Decoder, task: VideoTask) -> tuple[DecodeStatus, Decoded | None]:
     return decoder(task)
 
 
-def _shard_task(job: ShardJob, decoder_ref: Any, actors: list[Any], decode_options: dict) -> Iterator[Any]:
-    executor = RayExecutor(decoder_ref, actors, decode_options)
+def _shard_task(job: ShardJob, decoder_ref: Any, actors: list[Any], options: dict) -> Iterator[Any]:
+    executor = RayExecutor(decoder_ref, actors, **options)
     yield from process_shard(job, executor)
+
+
+@dataclass
+class _DecodeCall:
+    task: VideoTask
+    status: Any  # ObjectRef[DecodeStatus]
+    frames: Any  # ObjectRef[Decoded | None]
+    resubmitted: bool = False
+
+
+@dataclass
+class _EncodeCall:
+    rows: list[int]
+    frames: list[Any]  # ObjectRef[Decoded] per video
+    batch_index: int
+    token: str
+    ref: Any  # ObjectRef[Encoded]
 
 
 class RayExecutor:
     """Decodes as Ray tasks (two returns: the small status, and the frames that go on to an actor);
-    encodes on the model actors, round-robin by batch."""
+    encodes on the model actors, round-robin by batch. Every wait has a timeout.
 
-    def __init__(self, decoder_ref: Any, actors: list[Any], decode_options: dict) -> None:
+    When a model actor dies (Ray restarts it), the batch whose forward pass was running is retried whole
+    once (an outside kill leaves the same bits), then video by video; a video that kills the actor alone
+    is recorded failed ("model worker crashed: ..."). Batches that only waited in the actor's queue are
+    resubmitted as they were: they lose nothing, not even a shard attempt. A forward pass longer than
+    `encode_timeout_s` counts as a crash ("timed out"): the actor is killed and replaced."""
+
+    MAX_LOST = 20  # resubmissions of one call lost with an actor before the shard attempt gives up
+
+    def __init__(self, decoder_ref: Any, actors: list[Any], decode_options: dict, job_id: str,
+                 encode_timeout_s: float, decode_wait_s: float) -> None:
         import ray
 
         self.decoder_ref = decoder_ref
         self.actors = actors
-        self.decode = ray.remote(_decode).options(**decode_options, num_returns=2, max_retries=0)
+        self.job_id = job_id
+        self.encode_timeout_s = encode_timeout_s
+        self.decode_wait_s = decode_wait_s
+        # Ray retries a decode whose worker died; a bad video is a result, not an exception (Decoder).
+        self.decode = ray.remote(_decode).options(**decode_options, num_returns=2, max_retries=3)
 
-    def submit_decode(self, task: VideoTask) -> tuple[Any, Any]:
-        return tuple(self.decode.remote(self.decoder_ref, task))
+    # -- decode
+    def submit_decode(self, task: VideoTask) -> _DecodeCall:
+        return _DecodeCall(task, *self.decode.remote(self.decoder_ref, task))
 
-    def decode_status(self, handle: tuple[Any, Any]) -> DecodeStatus:
+    def decode_status(self, call: _DecodeCall) -> DecodeStatus:
         import ray
 
-        return ray.get(handle[0])
+        try:
+            return ray.get(call.status, timeout=self.decode_wait_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.cancel(call.status, force=True)
+            if call.resubmitted:
+                return DecodeStatus(call.task.row, f"decode: no result within {self.decode_wait_s:g} s, twice "
+                                    f"(the decode task was cancelled)", self.decode_wait_s)
+            log.warning("video %s: no decode result within %g s; cancelled, resubmitting", call.task.video_id,
+                        self.decode_wait_s)
+            call.status, call.frames = self.decode.remote(self.decoder_ref, call.task)
+            call.resubmitted = True
+            return self.decode_status(call)
 
-    def submit_encode(self, handles: list[tuple[Any, Any]], batch_index: int) -> Any:
+    # -- encode
+    def submit_encode(self, calls: list[_DecodeCall], batch_index: int) -> _EncodeCall:
+        return self._submit([c.task.row for c in calls], [c.frames for c in calls], batch_index)
+
+    def _submit(self, rows: list[int], frames: list[Any], batch_index: int) -> _EncodeCall:
+        token = f"{self.job_id}/call/{uuid.uuid4().hex}"
         actor = self.actors[batch_index % len(self.actors)]
-        return actor.encode.remote(*(frames for _, frames in handles))
+        return _EncodeCall(rows, frames, batch_index, token, actor.encode.remote(token, *frames))
 
-    def encoded(self, handle: Any) -> Encoded:
+    def encoded(self, call: _EncodeCall) -> Encoded:
+        outcome = self._result(call)
+        if isinstance(outcome, Encoded):
+            return outcome
+        log.warning("model actor died on batch %d (rows %s): %s; retrying the batch whole on its replacement",
+                    call.batch_index, call.rows, outcome)
+        self._await_actor(call)
+        outcome = self._result(self._submit(call.rows, call.frames, call.batch_index))
+        if isinstance(outcome, Encoded) or len(call.rows) == 1:
+            return outcome if isinstance(outcome, Encoded) else Encoded([], [], 0.0, 0, {call.rows[0]: outcome})
+        log.warning("batch %d killed its model actor twice (%s): encoding its %d videos one by one",
+                    call.batch_index, outcome, len(call.rows))
+        parts = []
+        for row, frames in zip(call.rows, call.frames):
+            self._await_actor(call)
+            part = self._result(self._submit([row], [frames], call.batch_index))
+            parts.append(part if isinstance(part, Encoded) else Encoded([], [], 0.0, 0, {row: part}))
+        return Encoded(rows=[r for p in parts for r in p.rows], arrays=[a for p in parts for a in p.arrays],
+                       encode_s=sum(p.encode_s for p in parts), batch_splits=sum(p.batch_splits for p in parts),
+                       errors={r: e for p in parts for r, e in p.errors.items()})
+
+    def _result(self, call: _EncodeCall) -> Encoded | str:
+        """The call's Encoded, or why its forward pass killed the actor. Calls lost while waiting in the
+        queue of an actor that another call killed are resubmitted here."""
         import ray
 
-        return ray.get(handle)
+        kv = _kv()
+        lost = 0
+        while True:
+            try:
+                return self._wait(call)
+            except ray.exceptions.RayActorError:
+                started = kv._internal_kv_get(call.token, namespace=KV_NAMESPACE)
+                killed = kv._internal_kv_get(call.token + "/killed", namespace=KV_NAMESPACE)
+                self._forget(call.token)
+                if killed:
+                    return f"model worker timed out: no result within {self.encode_timeout_s:g} s; the actor was killed"
+                if started and started != b"done":
+                    return f"model worker crashed: {self._fault(call, json.loads(started)['pid'])}"
+                lost += 1
+                if lost > self.MAX_LOST:
+                    raise  # an actor that keeps dying under others' batches: the shard attempt fails
+                log.info("batch %d was lost with its model actor (another call killed it): resubmitting it",
+                         call.batch_index)
+                self._await_actor(call)
+                call = self._submit(call.rows, call.frames, call.batch_index)
+
+    def _await_actor(self, call: _EncodeCall) -> None:
+        """Until the call's actor (restarting after a death) answers: calls sent meanwhile would fail at once."""
+        import ray
+
+        actor = self.actors[call.batch_index % len(self.actors)]
+        deadline = time.monotonic() + max(300.0, 2 * self.encode_timeout_s)  # as long as a first start may take
+        while True:
+            try:
+                ray.get(actor.pid.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except ray.exceptions.RayActorError:  # restarting (or its dead incarnation not yet noticed)
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+
+    def _wait(self, call: _EncodeCall) -> Encoded:
+        import ray
+
+        while True:
+            ready, _ = ray.wait([call.ref], timeout=1.0)
+            if ready:
+                encoded = ray.get(call.ref)
+                self._forget(call.token)
+                return encoded
+            self._kill_if_hung(call)
+
+    def _kill_if_hung(self, call: _EncodeCall) -> None:
+        """Kill the call's actor when its forward pass outlived the timeout: ours, or (at twice the
+        timeout, in case its caller is gone) whichever call the actor runs while ours waits."""
+        kv = _kv()
+        actor_key = f"{self.job_id}/actor{call.batch_index % len(self.actors)}"
+        current = kv._internal_kv_get(actor_key, namespace=KV_NAMESPACE)
+        if current is None:
+            return
+        current = json.loads(current)
+        mine = current["token"] == call.token
+        if kv._internal_kv_get(current["token"], namespace=KV_NAMESPACE) in (None, b"done"):
+            return
+        limit = self.encode_timeout_s * (1 if mine else 2)
+        if time.time() - current["t"] <= limit or kv._internal_kv_get(current["token"] + "/killed", namespace=KV_NAMESPACE):
+            return
+        import ray
+
+        log.warning("model actor of batch %d: a forward pass has run %.0f s (> %g s): killing and replacing the actor",
+                    call.batch_index, time.time() - current["t"], self.encode_timeout_s)
+        kv._internal_kv_put(current["token"] + "/killed", b"1", namespace=KV_NAMESPACE)
+        ray.kill(self.actors[call.batch_index % len(self.actors)], no_restart=False)
+
+    def _fault(self, call: _EncodeCall, pid: int) -> str:
+        """The dead actor's fault report, read by its replacement (same node on one machine)."""
+        import ray
+
+        actor = self.actors[call.batch_index % len(self.actors)]
+        for _ in range(10):
+            self._await_actor(call)
+            try:
+                return ray.get(actor.fault_report.remote(pid), timeout=self.encode_timeout_s)
+            except ray.exceptions.RayActorError:  # it died again in between: ask its next replacement
+                time.sleep(1.0)
+            except ray.exceptions.GetTimeoutError:
+                break
+        return f"process {pid} died"
+
+    @staticmethod
+    def _forget(token: str) -> None:
+        kv = _kv()
+        for key in (token, token + "/killed"):
+            kv._internal_kv_del(key, namespace=KV_NAMESPACE)
 
 
 class RayRunner:
@@ -236,6 +530,8 @@ class RayRunner:
 
         self.run_config = run = config.run
         self.actors: list[Any] = []
+        self.live: dict[Any, ShardJob] = {}
+        self.job_id = uuid.uuid4().hex[:12]  # keys of this job's encode calls in Ray's key-value store
         self.started = ray_init(run.ray_address, run.num_cpus)
         try:
             self._dims = self._start_actors(config)
@@ -243,11 +539,15 @@ class RayRunner:
             self.close()
             raise
         extractor = ExtractorConfig.from_dict(config.extractor)
-        decoder = Decoder(extractor.sampling, run.timeout_s, extractor.regions.kind == "given")
+        decoder = Decoder(extractor.sampling, run.timeout_s, extractor.regions.kind == "given", run.io_retries,
+                          run.io_backoff_s)
         import ray
 
         self.decoder_ref = ray.put(decoder)
         self.shard_task = ray.remote(_shard_task).options(num_cpus=0, max_retries=0)
+        self.executor_options = {"decode_options": {"num_cpus": run.decode_cpus}, "job_id": self.job_id,
+                                 "encode_timeout_s": run.encode_timeout(extractor.num_frames),
+                                 "decode_wait_s": run.decode_wait()}
 
     def _start_actors(self, config: JobConfig) -> Dims:
         """Start the model actors and wait until their models are built (a bad weights file fails here)."""
@@ -264,9 +564,16 @@ class RayRunner:
         actor_cls = ray.remote(_ModelActor).options(
             num_cpus=run.actor_cpus, num_gpus=run.actor_gpus, max_restarts=-1, max_task_retries=0
         )
-        self.actors = [actor_cls.remote(config.extractor, run.device, threads) for _ in range(run.model_actors)]
+        self.actors = [actor_cls.remote(config.extractor, run.device, threads, self.job_id, i)
+                       for i in range(run.model_actors)]
+        from extractors.config import ExtractorConfig
+
+        wait = max(300.0, 2 * run.encode_timeout(ExtractorConfig.from_dict(config.extractor).num_frames))
         try:
-            return ray.get([a.dims.remote() for a in self.actors])[0]
+            return ray.get([a.dims.remote() for a in self.actors], timeout=wait)[0]
+        except ray.exceptions.GetTimeoutError as e:
+            raise ConfigError(f"the model actors did not build their models within {wait:g} s (a GPU that hangs? "
+                              f"not enough CPUs/GPUs in the cluster for run.model_actors={run.model_actors}?)") from e
         except ray.exceptions.RayActorError as e:
             cause = str(e).strip().splitlines()[-1]  # the creation task's own exception, last in the message
             raise ConfigError(f"the model actors could not build the models: {cause}") from e
@@ -283,18 +590,17 @@ class RayRunner:
     def run(self, jobs: Iterable[ShardJob]) -> Iterator[Event]:
         import ray
 
-        attempts = _Attempts(self.run_config.shard_retries)
+        attempts = _Attempts(self.run_config.shard_retries, self.run_config.out)
         fresh = iter(jobs)  # built lazily by the driver: only the open shards' rows are in memory
         queue: list[ShardJob] = []  # shards to retry, taken before fresh ones
-        live: dict[Any, ShardJob] = {}
-        decode_options = {"num_cpus": self.run_config.decode_cpus}
+        live = self.live
         while True:
             while len(live) < self.run_config.concurrent_shards:
                 job = queue.pop() if queue else next(fresh, None)
                 if job is None:
                     break
                 attempts.start(job.spec.index)
-                live[self.shard_task.remote(job, self.decoder_ref, self.actors, decode_options)] = job
+                live[self.shard_task.remote(job, self.decoder_ref, self.actors, self.executor_options)] = job
             if not live:
                 return
             ready, _ = ray.wait(list(live), num_returns=1, timeout=1.0)
@@ -319,6 +625,12 @@ class RayRunner:
     def close(self) -> None:
         import ray
 
+        for gen in self.live:  # a stopped job: its shards' writers must not go on in a cluster
+            try:
+                ray.cancel(gen, force=True)
+            except Exception as e:  # noqa: BLE001 - best effort; the writer's partial shard is never committed
+                log.warning("could not cancel a shard task: %s", e)
+        self.live.clear()
         for actor in self.actors:
             ray.kill(actor)
         if self.started and ray.is_initialized():

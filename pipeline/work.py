@@ -4,8 +4,10 @@ of videos -> the store's per-video arrays).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -61,35 +63,70 @@ class Encoded:
     errors: dict[int, str] = field(default_factory=dict)  # row -> error, for videos the models failed on
 
 
-class Decoder:
-    """VideoTask -> (DecodeStatus, Decoded | None). Decode errors are results, never exceptions: a bad
-    video must not stop its shard. The decode runs in a subprocess killed after `timeout_s` (decord can
-    hang holding the GIL, so a thread cannot stop it)."""
+# errno values that a network file system (NFS, SMB, FUSE) returns for a moment and then not: worth a retry
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.EAGAIN, errno.ETIMEDOUT, errno.EINTR, errno.EBUSY,
+                              errno.ENOLCK, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ENETUNREACH})
+_ERRNO = re.compile(r"\[Errno (\d+)\]")
 
-    def __init__(self, sampling: SamplingConfig, timeout_s: float, need_boxes: bool) -> None:
+
+def transient_errno(error: BaseException) -> int | None:
+    """The transient errno behind `error` (an OSError, or a DecodeError whose message carries one from the
+    decoder process, where the OSError itself cannot travel), else None."""
+    if isinstance(error, OSError) and error.errno in TRANSIENT_ERRNOS:
+        return error.errno
+    if isinstance(error, DecodeError) and (m := _ERRNO.search(str(error))) and int(m.group(1)) in TRANSIENT_ERRNOS:
+        return int(m.group(1))
+    return None
+
+
+class Decoder:
+    """VideoTask -> (DecodeStatus, Decoded | None). A bad video is a result, never an exception: it must not
+    stop its shard. The decode runs in a subprocess killed after `timeout_s` (decord can hang holding the
+    GIL, so a thread cannot stop it). A transient I/O error (EIO, ESTALE, ...) is retried `io_retries`
+    times with exponential backoff before the video is recorded failed. An exception that is neither a
+    decode error nor an OSError on the video is a bug of ours, not of the video: it propagates and stops
+    the job rather than filling the ledger with failures."""
+
+    def __init__(self, sampling: SamplingConfig, timeout_s: float, need_boxes: bool, io_retries: int = 3,
+                 io_backoff_s: float = 1.0) -> None:
         require_backend(sampling.backend)  # a missing decoder stops the job at start, naming the package
         self.sampling = sampling
         self.timeout_s = timeout_s
         self.need_boxes = need_boxes
+        self.io_retries = io_retries
+        self.io_backoff_s = io_backoff_s
 
     def __call__(self, task: VideoTask) -> tuple[DecodeStatus, Decoded | None]:
-        from extractors.decode import decode_clip_killable
-
         start = time.perf_counter()
-        try:
-            if not os.path.isfile(task.path):
-                raise DecodeError(f"video file not found: {task.path} (check --video-root and the manifest's path)")
-            clip = decode_clip_killable(task.path, self.sampling, task.window, self.timeout_s, task.span)
-            boxes = self._given_boxes(task, clip) if self.need_boxes else None
-        except DecodeError as e:
-            return DecodeStatus(task.row, f"decode: {e}", time.perf_counter() - start), None
-        except BackendUnavailable:
-            raise  # no video can decode here: not a per-video failure
-        except Exception as e:  # a bad file may break a library in unforeseen ways: record it, go on
-            log.warning("video %s (%s): unexpected %s: %s", task.video_id, task.path, type(e).__name__, e)
-            return DecodeStatus(task.row, f"decode: {type(e).__name__}: {e}", time.perf_counter() - start), None
+        for attempt in range(self.io_retries + 1):
+            try:
+                clip = self._decode(task)
+                boxes = self._given_boxes(task, clip) if self.need_boxes else None
+                break
+            except (DecodeError, OSError) as e:
+                code = transient_errno(e)
+                if code is None or attempt == self.io_retries:
+                    error = f"decode: {e}" if code is None else f"decode: I/O error after {attempt + 1} attempts: {e}"
+                    return DecodeStatus(task.row, error, time.perf_counter() - start), None
+                delay = self.io_backoff_s * 2**attempt
+                log.warning("video %s: transient %s, retry %d/%d in %.1f s: %s", task.video_id, errno.errorcode[code],
+                            attempt + 1, self.io_retries, delay, e)
+                time.sleep(delay)
+            except ValueError as e:  # an unreadable boxes sidecar: this video's input, recorded
+                return DecodeStatus(task.row, f"decode: {e}", time.perf_counter() - start), None
         status = DecodeStatus(task.row, None, time.perf_counter() - start, tuple(clip.flags))
         return status, Decoded(task.row, clip, boxes)
+
+    def _decode(self, task: VideoTask) -> Clip:
+        from extractors.decode import decode_clip_killable
+
+        try:
+            os.stat(task.path)  # unlike os.path.isfile, keeps a transient errno apart from a missing file
+        except FileNotFoundError:
+            raise DecodeError(f"video file not found: {task.path} (check --video-root and the manifest's path)") from None
+        if not os.path.isfile(task.path):
+            raise DecodeError(f"not a file: {task.path}")
+        return decode_clip_killable(task.path, self.sampling, task.window, self.timeout_s, task.span)
 
     @staticmethod
     def _given_boxes(task: VideoTask, clip: Clip) -> list[np.ndarray]:
@@ -108,9 +145,16 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or (isinstance(error, RuntimeError) and "out of memory" in str(error))
 
 
+def is_input_error(error: BaseException) -> bool:
+    """An error that one video's frames cause (rejected input, too big to fit even alone): recorded as that
+    video's failure. Anything else (TypeError, AttributeError, ...) is a bug of ours and stops the job."""
+    return isinstance(error, ValueError) or _is_oom(error)
+
+
 class ModelRunner:
     """list[Decoded] -> Encoded. Holds the frame encoder and the region source; the frames of all the
-    batch's videos go through each model together. An out-of-memory error halves the batch and retries."""
+    batch's videos go through each model together. An out-of-memory error halves the batch and retries;
+    a failed batch is redone video by video, and a video whose own input fails is recorded failed."""
 
     def __init__(self, extractor: dict, device: str = "cpu", threads: int = 0) -> None:
         import torch
@@ -134,6 +178,8 @@ class ModelRunner:
             return Encoded([d.row for d in batch], arrays, time.perf_counter() - start, splits)
         except Exception as e:
             if len(batch) == 1:
+                if not is_input_error(e):
+                    raise
                 return Encoded([], [], time.perf_counter() - start, 0, {batch[0].row: f"encode: {type(e).__name__}: {e}"})
             log.warning("a batch of %d videos failed (%s: %s); encoding its videos one by one", len(batch), type(e).__name__, e)
         # One bad video must not fail its batch-mates: each alone, so only the culprit is recorded failed.

@@ -308,11 +308,13 @@ class ShardWriter:
 
     def _close(self) -> None:
         self._done = True
-        self._sink.close()
-        if self._prev_reader is not None:
-            self._prev_reader.close()
-            self._prev_reader = None
-        shutil.rmtree(self.partial_dir, ignore_errors=True)
+        try:
+            self._sink.close()  # on a full disk, closing flushes and fails again: the partial must go anyway
+            if self._prev_reader is not None:
+                self._prev_reader.close()
+                self._prev_reader = None
+        finally:
+            shutil.rmtree(self.partial_dir, ignore_errors=True)
 
 
 def _file_record(partial: Path, final: Path, layout: Layout) -> FileRecord:

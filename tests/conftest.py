@@ -36,3 +36,13 @@ def sample_videos() -> list[Path]:
     videos = sorted(data.glob("*.mp4"))
     assert len(videos) == 4, f"expected 4 sample mp4 files in {data}, found {videos}"
     return videos
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault suite's table (tests/_faults_table.py), when fault tests ran."""
+    import sys
+
+    faults = sys.modules.get("_faults_table")
+    if faults is not None and faults.RESULTS:
+        terminalreporter.write_sep("=", "faults")
+        terminalreporter.write_line(faults.table())
