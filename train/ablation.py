@@ -214,7 +214,9 @@ def run_one(args: argparse.Namespace, features: Path, row: str, seed: int, code:
 def _cell(vals: np.ndarray) -> str:
     if np.all(np.isnan(vals)):
         return "–"
-    return f"{np.nanmean(vals):.1f} ± {np.nanstd(vals, ddof=1) if len(vals) > 1 else 0.0:.1f}"
+    if len(vals) == 1:
+        return f"{vals[0]:.1f} (1 seed)"
+    return f"{np.nanmean(vals):.1f} ± {np.nanstd(vals, ddof=1):.1f}"
 
 
 def _version(code: dict) -> str:
@@ -234,7 +236,7 @@ def table(results: dict[str, list[dict]]) -> str:
     seeds = sorted({r["seed"] for rs in results.values() for r in rs})
     wall = sum(r["wall_s"] for rs in results.values() for r in rs)
     lines.append("")
-    lines.append(f"mean ± std over seeds {seeds}; {any_result['train_videos']} training videos, model selection "
+    lines.append(f"mean ± sample std over the seeds listed per row (of {seeds}); {any_result['train_videos']} training videos, model selection "
                  f"on val ({int(any_result['val']['videos'])} clips), test evaluated once per row and seed "
                  f"({int(m['videos'])} held-out clips, {int(m.get('binding_pairs', 0))} captions in twin pairs, "
                  f"{int(m.get('moment_queries', 0))} moment queries on merged sequences of random crops); "
