@@ -133,3 +133,20 @@ def test_cli_reads_a_glob_of_tars_and_refuses_a_bad_one(both_layouts, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "00009.tar is not a readable tar file" in result.stderr and "re-download it or leave it out" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_tar_input_with_a_whole_file_backend_stops_the_job(both_layouts, tmp_path):
+    """A tar member under a backend that reads whole files only: no video of the job can decode, so the
+    job stops (JobStopped, exit 2) naming the fix, instead of a 'bug' traceback or a ledger of failures."""
+    import copy
+
+    from _pipeline_helpers import TINY_EXTRACTOR
+    from pipeline.runners import JobStopped, WorkerBug
+
+    extractor = copy.deepcopy(TINY_EXTRACTOR)
+    extractor["sampling"]["backend"] = "decord"
+    out = tmp_path / "out"
+    with pytest.raises(JobStopped, match="pyav backend only.*set sampling.backend: pyav") as stopped:
+        Job(job_config(both_layouts["tars"], out, extractor=extractor, runner="local", shard_size=4)).run()
+    assert not isinstance(stopped.value, WorkerBug) and stopped.value.exit_code == 2
+    assert open_store(out).status.failed == 0 and not list((out / "ledgers").glob("*.json"))
