@@ -124,7 +124,7 @@ class RegionConfig:
     def __post_init__(self) -> None:
         _choice("regions.kind", self.kind, REGION_KINDS)
         if self.plugin and ":" not in self.plugin:
-            raise ValueError(f"regions.plugin must be 'FILE.py:FACTORY' or 'MODULE:FACTORY', got {self.plugin!r}")
+            raise ConfigError(f"regions.plugin must be 'FILE.py:FACTORY' or 'MODULE:FACTORY', got {self.plugin!r}")
         _choice("regions.detector", self.detector, DETECTOR_MODELS)
         _choice("regions.backbone", self.backbone, REGION_BACKBONES)
         _choice("regions.amp", self.amp, AMP_DTYPES)

@@ -19,8 +19,8 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, JobConfig, save_config
-from pipeline.manifest import ManifestIndex, ManifestRow, scan_manifest
 from pipeline.lock import OutLock
+from pipeline.manifest import ManifestIndex, ManifestRow, scan_manifest
 from pipeline.runners import Event, JobStopped, ShardFailed, ShardRetry, make_runner
 from pipeline.shard import ShardJob, ShardProgress, ShardResult, ShardSpec, plan_shards
 from pipeline.work import StageTimes, VideoTask

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from extractors.backends import BackendUnavailable
 from pipeline.config import ConfigError, JobConfig, RunConfig
 from pipeline.shard import ShardJob, ShardProgress, ShardResult, process_shard
 from pipeline.work import Decoded, DecodeStatus, Decoder, Encoded, ModelRunner, VideoTask
@@ -98,6 +99,8 @@ def check_shard_error(error: BaseException, out: str) -> None:
                        f"to resume") from None
     if _is_infrastructure(error) or _is_infrastructure(cause) or isinstance(cause, OSError):
         return
+    if isinstance(cause, BackendUnavailable):  # no video can decode here (e.g. a tar member, backend not pyav)
+        raise JobStopped(f"{cause}; the job stopped, committed shards are kept") from None
     trace = str(error) if error is not cause else "".join(traceback.format_exception(error))
     raise WorkerBug(f"a shard worker raised {type(cause).__name__}: {cause}; this is a bug, not a bad video: "
                     f"the job stopped, committed shards are kept", trace) from None

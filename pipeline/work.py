@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from extractors.api import Clip, DecodeError
-from extractors.backends import BackendUnavailable, require_backend
+from extractors.backends import require_backend
 from extractors.config import ExtractorConfig, SamplingConfig
 from stores.schema import ARRAYS, Dims
 
