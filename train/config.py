@@ -87,8 +87,8 @@ class OptimConfig:
 class RunConfig:
     seed: int = 0
     ckpt_every: int = 500  # steps between checkpoints (one is always written on exit)
-    eval_every: int = 500  # steps between evaluations on data.eval_split
-    log_every: int = 25
+    eval_every: int = 500  # steps between evaluations on data.eval_split (0 = at the end only)
+    log_every: int = 25  # steps between metric lines (0 = at the end only)
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     threads: int = 0  # torch CPU threads, 0 = torch's default
     score: str = "auto"  # retrieval score: "global", "global+align", "auto" (= +align when align_weight > 0)

@@ -340,11 +340,12 @@ class Trainer:
         try:
             while self.step < cfg.optim.steps:
                 record = self.train_step()
-                if metrics and (self.step % r.log_every == 0 or self.step == cfg.optim.steps):
+                if metrics and ((r.log_every and self.step % r.log_every == 0) or self.step == cfg.optim.steps):
                     metrics.write({"kind": "train", "step": self.step, "lr": self.scheduler.get_last_lr()[0],
                                    "scale": float(self.model.scale().detach()), "elapsed_s": time.time() - start, **record})
                     log.info("step %d/%d loss %.4f", self.step, cfg.optim.steps, record["loss"])
-                if self.eval_split is not None and (self.step % r.eval_every == 0 or self.step == cfg.optim.steps):
+                due = (r.eval_every and self.step % r.eval_every == 0) or self.step == cfg.optim.steps
+                if self.eval_split is not None and due:
                     last_eval = self.run_eval()
                     if metrics:
                         metrics.write({"kind": "eval", "step": self.step, "split": cfg.data.eval_split, **last_eval})
