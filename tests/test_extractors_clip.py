@@ -57,6 +57,7 @@ def test_preprocessing_is_open_clips(encoder, frames):
         assert (ours - theirs).abs().mean() < 0.02, (ours - theirs).abs().mean()
 
 
+@pytest.mark.slow  # heavy: `make test-slow`
 def test_local_checkpoint_loads_image_tower_and_matches_in_memory_model(encoder, frames, tmp_path):
     """open_clip's checkpoint layout (visual.* + text tower keys): the image tower loads, the rest is ignored."""
     from safetensors.torch import save_file

@@ -68,6 +68,7 @@ def test_checkpoint_loads_through_the_extractor_config(tuned, demo_corpus):
     assert alone.features.shape[-1] == 1024
 
 
+@pytest.mark.slow  # heavy: `make test-slow`
 def test_finetune_is_deterministic_given_the_seed(tuned, demo_corpus, tmp_path):
     # Through the CLI as `tuned` was: in this process other tests may have changed torch's thread count,
     # and float sums over another number of threads differ in their last bits.

@@ -118,6 +118,7 @@ def test_shard_writer_killed_mid_shard_is_retried(ray_local, demo_corpus, refere
     check_recovered("kill -9 of a shard writer", reference, out, note="shard retried")
 
 
+@pytest.mark.slow  # heavy: `make test-slow`
 def test_driver_killed_then_rerun_equals_uninterrupted(demo_corpus, reference, tmp_path):
     """kill -9 of the driver (with its embedded Ray) once a shard is committed; the rerun completes it."""
     out = tmp_path / "out"
@@ -168,6 +169,7 @@ def _kill_group(pgid: int) -> None:
         time.sleep(2)
 
 
+@pytest.mark.slow  # heavy: `make test-slow`
 def test_two_node_cluster_on_loopback(demo_corpus, reference, tmp_path):
     import socket
 

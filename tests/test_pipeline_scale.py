@@ -115,6 +115,7 @@ def test_a_shard_task_carries_only_its_rows(demo_corpus, tmp_path):
     assert abs(sizes[400] - sizes[40]) < 64, sizes
 
 
+@pytest.mark.slow  # heavy: `make test-slow`
 def test_bench_scale_code_on_a_tiny_manifest(tmp_path):
     report = bench_run(rows=60, shard_size=20, work=tmp_path, baseline=True)
     new, old = report["runs"]["streaming"], report["runs"]["baseline 4cdfc47"]
