@@ -132,6 +132,7 @@ def test_any_class_count_loads_and_unused_keys_are_reported(frames, tmp_path, ca
     assert torch.equal(source.backbone.model.state_dict()[CLS_SCORE_KEY], state[CLS_SCORE_KEY])
 
 
+@pytest.mark.slow  # heavy: `make test-slow`
 def test_bad_checkpoints_are_refused_before_any_video_is_read(demo_corpus, tmp_path):
     good = seeded_detector(seed=5).state_dict()
     other_arch = tmp_path / "resnet_fpn.pth"  # a checkpoint of another detector under the mobilenet config

@@ -60,6 +60,7 @@ def _wait_busy(pid: int, timeout: float) -> None:
     raise AssertionError(f"model actor {pid} never got busy within {timeout} s")
 
 
+@pytest.mark.slow  # heavy: `make test-slow`
 def test_model_actor_killed_mid_shard_is_retried(ray_local, demo_corpus, tmp_path):
     """The batch the actor was running is retried whole on its replacement: same bits, no shard retry."""
     out = tmp_path / "out"
