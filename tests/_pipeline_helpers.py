@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -129,3 +130,18 @@ def _worker_node_main(gcs_address: str, temp_dir: str) -> None:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker-node"]:
     _worker_node_main(sys.argv[2], sys.argv[3])
+
+
+def kill_mid_shard(out: Path, find_pid, what: str, killed: list[int]):
+    """An `on_runner_ready` hook: once a shard is partly written and `find_pid()` names a process, SIGKILL it
+    (from a thread, so the job keeps running) and append its pid to `killed`."""
+    def hook(runner) -> None:
+        def killer() -> None:
+            wait_for(lambda: partials(out) and find_pid(), 120, what)
+            pid = find_pid()
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+        threading.Thread(target=killer, daemon=True).start()
+
+    return hook

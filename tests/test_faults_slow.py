@@ -8,14 +8,13 @@ import os
 import random
 import shutil
 import signal
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from _faults_table import check_recovered, record
-from _pipeline_helpers import (cli, job_config, kill_group, ledgers, partials, start_cli, tiny_sets,
+from _pipeline_helpers import (cli, job_config, kill_group, kill_mid_shard, ledgers, partials, start_cli, tiny_sets,
                                wait_for)
 from pipeline.job import Job
 from stores import open_store
@@ -113,15 +112,7 @@ def test_decode_worker_killed(ray_local, demo_corpus, reference, tmp_path):
     out = tmp_path / "out"
     killed = []
 
-    def kill_decoder(runner):
-        def killer():
-            wait_for(lambda: partials(out) and _decode_worker_pid(), 120, "a decode task running")
-            pid = _decode_worker_pid()
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-
-        threading.Thread(target=killer, daemon=True).start()
-
+    kill_decoder = kill_mid_shard(out, _decode_worker_pid, "a decode task running", killed)
     stats = Job(job_config(demo_corpus["manifest"], out, runner="ray", concurrent_shards=1)).run(on_runner_ready=kill_decoder)
     assert killed and not stats.shards_failed and stats.videos_failed == 0
     check_recovered("kill -9 of a decode worker", reference, out, note="Ray reruns the decode task")

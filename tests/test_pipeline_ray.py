@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import ray
 
-from _pipeline_helpers import (TINY_EXTRACTOR, assert_same_store, cli, job_config, kill_group, ledgers, partials,
-                               start_cli, start_worker_node, tiny_sets, wait_for)
+from _pipeline_helpers import (TINY_EXTRACTOR, assert_same_store, cli, job_config, kill_group, kill_mid_shard, ledgers,
+                               partials, start_cli, start_worker_node, tiny_sets, wait_for)
 from _faults_table import check_recovered
 from pipeline.job import Job
 
@@ -104,15 +104,7 @@ def test_shard_writer_killed_mid_shard_is_retried(ray_local, demo_corpus, refere
     out = tmp_path / "out"
     killed = []
 
-    def kill_writer(runner):
-        def killer():
-            wait_for(lambda: partials(out) and _shard_writer_pid(), 120, "a shard writer task mid-shard")
-            pid = _shard_writer_pid()
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-
-        threading.Thread(target=killer, daemon=True).start()
-
+    kill_writer = kill_mid_shard(out, _shard_writer_pid, "a shard writer task mid-shard", killed)
     cfg = job_config(demo_corpus["manifest"], out, runner="ray", concurrent_shards=1, shard_retries=3)
     stats = Job(cfg).run(on_runner_ready=kill_writer)
     assert killed and stats.shard_retries >= 1 and not stats.shards_failed
