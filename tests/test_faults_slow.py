@@ -20,6 +20,7 @@ from pipeline.job import Job
 from stores import open_store
 from stores.schema import ARRAYS
 from test_faults import marked_corpus, plugin_extractor  # noqa: F401 - a fixture shared with the fast part
+from test_pipeline_ray import ray_local, reference  # noqa: F401 - the same module fixtures as the Ray tests
 
 pytestmark = pytest.mark.slow
 
@@ -88,24 +89,6 @@ def _decode_worker_pid() -> int | None:
         except psutil.NoSuchProcess:
             continue
     return None
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from pipeline.runners import ray_init
-
-    ray_init("", 2)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def reference(demo_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref_job") / "out"
-    Job(job_config(demo_corpus["manifest"], out, runner="local")).run()
-    return out
 
 
 def test_decode_worker_killed(ray_local, demo_corpus, reference, tmp_path):
