@@ -5,6 +5,9 @@ file that holds pickled Python objects is refused with that reason. A checkpoint
 and shape by shape against the model before it is loaded: a missing key or a wrong shape is refused
 with the file, the first mismatches and the expected architecture, so a model is never partly random.
 Keys the model does not use (e.g. a Visual Genome attribute head) are reported and ignored.
+
+torch is imported only by the functions that read or load weights: the extract driver resolves weight
+files and hashes them for the store's provenance (extractors/provenance.py) without importing torch.
 """
 from __future__ import annotations
 
@@ -13,9 +16,11 @@ import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +109,8 @@ def warn_if_not_published(path: Path, model: str) -> None:
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """A state dict of tensors from a .safetensors / .pth / .pt / .bin file, never unpickling code."""
+    import torch
+
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

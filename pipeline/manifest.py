@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -295,20 +296,21 @@ def _row(video_id: str, path: str, caption: str, meta: dict[str, str], error: st
 
 class _Lines:
     """A binary file's lines as text, counting the bytes handed out: the csv module reads a record's
-    lines and no further, so `pos` after a record is where the next one starts."""
+    lines and no further, so `pos` after a record is where the next one starts. Lines end at LF, CRLF
+    or a bare CR (old Mac / Excel "CSV (Macintosh)" exports), kept untranslated as csv wants them."""
 
     def __init__(self, f: Any, pos: int) -> None:
-        self.f, self.pos = f, pos
+        self.text, self.pos = io.TextIOWrapper(f, encoding="utf-8", newline=""), pos
 
     def __iter__(self) -> _Lines:
         return self
 
     def __next__(self) -> str:
-        line = self.f.readline()
+        line = self.text.readline()
         if not line:
             raise StopIteration
-        self.pos += len(line)
-        return line.decode("utf-8")
+        self.pos += len(line) if line.isascii() else len(line.encode("utf-8"))  # isascii: O(1) in CPython
+        return line
 
 
 class _CsvReader:

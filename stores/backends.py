@@ -1,10 +1,17 @@
-"""The two backends behind one small interface: layout creation/validation, a shard sink, a shard reader."""
+"""The two backends behind one small interface: layout creation/validation, a shard sink, a shard reader.
+
+A backend's module is imported the first time it is asked for: a reader of a Zarr store never loads
+h5py, and one of an HDF5 store never loads the Zarr code (each costs its process memory and start time).
+"""
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Callable
 
-from stores import hdf5_backend, zarr_backend
+MODULES = {"zarr": ("stores.zarr_backend", "ZarrShardSink", "ZarrShardReader"),
+           "hdf5": ("stores.hdf5_backend", "HDF5ShardSink", "HDF5ShardReader")}
 
 
 @dataclass(frozen=True)
@@ -17,11 +24,25 @@ class Backend:
     status_files: Callable  # (Layout, StoreMeta, shard) -> files holding the shard's row_status apart from its data
 
 
-BACKENDS: dict[str, Backend] = {
-    "zarr": Backend("zarr", zarr_backend.init_layout, zarr_backend.validate_layout,
-                    zarr_backend.ZarrShardSink, zarr_backend.ZarrShardReader,
-                    zarr_backend.status_files),
-    "hdf5": Backend("hdf5", hdf5_backend.init_layout, hdf5_backend.validate_layout,
-                    hdf5_backend.HDF5ShardSink, hdf5_backend.HDF5ShardReader,
-                    hdf5_backend.status_files),
-}
+class _Backends(Mapping):
+    """name -> Backend, importing the backend's module on first use."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[str, Backend] = {}
+
+    def __getitem__(self, name: str) -> Backend:
+        if name not in self._loaded:
+            module_name, sink, reader = MODULES[name]
+            m = importlib.import_module(module_name)
+            self._loaded[name] = Backend(name, m.init_layout, m.validate_layout, getattr(m, sink), getattr(m, reader),
+                                         m.status_files)
+        return self._loaded[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(MODULES)
+
+    def __len__(self) -> int:
+        return len(MODULES)
+
+
+BACKENDS: Mapping[str, Backend] = _Backends()

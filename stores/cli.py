@@ -7,7 +7,6 @@ import sys
 
 from stores.errors import StoreError
 from stores.reader import open_store
-from stores.verify import verify_store
 
 
 def status_main(argv: list[str] | None = None) -> int:
@@ -40,6 +39,8 @@ def verify_main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", metavar="OUT", help="the store folder (the --out of extract)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
+    from stores.verify import verify_store  # here: it loads h5py, which `status` does not need
+
     report = verify_store(args.out)
     if args.json:
         print(json.dumps(report.to_json(), indent=1))

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from stores.errors import StoreError
 from stores.io import fsync_path
+from stores.utf8 import Utf8Column
 
 BATCH = 65536
 IDS_FILE = "video_ids.arrow"
@@ -111,7 +112,7 @@ class IdIndex:
         self.folder = folder
         try:
             with pa.memory_map(str(folder / IDS_FILE)) as source:  # buffers keep the mapping, not the fd
-                self._ids = pa.ipc.open_file(source).read_all().column("video_id")
+                self._ids = Utf8Column(pa.ipc.open_file(source).read_all().column("video_id"))
             self._table = np.load(folder / TABLE_FILE, mmap_mode="r")
         except (OSError, pa.ArrowInvalid, ValueError, KeyError) as e:
             raise StoreError(f"{folder}: the store's id index is unreadable ({e}); it is written once, when the "
@@ -126,7 +127,7 @@ class IdIndex:
         return len(self._ids)
 
     def video_id(self, row: int) -> str:
-        return self._ids[row].as_py()
+        return self._ids[row]
 
     def row(self, video_id: str) -> int | None:
         h = id_hash(video_id)

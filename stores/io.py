@@ -1,9 +1,12 @@
 """Crash-safe file writes: write *.partial, fsync, rename into place, fsync the directory."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +65,16 @@ def durable_replace(src: Path, dst: Path) -> None:
     makedirs_durable(dst.parent)
     os.replace(src, dst)
     fsync_path(dst.parent)
+
+
+@contextlib.contextmanager
+def folder_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path` (created if missing), held for the block; waits for another holder.
+    The kernel drops it when its process dies, so a killed holder never leaves it taken."""
+    makedirs_durable(path.parent)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -17,6 +17,7 @@ import pyarrow as pa
 from stores.errors import StoreError
 from stores.ledger import VideoRecord
 from stores.schema import STATUS_CODES, STATUS_NAMES
+from stores.utf8 import Utf8Column
 
 META_PREFIX = "meta."
 
@@ -53,9 +54,10 @@ class ShardRows:
                 self.table = pa.ipc.open_file(source).read_all()
             self.status = self.table.column("status").to_numpy()  # [rows] int8, 1 ok / 2 failed
             rows = self.table.column("row").to_numpy()
+            self._id_column = Utf8Column(self.table.column("video_id"))
         except FileNotFoundError as e:
             raise StoreError(f"{path} is missing but its shard's ledger says it was committed; re-extract the shard") from e
-        except (OSError, pa.ArrowException, KeyError) as e:
+        except (OSError, pa.ArrowException, KeyError, ValueError) as e:
             raise StoreError(f"{path}: the shard's rows part is unreadable ({e}); run `vlpcache verify`, then re-extract the shard") from e
         if len(rows) != n_rows or not np.array_equal(rows, np.arange(row_start, row_start + n_rows)) \
                 or not np.isin(self.status, (1, 2)).all():
@@ -76,7 +78,7 @@ class ShardRows:
     def video_id(self, local: int) -> str:
         if self._ids is not None:
             return self._ids[local]
-        return self.table.column("video_id")[local].as_py()
+        return self._id_column[local]
 
     def ids(self) -> list[str]:
         if self._ids is None:  # one conversion per shard, for whole-shard walks

@@ -18,13 +18,18 @@ import numpy as np
 from stores.backends import BACKENDS
 from stores.errors import StoreError
 from stores.idindex import write_id_index
-from stores.io import atomic_write_json, durable_replace, fsync_path, makedirs_durable
+from stores.io import atomic_write_json, durable_replace, folder_lock, fsync_path, makedirs_durable
 from stores.ledger import (COMPRESSIONS, FileRecord, Layout, ShardLedger, StoreMeta, VideoRecord, canonical_json, committed_shards,
                            load_ledger, load_store_meta, provenance_hash)
 from stores.rows import ShardRows, write_rows
 from stores.schema import ARRAYS, FORMAT_VERSION, STATUS_CODES, Dims
 
 log = logging.getLogger(__name__)
+
+CREATE_LOCK = ".create.lock"
+# The temporary names a creation writes in OUT before store.json (this module, the backends' init_layout,
+# atomic_write_json): the *.partial names of stores/io.py and of each backend.
+CREATION_TEMPS = (".index.*.partial", ".features.zarr.*.partial", ".features.h5.*.partial", "store.json.*.partial")
 
 def create_store(
     out: str | Path,
@@ -62,20 +67,41 @@ def create_store(
     layout = Layout(out)
     meta = StoreMeta(backend=backend, dims=dims, n_videos=n_videos, shard_size=shard_size, compression=compression,
                      provenance=provenance, provenance_hash=provenance_hash(provenance))
-    if layout.store_json.exists():
-        existing = load_store_meta(layout)
-        _check_writable(existing, layout)
-        _check_same(existing, meta, layout)
-        BACKENDS[backend].validate_layout(layout, existing)
-        return StoreWriter(layout, existing)
+    if not layout.store_json.exists():
+        # Every creator holds this lock while it creates, so a creation temp seen under it is a killed one's.
+        with folder_lock(layout.out / CREATE_LOCK):
+            if not layout.store_json.exists():  # a creator that held the lock before us may have finished
+                _remove_killed_creation(layout)
+                _create(layout, meta, video_ids)
+                return StoreWriter(layout, meta)
+    existing = load_store_meta(layout)
+    _check_writable(existing, layout)
+    _check_same(existing, meta, layout)
+    BACKENDS[backend].validate_layout(layout, existing)
+    return StoreWriter(layout, existing)
+
+
+def _create(layout: Layout, meta: StoreMeta, video_ids: Iterable[str] | None) -> None:
     makedirs_durable(layout.ledgers)
     if video_ids is not None:
-        _write_id_index(layout, video_ids, n_videos)
-    BACKENDS[backend].init_layout(layout, meta)
+        _write_id_index(layout, video_ids, meta.n_videos)
+    BACKENDS[meta.backend].init_layout(layout, meta)
     # store.json last: its presence says the store's metadata is complete.
     atomic_write_json(layout.store_json, meta.to_json())
-    log.info("created %s store %s: %d videos in %d shards of %d", backend, layout.out, n_videos, meta.n_shards, shard_size)
-    return StoreWriter(layout, meta)
+    log.info("created %s store %s: %d videos in %d shards of %d", meta.backend, layout.out, meta.n_videos, meta.n_shards,
+             meta.shard_size)
+
+
+def _remove_killed_creation(layout: Layout) -> None:
+    """What a creation killed before store.json leaves in OUT: its temp folders/files, and the id index or
+    Zarr group it had renamed into place (shards are written only once store.json exists)."""
+    stale = [p for pattern in CREATION_TEMPS for p in layout.out.glob(pattern)]
+    stale += [p for p in (layout.index, layout.zarr) if p.exists()]
+    for path in stale:
+        log.info("removing %s, left by a store creation that was killed", path)
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    if stale:
+        fsync_path(layout.out)
 
 
 def _write_id_index(layout: Layout, video_ids: Iterable[str], n_videos: int) -> None:
@@ -83,7 +109,6 @@ def _write_id_index(layout: Layout, video_ids: Iterable[str], n_videos: int) -> 
     tmp = layout.out / f".index.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
     try:
         write_id_index(tmp, video_ids, n_videos)
-        shutil.rmtree(layout.index, ignore_errors=True)  # left by a creation killed before store.json
         os.rename(tmp, layout.index)
         fsync_path(layout.out)
     finally:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import crc32c
 import numpy as np
-from numcodecs import Zstd
 
 from stores.errors import StoreError
 from stores.io import fsync_path, fsync_tree
@@ -129,7 +128,7 @@ def _check_metadata(path: Path, md: dict, expect: dict, meta: StoreMeta) -> None
 def _encode(a: np.ndarray, compression: str | None) -> bytes:
     payload = np.ascontiguousarray(a).tobytes()  # dtype is already little-endian (checked by the writer)
     if compression == "zstd":
-        payload = Zstd(level=ZSTD_LEVEL).encode(payload)
+        payload = _zstd().encode(payload)
     return payload + crc32c.crc32c(payload).to_bytes(CRC_BYTES, "little")
 
 
@@ -236,7 +235,7 @@ class ZarrShardReader:
         self.paths: dict[str, Path] = {}
         self.layouts = {name: (spec.shape(meta.dims), spec.dtype.newbyteorder("<"),
                                int(np.prod(spec.shape(meta.dims))) * spec.dtype.itemsize) for name, spec in ARRAYS.items()}
-        self.zstd = Zstd(level=ZSTD_LEVEL) if meta.compression == "zstd" else None
+        self.zstd = _zstd() if meta.compression == "zstd" else None
         try:
             for name in ARRAYS:
                 if name not in files:
@@ -290,6 +289,12 @@ class ZarrShardReader:
             except BufferError:  # a caller still holds a zero-copy view; the map closes with it
                 pass
         self.maps.clear()
+
+
+def _zstd():
+    from numcodecs import Zstd  # imported here: only zstd stores need it
+
+    return Zstd(level=ZSTD_LEVEL)
 
 
 def _map_checked(path: Path, nbytes: int) -> mmap.mmap:
