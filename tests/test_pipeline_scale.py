@@ -123,3 +123,48 @@ def test_bench_scale_code_on_a_tiny_manifest(tmp_path):
     assert old["task_bytes_max"] > new["task_bytes_max"] > 0  # the baseline's tasks carry every id
     assert new["peak_rss_mb"] >= new["base_rss_mb"] > 0
     assert "streaming" in table(report)
+
+
+@pytest.mark.parametrize("newline", ["\r", "\r\n", "\n"])
+def test_csv_line_ends_bare_cr_crlf_lf_give_the_same_rows(tmp_path, newline):
+    """Old Mac / Excel exports end lines with a bare CR. 3000 rows: line ends fall across the reader's
+    8 KB blocks, so a CRLF split between two blocks is met too; every cursor must land on a row start."""
+    lines = ["video_id,path,caption,split"] + [f'v{i},videos/v{i}.mp4,"caption, é {i}",train' for i in range(3000)]
+    reference = tmp_path / "lf.csv"
+    reference.write_bytes(("\n".join(lines) + "\n").encode())
+    m = tmp_path / "m.csv"
+    m.write_bytes((newline.join(lines) + newline).encode())
+    whole = read_manifest(reference)
+    index = scan_manifest(m, stride=7)
+    assert (index.n_rows, index.fingerprint, index.n_unusable) == (3000, whole.fingerprint(), 0)
+    assert whole.rows[5].caption == "caption, é 5" and whole.rows[5].meta == {"split": "train"}
+    for start, stop in [(0, 3000), (1197, 1213), (2999, 3000)]:
+        assert index.rows(start, stop) == whole.rows[start:stop], (start, stop)
+    assert list(index.video_ids()) == [f"v{i}" for i in range(3000)]
+
+
+def test_the_driver_plans_without_importing_torch(tmp_path):
+    """The extract driver (manifest, store creation, provenance, shard jobs) must stay small: torch is
+    for the workers and model actors. Run in a fresh interpreter, as the driver is."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    m = write_webvid_csv(tmp_path / "m.csv", 30)
+    code = f"""
+import json, pickle, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from _pipeline_helpers import job_config
+from pipeline.job import Job, RunStats
+from stores.schema import Dims
+job = Job(job_config({str(m)!r}, {str(tmp_path / 'out')!r}, runner="local", shard_size=10))
+store = job._open_store(Dims(T=2, K=2, Df=4, Dr=4))
+jobs = [pickle.dumps(j) for j in job.shard_jobs(job._pending_shards(store, RunStats("", "", "")), store)]
+print(json.dumps([len(jobs), job.provenance()["extractor"]["weights_sha256"],
+                  sorted(n for n in sys.modules if n.split(".")[0] in ("torch", "torchvision", "open_clip", "timm"))]))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    n_jobs, weights, heavy = json.loads(done.stdout.strip().splitlines()[-1])
+    assert n_jobs == 3 and weights, weights
+    assert heavy == [], f"the driver imported {heavy[:5]}: import them lazily, where a model is built"

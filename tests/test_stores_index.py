@@ -146,3 +146,50 @@ def test_bench_scale_runs_its_code_on_a_tiny_store(tmp_path):
             assert m.run(tmp_path / f"{fmt}-2500", 2500) > 0, (m.name, fmt)
     v1 = open_store(tmp_path / "v1-2500")
     assert v1.store_meta.format_version == 1 and len(v1) == len(open_store(tmp_path / "v2-2500")) == 2475
+
+
+@pytest.mark.parametrize("backend,unused", [("zarr", ["h5py", "numcodecs", "stores.writer", "zarr"]),
+                                            ("hdf5", ["numcodecs", "stores.writer", "stores.zarr_backend", "zarr"])])
+def test_a_reader_loads_only_what_its_store_needs(backend, unused, tmp_path):
+    """Every reading process (DataLoader workers, status) pays for what it imports: a Zarr store's reader
+    never loads h5py, an HDF5 store's never loads Zarr code, neither loads the writer."""
+    import subprocess
+    import sys
+
+    make_store(tmp_path / "s", backend, shards=(0, 2), failed=(7,))
+    code = (f"import json, sys; from stores import open_store; r = open_store({str(tmp_path / 's')!r}); "
+            f"print(json.dumps([len(r), r.row_of({video_id(6)!r}), float(r.read_row(1)['frame_features'].sum()), "
+            f"r.status.failed, [m for m in {unused!r} if m in sys.modules]]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    n, row, total, failed, loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (n, row, failed) == (4, 6, 1) and total != 0
+    assert loaded == [], f"reading a {backend} store imported {loaded}"
+
+
+def test_a_killed_creation_leaves_nothing_the_next_one_trips_on(tmp_path):
+    """A creation killed before store.json leaves temp folders (and maybe a renamed index / Zarr group);
+    the next create_store, holding the creation lock, removes them and creates the store afresh."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "s"
+    # Killed while streaming the ids: the generator SIGKILLs its own process mid-way.
+    code = (f"import os, signal; from stores import create_store; from stores.schema import Dims\n"
+            f"def ids():\n    yield from ('a', 'b')\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"create_store({str(out)!r}, 'zarr', dims=Dims(T=2, K=2, Df=4, Dr=4), n_videos=8, shard_size=3, "
+            f"provenance={{}}, video_ids=ids())")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
+    assert done.returncode == -9
+    left = sorted(p.name for p in out.iterdir())
+    assert any(n.startswith(".index.") and n.endswith(".partial") for n in left), left
+    (out / "features.zarr").mkdir()  # as if killed after the Zarr group's rename
+    (out / ".features.h5.123.abcd1234.partial").write_bytes(b"x")
+    make_store(out, "zarr", shards=(0,))
+    assert sorted(p.name for p in out.iterdir()) == [".create.lock", ".partial", "features.zarr", "index", "ledgers",
+                                                     "rows", "store.json"]
+    r = open_store(out)
+    assert list(r.video_ids) == [video_id(i) for i in range(3)]
+    with pytest.raises(VideoNotStoredError, match="row 5.* is pending"):  # the new index knows every id
+        r.row_of(video_id(5))
+    assert verify_store(out).exit_code == 2  # intact, shards pending
