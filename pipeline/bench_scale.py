@@ -62,12 +62,12 @@ else:
     warm._pending_jobs(warm._store_args(Dims(T=2, K=2, Df=4, Dr=4)), RunStats("", "", ""))
 del warm
 rss = {"imports": rss_mb()}
-t = start = time.perf_counter()
+t = start = time.process_time()
 secs = {}
 def phase(name):
     global t
-    rss[name], secs[name] = rss_mb(), time.perf_counter() - t
-    t = time.perf_counter()
+    rss[name], secs[name] = rss_mb(), time.process_time() - t
+    t = time.process_time()
 job = plan(manifest, out)
 phase("manifest")
 dims = Dims(T=2, K=2, Df=4, Dr=4)
@@ -86,7 +86,7 @@ else:  # baseline: every job in one list; pickling each of them (~identical) wou
     for shard_job in jobs[:3] + jobs[-1:]:
         sizes.append(len(pickle.dumps(shard_job, protocol=5)))
 phase("jobs")
-print(json.dumps({"plan_s": time.perf_counter() - start, "phase_s": secs, "base_rss_mb": rss["imports"],
+print(json.dumps({"plan_s": time.process_time() - start, "phase_s": secs, "base_rss_mb": rss["imports"],
                   "peak_rss_mb": rss_mb(), "rss_after_mb": rss, "task_bytes_max": max(sizes), "task_bytes_mean": sum(sizes) / len(sizes),
                   "tasks_pickled": len(sizes), "shards": stats.shards_total}))
 """
@@ -162,7 +162,7 @@ def table(report: dict) -> str:
     lines = [f"extract driver planning a {report['rows']:,}-row WebVid CSV ({report['manifest_mb']:.0f} MB), "
              f"{report['shard_size']} videos per shard; → = linear projection to {PROJECT_TO:,} rows",
              "| | peak RSS MB (→10M) | after a 2-row warm-up plan | + manifest | + create store | + shard jobs | "
-             "bytes per shard task (→10M) | s: manifest / store / jobs |",
+             "bytes per shard task (→10M) | CPU s: manifest / store / jobs |",
              "|---|---|---|---|---|---|---|---|"]
     for name, f in report["runs"].items():
         p, rss, secs = f["projected_10M"], f["rss_after_mb"], f["phase_s"]

@@ -53,6 +53,10 @@ class IndexV2:
         return _cached(self._ledgers, shard, lambda: load_ledger(self.layout, self.meta, shard))
 
     def rows(self, shard: int) -> ShardRows:
+        part = self._rows.get(shard)  # the hot path of every lookup: a cached part, nothing else computed
+        if part is not None:
+            self._rows.move_to_end(shard)
+            return part
         # At its fixed path: no ledger read on this hot path (verify checks the ledger's record of it).
         rows = self.meta.shard_rows(shard)
         return _cached(self._rows, shard, lambda: ShardRows(self.layout.rows_part(shard), rows.start, len(rows)),

@@ -1,14 +1,14 @@
 """Fast single-value reads from a memory-mapped Arrow utf8 column.
 
 `column[i].as_py()` builds a pyarrow scalar first (several µs, more for a many-chunk column); an id
-lookup does it twice. Here the offsets are numpy views of the mapped buffers and one value is a slice
-of the mapped data: nothing is copied at open, and a read costs about a µs whatever the column size.
+lookup does it twice. Here the offsets are int32 memoryviews of the mapped buffers (indexing one gives
+a Python int, with none of a numpy scalar's cost) and a value is decoded from a slice of the mapped
+data: nothing is copied at open, and a read costs about a µs whatever the column size.
 """
 from __future__ import annotations
 
 from bisect import bisect_right
 
-import numpy as np
 import pyarrow as pa
 
 
@@ -20,11 +20,11 @@ class Utf8Column:
         if column.type != pa.string() or column.null_count:
             raise ValueError(f"expected a utf8 column without nulls, got {column.type} with {column.null_count} null(s)")
         self._starts = [0]  # first position of each chunk, then the total
-        self._offsets: list[np.ndarray] = []  # per chunk: [len + 1] int32 byte offsets into its data
+        self._offsets: list[memoryview] = []  # per chunk: [len + 1] int32 byte offsets into its data
         self._data: list[memoryview] = []
         for chunk in chunks:
             _, offsets, data = chunk.buffers()
-            self._offsets.append(np.frombuffer(offsets, dtype=np.int32)[chunk.offset:chunk.offset + len(chunk) + 1])
+            self._offsets.append(memoryview(offsets).cast("i")[chunk.offset:chunk.offset + len(chunk) + 1])
             self._data.append(memoryview(data) if data is not None else memoryview(b""))
             self._starts.append(self._starts[-1] + len(chunk))
 
