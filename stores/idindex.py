@@ -27,7 +27,7 @@ from stores.io import fsync_path
 from stores.utf8 import Utf8Column
 
 BATCH = 65536
-INSERT_BATCH = 8192  # ids inserted between two releases of the table's pages (at most 32 MB mapped)
+INSERT_SLICE = BATCH // 8  # ids inserted between two releases of the table's pages
 IDS_FILE = "video_ids.arrow"
 TABLE_FILE = "id_table.npy"
 SLOT = np.dtype([("hash", "<u8"), ("row", "<i4")])
@@ -58,8 +58,11 @@ def write_id_index(folder: Path, video_ids: Iterable[str], n_videos: int) -> Non
                     raise StoreError(f"video_ids has more than n_videos={n_videos} entries; pass one id per manifest row")
                 ipc.write_batch(pa.record_batch([pa.array(batch, pa.string())], schema=_SCHEMA))
                 hashes, rows = _hashes(batch), np.arange(n, n + len(batch), dtype=np.int32)
-                for i in range(0, len(batch), INSERT_BATCH):
-                    same_hash += _insert(table.slots, hashes[i:i + INSERT_BATCH], rows[i:i + INSERT_BATCH])
+                # By home slot, then a slice at a time: each slice writes one stretch of the table.
+                order = np.argsort(hashes & np.uint64(len(table.slots) - 1), kind="stable")
+                for i in range(0, len(batch), INSERT_SLICE):
+                    part = order[i:i + INSERT_SLICE]
+                    same_hash += _insert(table.slots, hashes[part], rows[part])
                     table.release()
                 n += len(batch)
         if n != n_videos:
@@ -77,10 +80,11 @@ def write_id_index(folder: Path, video_ids: Iterable[str], n_videos: int) -> Non
 
 class _TableMap:
     """The id table being written, as a shared file mapping whose pages are handed back to the page cache
-    (`release`) after each insert batch. The table is 12 bytes x 4/3 N (about 200 MB at 10M ids) and
-    random inserts touch all of it, so without this the extract driver's memory would hold the whole table;
-    with it, at most the pages of one batch (INSERT_BATCH) stay mapped. Dirty pages stay in the page cache
-    and reach the file as usual: MADV_DONTNEED on a shared file mapping drops the mapping, not the data."""
+    (`release`) after each slice of inserts. The table is 12 bytes x 4/3 N (about 200 MB at 10M ids) and
+    random inserts touch all of it, so without this the extract driver would hold the whole table. A
+    batch's ids are inserted in home-slot order, INSERT_SLICE at a time, so at most about
+    INSERT_SLICE / BATCH of the table (1/8) is mapped at once. Dirty pages stay in the page cache and
+    reach the file as usual: MADV_DONTNEED on a shared file mapping drops the mapping, not the data."""
 
     def __init__(self, path: Path, n_slots: int) -> None:
         header = np.lib.format.open_memmap(path, mode="w+", dtype=SLOT, shape=(n_slots,))  # writes the .npy header
@@ -89,8 +93,9 @@ class _TableMap:
         self._file = open(path, "r+b")
         self._map = mmap.mmap(self._file.fileno(), 0)
         self.slots = np.frombuffer(self._map, dtype=SLOT, count=n_slots, offset=offset)  # [M] (hash, row)
-        for i in range(0, n_slots, INSERT_BATCH * 16):  # -1 = empty, a block at a time for the same reason
-            self.slots["row"][i:i + INSERT_BATCH * 16] = -1
+        block = max(1, n_slots // 8)
+        for i in range(0, n_slots, block):  # -1 = empty, an eighth at a time for the same reason
+            self.slots["row"][i:i + block] = -1
             self.release()
 
     def release(self) -> None:
