@@ -4,7 +4,8 @@ shard task, for this code and, side by side in the same run, for the code before
 Planning = what `Job.run` does before the first shard runs: read the manifest, create the store
 (tiny dims: the store side is not what is measured here), find the pending shards, and build every
 shard's job (each is pickled, as Ray pickles it, to measure its bytes). No model is built. Each
-measurement runs in a fresh Python process, so its peak RSS (ru_maxrss) is its own.
+measurement runs in a fresh Python process, so its peak RSS (ru_maxrss) is its own. Times are the
+process's CPU seconds (time.process_time): on a shared machine wall time measures the neighbours.
 
 The previous code is commit BASELINE_COMMIT's pipeline/ package (`git archive`), imported ahead of this
 checkout's, so it plans against the same stores/ and extractors/ code.

@@ -107,7 +107,10 @@ class _TableMap:
     def __exit__(self, *exc) -> None:
         self._map.flush()
         del self.slots  # the buffer export must go before the map closes
-        self._map.close()
+        try:
+            self._map.close()
+        except BufferError:  # an exception's traceback still holds a view: the map closes with it
+            pass
         self._file.close()
 
 
