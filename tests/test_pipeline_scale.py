@@ -125,22 +125,22 @@ def test_bench_scale_code_on_a_tiny_manifest(tmp_path):
     assert "streaming" in table(report)
 
 
-@pytest.mark.parametrize("newline", ["\r", "\r\n", "\n"])
-def test_csv_line_ends_bare_cr_crlf_lf_give_the_same_rows(tmp_path, newline):
-    """Old Mac / Excel exports end lines with a bare CR. 3000 rows: line ends fall across the reader's
-    8 KB blocks, so a CRLF split between two blocks is met too; every cursor must land on a row start."""
-    lines = ["video_id,path,caption,split"] + [f'v{i},videos/v{i}.mp4,"caption, é {i}",train' for i in range(3000)]
+@pytest.mark.parametrize("newline", ["\r", "\r\n"])
+def test_csv_line_ends_bare_cr_and_crlf_give_the_rows_of_lf(tmp_path, newline):
+    """Old Mac / Excel exports end lines with a bare CR. 1500 rows (60 kB): line ends fall across the
+    reader's 8 kB blocks, so a CRLF split between two blocks is met too; every cursor must land on a row start."""
+    lines = ["video_id,path,caption,split"] + [f'v{i},videos/v{i}.mp4,"caption, é {i}",train' for i in range(1500)]
     reference = tmp_path / "lf.csv"
     reference.write_bytes(("\n".join(lines) + "\n").encode())
     m = tmp_path / "m.csv"
     m.write_bytes((newline.join(lines) + newline).encode())
     whole = read_manifest(reference)
     index = scan_manifest(m, stride=7)
-    assert (index.n_rows, index.fingerprint, index.n_unusable) == (3000, whole.fingerprint(), 0)
+    assert (index.n_rows, index.fingerprint, index.n_unusable) == (1500, whole.fingerprint(), 0)
     assert whole.rows[5].caption == "caption, é 5" and whole.rows[5].meta == {"split": "train"}
-    for start, stop in [(0, 3000), (1197, 1213), (2999, 3000)]:
+    for start, stop in [(0, 1500), (1197, 1213), (1499, 1500)]:
         assert index.rows(start, stop) == whole.rows[start:stop], (start, stop)
-    assert list(index.video_ids()) == [f"v{i}" for i in range(3000)]
+    assert list(index.video_ids()) == [f"v{i}" for i in range(1500)]
 
 
 def test_the_driver_plans_without_importing_torch(tmp_path):
