@@ -158,14 +158,14 @@ class ModelProcess:
     def __init__(self, extractor: dict, device: str, threads: int, timeout_s: float) -> None:
         self.args = (extractor, device, threads)
         self.timeout_s = timeout_s
-        self.key = ""  # see shared_model_process
+        self.key = ""  # set by shared_model_process
         self.pool: ProcessPoolExecutor | None = None
         self.pid = 0
         self.dims = self._start()
 
     def _start(self) -> Dims:
         self.pid = 0
-        self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        self.pool = ProcessPoolExecutor(1, mp_context=_model_context())
         wait = max(300.0, 2 * self.timeout_s)  # as the Ray runner waits for its actors' models
         try:
             self.pid = self.pool.submit(os.getpid).result(timeout=wait)
@@ -204,14 +204,24 @@ class ModelProcess:
             self.pool = None
 
 
+def _model_context() -> multiprocessing.context.BaseContext:
+    """forkserver: a clean single-threaded server process imports torch and our modules once, and every
+    model process forks from it (a restart after a crash costs a model build, not a torch import; fork
+    from this process could inherit held locks of its threads)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torchvision", "pipeline.work", "extractors"])
+    return ctx
+
+
 _CHILD_MODEL: ModelRunner | None = None  # the ModelRunner of a ModelProcess child
 _SHARED: ModelProcess | None = None  # the last local job's model process, kept for the next one
 
 
 def shared_model_process(extractor: dict, device: str, threads: int, timeout_s: float) -> ModelProcess:
     """The model process for a local job, kept for the next local job of this process with the same
-    models: a child's start (torch import, model build) costs about 10 s of CPU. The key includes the
-    size and mtime of every file the extractor config names, so that a changed weights file is reloaded."""
+    models (tests run many): a fresh one costs a model build and first passes, ~1.5 s of CPU for the tiny
+    models. The key holds the size and mtime of every file the extractor config names, so that a
+    changed weights file is loaded again."""
     global _SHARED
     key = json.dumps([extractor, device, threads, _file_stamps(extractor)], sort_keys=True, default=str)
     if _SHARED is not None and _SHARED.key == key:
@@ -317,7 +327,7 @@ class LocalRunner:
                         break
 
     def close(self) -> None:
-        pass  # the model process stays for the next local job of this process (shared_model_process)
+        """The model process stays for the next local job of this process (shared_model_process)."""
 
 
 # ---------------------------------------------------------------- Ray

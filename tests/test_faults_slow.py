@@ -172,6 +172,7 @@ def _store_files(out: Path, backend: str) -> list[tuple[str, Path, int | None]]:
     return files
 
 
+@pytest.mark.timeout(1800)  # 48 damaged copies (zarr), each verified; the shard ones redone by a job
 @pytest.mark.parametrize("backend", ["zarr", "hdf5"])
 def test_damaged_files_are_named_by_verify_and_redone(demo_corpus, tmp_path, backend):
     """Every file of a store, flipped, truncated and deleted: verify names exactly the damaged shard (or
