@@ -43,14 +43,17 @@ class VerifyReport:
         out = self.out
         steps = []
         if self.store_error:
-            steps.append(f"the store as a whole is damaged ({self.store_error.split(';')[-1].strip()}); "
-                         f"shard data cannot be trusted until it is fixed")
+            steps.append(f"first the store-wide file named above: {self.store_error.split(';')[-1].strip()}; "
+                         f"then verify again (no shard was checked)")
         if self.bad:
             ledgers = " ".join(str(Layout(out).ledger(s)) for s in sorted(self.bad))
             steps.append(f"redo the {len(self.bad)} bad shard(s) {sorted(self.bad)}: rm {ledgers}")
         if self.bad or self.incomplete or self.pending:
-            steps.append(f"then rerun the extract command that made {out} (same manifest and config, --out {out}): "
-                         f"it redoes only the shards without a ledger and keeps the others")
+            saved = out / "extract_config.yaml"  # the resolved config `vlpcache extract` saves in OUT
+            command = (f"`vlpcache extract --config {saved} --out {out}`" if saved.exists() else
+                       f"the extract command that made {out} (same manifest and config)")
+            steps.append(f"{'then ' if self.bad else ''}rerun {command}: it redoes only the shards without a "
+                         f"ledger and keeps the others")
         return steps
 
     @property

@@ -211,6 +211,7 @@ def test_damaged_files_are_named_by_verify_and_redone(demo_corpus, tmp_path, bac
                 assert sorted(report.bad) == [shard], (name, report.to_json())
                 assert any(str(out / path.relative_to(ref)) in p for p in report.bad[shard]), (name, report.to_json())
                 assert f"rm {out / 'ledgers' / f'shard-{shard:06d}.json'}" in report.fix[0]
+                assert f"vlpcache extract --config {out / 'extract_config.yaml'} --out {out}" in report.fix[1]
                 (out / "ledgers" / f"shard-{shard:06d}.json").unlink(missing_ok=True)  # report.fix, first step
             Job(job_config(demo_corpus["manifest"], out, runner="local", store=backend)).run()
             check_recovered(name, ref, out, note=f"verify named shard {shard}; redone")
