@@ -149,7 +149,7 @@ def model_threads(run: RunConfig) -> int:
 
 
 class ModelProcess:
-    """The local runner's models in one child process (spawn, through concurrent.futures): a fatal signal
+    """The local runner's models in one child process (concurrent.futures, forkserver): a fatal signal
     in a model (a poison video, a driver fault) or a hung forward pass kills the child, not the job. The
     child is replaced; `encode` then says why it died instead of returning an Encoded. Exceptions raised
     by the models come back as themselves (ValueError, TypeError, ...), with the child's traceback as
@@ -185,9 +185,8 @@ class ModelProcess:
         return dims
 
     def encode(self, batch: list[Decoded]) -> Encoded | str:
-        future = self.pool.submit(_child_encode, batch)
-        try:
-            return future.result(timeout=self.timeout_s)
+        try:  # submit too: a child killed while idle (the OOM killer) breaks the pool before the call
+            return self.pool.submit(_child_encode, batch).result(timeout=self.timeout_s)
         except FuturesTimeout:
             os.kill(self.pid, signal.SIGKILL)
             why = f"model worker timed out: no result within {self.timeout_s:g} s; the process was killed"
