@@ -63,7 +63,7 @@ def decode_with_backend(
         frames = decode(path, index, targets, threads, rotation)
     except DecodeError:
         raise
-    except Exception as e:  # the backends raise RuntimeError subclasses for anything FFmpeg reports
+    except _library_errors(name) as e:  # what the library raises for anything FFmpeg reports; others are bugs
         raise DecodeError(f"{path}: {name}: {type(e).__name__}: {e}") from e
     coded = (index.height, index.width) if rotation in (90, 270) else (index.width, index.height)
     for i, frame in frames.items():
@@ -71,6 +71,16 @@ def decode_with_backend(
             raise DecodeError(f"{path}: {name} returned frame {i} as {frame.dtype} {frame.shape}, expected uint8 "
                               f"{(coded[1], coded[0], 3)} (shown as {upright[0]}x{upright[1]})")
     return frames, "targets"
+
+
+def _library_errors(name: str) -> tuple[type[BaseException], ...]:
+    """The exceptions a backend raises for a file it cannot decode (torchcodec: RuntimeError and ValueError
+    from its C++ core; decord: its own DECORDError, which is no RuntimeError)."""
+    if name == "decord":
+        from decord._ffi.base import DECORDError
+
+        return (DECORDError, RuntimeError, ValueError, OSError)
+    return (RuntimeError, ValueError, OSError)
 
 
 def _torchcodec(path: str, index: StreamIndex, targets: list[int], threads: int, rotation: int) -> dict[int, np.ndarray]:

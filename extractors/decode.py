@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import traceback
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -546,6 +547,12 @@ def video_info(path: str) -> dict:
             "bytes": os.path.getsize(path)}
 
 
+class DecoderBug(RuntimeError):
+    """An exception in the decoder process that is no decoder error (PyAV, torchcodec and decord errors
+    become DecodeError): a bug of ours, which must stop the job, not be recorded as a bad video. The
+    message holds the child's traceback (its exception object may not pickle)."""
+
+
 class KillableDecoder:
     """decode_clip in a long-lived child process that is killed (and restarted on next use) on timeout.
 
@@ -579,6 +586,8 @@ class KillableDecoder:
                 raise DecodeError(f"{path}: the decoder process died (exit code {code}) while decoding") from e
         if status == "ok":
             return payload
+        if status == "bug":
+            raise DecoderBug(payload)
         raise payload
 
     def _ensure_started(self) -> None:
@@ -615,8 +624,9 @@ def _serve(conn) -> None:
             reply = ("ok", decode_clip(path, sampling, window, span))
         except (DecodeError, BackendUnavailable) as e:
             reply = ("err", e)
-        except Exception as e:  # unexpected: hand the parent a DecodeError it can record for this video
-            reply = ("err", DecodeError(f"{path}: {type(e).__name__}: {e}"))
+        except Exception as e:  # noqa: BLE001 - decode_clip turns every decoder error into a DecodeError: this is ours
+            reply = ("bug", f"{type(e).__name__}: {e} (while decoding {path}); traceback in the decoder process:\n"
+                            f"{traceback.format_exc()}")
         conn.send(reply)
 
 

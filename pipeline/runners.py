@@ -9,22 +9,28 @@ instead (JobStopped): retrying cannot fix it, and it must not fill the ledger wi
 """
 from __future__ import annotations
 
+import atexit
 import errno
 import json
 import logging
+import multiprocessing
 import os
+import signal
 import sys
 import time
 import traceback
 import uuid
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
 from extractors.backends import BackendUnavailable
 from pipeline.config import ConfigError, JobConfig, RunConfig
 from pipeline.shard import ShardJob, ShardProgress, ShardResult, process_shard
-from pipeline.work import Decoded, DecodeStatus, Decoder, Encoded, ModelRunner, VideoTask
+from pipeline.work import Decoded, DecodeStatus, Decoder, Encoded, ModelRunner, VideoTask, encode_isolating_crashes
 from stores.schema import Dims
 
 log = logging.getLogger(__name__)
@@ -142,10 +148,125 @@ def model_threads(run: RunConfig) -> int:
     return run.actor_threads or max(1, int(run.actor_cpus))
 
 
-class LocalExecutor:
-    """Runs each stage in this process, when asked: handles are the results themselves."""
+class ModelProcess:
+    """The local runner's models in one child process (concurrent.futures, forkserver): a fatal signal
+    in a model (a poison video, a driver fault) or a hung forward pass kills the child, not the job. The
+    child is replaced; `encode` then says why it died instead of returning an Encoded. Exceptions raised
+    by the models come back as themselves (ValueError, TypeError, ...), with the child's traceback as
+    their __cause__."""
 
-    def __init__(self, decoder: Decoder, model: ModelRunner) -> None:
+    def __init__(self, extractor: dict, device: str, threads: int, timeout_s: float) -> None:
+        self.args = (extractor, device, threads)
+        self.timeout_s = timeout_s
+        self.key = ""  # set by shared_model_process
+        self.pool: ProcessPoolExecutor | None = None
+        self.pid = 0
+        self.dims = self._start()
+
+    def _start(self) -> Dims:
+        self.pid = 0
+        self.pool = ProcessPoolExecutor(1, mp_context=_model_context())
+        wait = max(300.0, 2 * self.timeout_s)  # as the Ray runner waits for its actors' models
+        try:
+            self.pid = self.pool.submit(os.getpid).result(timeout=wait)
+            dims = self.pool.submit(_child_build, *self.args).result(timeout=wait)
+        except FuturesTimeout as e:
+            if self.pid:
+                os.kill(self.pid, signal.SIGKILL)
+            self.close()
+            raise ConfigError(f"the model process did not build the models within {wait:g} s (a GPU that hangs?)") from e
+        except BrokenProcessPool as e:
+            why = fault_report(self.pid) if self.pid else "it died before reporting its pid"
+            self.close()
+            raise ConfigError(f"the model process died while building the models: {why}") from e
+        except BaseException:
+            self.close()
+            raise
+        return dims
+
+    def encode(self, batch: list[Decoded]) -> Encoded | str:
+        try:  # submit too: a child killed while idle (the OOM killer) breaks the pool before the call
+            return self.pool.submit(_child_encode, batch).result(timeout=self.timeout_s)
+        except FuturesTimeout:
+            os.kill(self.pid, signal.SIGKILL)
+            why = f"model worker timed out: no result within {self.timeout_s:g} s; the process was killed"
+        except BrokenProcessPool:
+            why = f"model worker crashed: {fault_report(self.pid)}"
+        log.warning("model process %d: %s; starting a new one", self.pid, why)
+        self.close()
+        self._start()
+        return why
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+def _model_context() -> multiprocessing.context.BaseContext:
+    """forkserver: a clean single-threaded server process imports torch and our modules once, and every
+    model process forks from it (a restart after a crash costs a model build, not a torch import; fork
+    from this process could inherit held locks of its threads)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torchvision", "pipeline.work", "extractors"])
+    return ctx
+
+
+_CHILD_MODEL: ModelRunner | None = None  # the ModelRunner of a ModelProcess child
+_SHARED: ModelProcess | None = None  # the last local job's model process, kept for the next one
+
+
+def shared_model_process(extractor: dict, device: str, threads: int, timeout_s: float) -> ModelProcess:
+    """The model process for a local job, kept for the next local job of this process with the same
+    models (tests run many): a fresh one costs a model build and first passes, ~1.5 s of CPU for the tiny
+    models. The key holds the size and mtime of every file the extractor config names, so that a
+    changed weights file is loaded again."""
+    global _SHARED
+    key = json.dumps([extractor, device, threads, _file_stamps(extractor)], sort_keys=True, default=str)
+    if _SHARED is not None and _SHARED.key == key:
+        _SHARED.timeout_s = timeout_s
+        return _SHARED
+    if _SHARED is not None:
+        _SHARED.close()
+        _SHARED = None
+    _SHARED = ModelProcess(extractor, device, threads, timeout_s)
+    _SHARED.key = key
+    return _SHARED
+
+
+def _file_stamps(value: Any) -> list:
+    if isinstance(value, dict):
+        return [_file_stamps(v) for _, v in sorted(value.items())]
+    if isinstance(value, (list, tuple)):
+        return [_file_stamps(v) for v in value]
+    if isinstance(value, str) and value and os.path.isfile(value):
+        st = os.stat(value)
+        return [value, st.st_size, st.st_mtime_ns]
+    return []
+
+
+@atexit.register
+def _close_shared() -> None:
+    if _SHARED is not None:
+        _SHARED.close()
+
+
+def _child_build(extractor: dict, device: str, threads: int) -> Dims:
+    global _CHILD_MODEL
+    _enable_fault_report()  # a fatal signal is named in a file its parent reads (fault_report)
+    _CHILD_MODEL = ModelRunner(extractor, device, threads)
+    return _CHILD_MODEL.dims
+
+
+def _child_encode(batch: list[Decoded]) -> Encoded:
+    return _CHILD_MODEL(batch)
+
+
+class LocalExecutor:
+    """Decodes in this process's killable decoder child and encodes in the model process, when asked:
+    decode handles are the results themselves."""
+
+    def __init__(self, decoder: Decoder, model: ModelProcess) -> None:
         self.decoder = decoder
         self.model = model
 
@@ -155,24 +276,30 @@ class LocalExecutor:
     def decode_status(self, handle: tuple[DecodeStatus, Decoded | None]) -> DecodeStatus:
         return handle[0]
 
-    def submit_encode(self, handles: list[tuple[DecodeStatus, Decoded | None]], batch_index: int) -> Encoded:
-        return self.model([decoded for _, decoded in handles])
+    def submit_encode(self, handles: list[tuple[DecodeStatus, Decoded | None]], batch_index: int) -> list[Decoded]:
+        return [decoded for _, decoded in handles]
 
-    def encoded(self, handle: Encoded) -> Encoded:
-        return handle
+    def encoded(self, batch: list[Decoded]) -> Encoded:
+        return encode_isolating_crashes([d.row for d in batch], batch, self.model.encode(batch),
+                                        lambda _, part: self.model.encode(part))
 
 
 class LocalRunner:
-    """A plain in-process loop over shards: the reference the Ray runner is measured against."""
+    """A plain loop over shards in this process, the models in one child: the reference the Ray runner
+    is measured against."""
 
     def __init__(self, config: JobConfig) -> None:
+        from extractors.config import ExtractorConfig
+
         run = config.run
+        extractor = ExtractorConfig.from_dict(config.extractor)
         try:
-            self.model = ModelRunner(config.extractor, run.device, model_threads(run))
+            self.model = shared_model_process(config.extractor, run.device, model_threads(run),
+                                              run.encode_timeout(extractor.num_frames))
         except (OSError, ValueError) as e:  # a missing or unreadable weights file, a model the config cannot build
             raise ConfigError(f"could not build the models: {type(e).__name__}: {e}") from e
-        need_boxes = self.model.config.regions.kind == "given"
-        decoder = Decoder(self.model.config.sampling, run.timeout_s, need_boxes, run.io_retries, run.io_backoff_s)
+        decoder = Decoder(extractor.sampling, run.timeout_s, extractor.regions.kind == "given", run.io_retries,
+                          run.io_backoff_s)
         self.executor = LocalExecutor(decoder, self.model)
         self.retries = run.shard_retries
         self.out = run.out
@@ -199,7 +326,7 @@ class LocalRunner:
                         break
 
     def close(self) -> None:
-        pass
+        """The model process stays for the next local job of this process (shared_model_process)."""
 
 
 # ---------------------------------------------------------------- Ray
@@ -296,20 +423,24 @@ class _ModelActor:
         return encoded
 
     def fault_report(self, pid: int) -> str:
-        """What a dead predecessor process on this node reported as it died (faulthandler's first line)."""
-        import re
-        import tempfile
-        from pathlib import Path
+        return fault_report(pid)
 
-        path = Path(tempfile.gettempdir()) / FAULT_DIR / f"{pid}.txt"
-        try:
-            text = path.read_text()
-        except OSError:
-            return f"process {pid} died (no report on this node)"
-        path.unlink(missing_ok=True)
-        if m := re.search(r"Fatal Python error: (.+)", text):
-            return m.group(1).strip()
-        return f"process {pid} died with no fault report (SIGKILL, the OOM killer or an exit)"
+
+def fault_report(pid: int) -> str:
+    """What a dead model process on this node reported as it died (faulthandler's first line)."""
+    import re
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.gettempdir()) / FAULT_DIR / f"{pid}.txt"
+    try:
+        text = path.read_text()
+    except OSError:
+        return f"process {pid} died (no report on this node)"
+    path.unlink(missing_ok=True)
+    if m := re.search(r"Fatal Python error: (.+)", text):
+        return m.group(1).strip()
+    return f"process {pid} died with no fault report (SIGKILL, the OOM killer or an exit)"
 
 
 def _enable_fault_report() -> Any:
@@ -408,25 +539,11 @@ class RayExecutor:
         return _EncodeCall(rows, frames, batch_index, token, actor.encode.remote(token, *frames))
 
     def encoded(self, call: _EncodeCall) -> Encoded:
-        outcome = self._result(call)
-        if isinstance(outcome, Encoded):
-            return outcome
-        log.warning("model actor died on batch %d (rows %s): %s; retrying the batch whole on its replacement",
-                    call.batch_index, call.rows, outcome)
-        self._await_actor(call)
-        outcome = self._result(self._submit(call.rows, call.frames, call.batch_index))
-        if isinstance(outcome, Encoded) or len(call.rows) == 1:
-            return outcome if isinstance(outcome, Encoded) else Encoded([], [], 0.0, 0, {call.rows[0]: outcome})
-        log.warning("batch %d killed its model actor twice (%s): encoding its %d videos one by one",
-                    call.batch_index, outcome, len(call.rows))
-        parts = []
-        for row, frames in zip(call.rows, call.frames):
-            self._await_actor(call)
-            part = self._result(self._submit([row], [frames], call.batch_index))
-            parts.append(part if isinstance(part, Encoded) else Encoded([], [], 0.0, 0, {row: part}))
-        return Encoded(rows=[r for p in parts for r in p.rows], arrays=[a for p in parts for a in p.arrays],
-                       encode_s=sum(p.encode_s for p in parts), batch_splits=sum(p.batch_splits for p in parts),
-                       errors={r: e for p in parts for r, e in p.errors.items()})
+        def attempt(rows: list[int], frames: list[Any]) -> Encoded | str:
+            self._await_actor(call)  # restarted by Ray after the death
+            return self._result(self._submit(rows, frames, call.batch_index))
+
+        return encode_isolating_crashes(call.rows, call.frames, self._result(call), attempt)
 
     def _result(self, call: _EncodeCall) -> Encoded | str:
         """The call's Encoded, or why its forward pass killed the actor. Calls lost while waiting in the

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,6 +62,18 @@ class Encoded:
     encode_s: float  # wall time of the forward passes
     batch_splits: int = 0  # times the batch was halved after an out-of-memory error
     errors: dict[int, str] = field(default_factory=dict)  # row -> error, for videos the models failed on
+
+    @classmethod
+    def failed(cls, row: int, error: str) -> Encoded:
+        return cls([], [], 0.0, 0, {row: error})
+
+    @classmethod
+    def join(cls, parts: list[Encoded], encode_s: float | None = None) -> Encoded:
+        """The parts of a batch encoded piece by piece, as one result in the parts' order."""
+        return cls(rows=[r for p in parts for r in p.rows], arrays=[a for p in parts for a in p.arrays],
+                   encode_s=sum(p.encode_s for p in parts) if encode_s is None else encode_s,
+                   batch_splits=sum(p.batch_splits for p in parts),
+                   errors={r: e for p in parts for r, e in p.errors.items()})
 
 
 # errno values that a network file system (NFS, SMB, FUSE) returns for a moment and then not: worth a retry
@@ -183,14 +196,7 @@ class ModelRunner:
                 return Encoded([], [], time.perf_counter() - start, 0, {batch[0].row: f"encode: {type(e).__name__}: {e}"})
             log.warning("a batch of %d videos failed (%s: %s); encoding its videos one by one", len(batch), type(e).__name__, e)
         # One bad video must not fail its batch-mates: each alone, so only the culprit is recorded failed.
-        parts = [self([d]) for d in batch]
-        return Encoded(
-            rows=[r for p in parts for r in p.rows],
-            arrays=[a for p in parts for a in p.arrays],
-            encode_s=time.perf_counter() - start,
-            batch_splits=sum(p.batch_splits for p in parts),
-            errors={r: err for p in parts for r, err in p.errors.items()},
-        )
+        return Encoded.join([self([d]) for d in batch], encode_s=time.perf_counter() - start)
 
     def _run(self, batch: list[Decoded]) -> tuple[list[dict[str, np.ndarray]], int]:
         try:
@@ -234,6 +240,26 @@ class ModelRunner:
             "frame_times": d.clip.times,  # [T]
         }
         return {name: np.ascontiguousarray(values[name], dtype=ARRAYS[name].dtype) for name in ARRAYS}
+
+
+def encode_isolating_crashes(rows: list[int], items: list, first: Encoded | str,
+                             attempt: Callable[[list[int], list], Encoded | str]) -> Encoded:
+    """A batch whose forward pass killed its model process (`first` says how): retried whole once (an
+    outside kill leaves the same bits), then video by video on fresh processes, so that only a video that
+    kills the process alone is recorded failed ("model worker crashed: ..."). `attempt(rows, items)` runs
+    one try on a live process and returns its Encoded, or why the process died."""
+    if isinstance(first, Encoded):
+        return first
+    log.warning("the model process died on rows %s: %s; retrying the batch whole on a fresh one", rows, first)
+    outcome = attempt(rows, items)
+    if isinstance(outcome, Encoded) or len(rows) == 1:
+        return outcome if isinstance(outcome, Encoded) else Encoded.failed(rows[0], outcome)
+    log.warning("rows %s killed the model process twice (%s): encoding them one by one", rows, outcome)
+    parts = []
+    for row, item in zip(rows, items):
+        part = attempt([row], [item])
+        parts.append(part if isinstance(part, Encoded) else Encoded.failed(row, part))
+    return Encoded.join(parts)
 
 
 @dataclass

@@ -54,6 +54,8 @@ def verify_main(argv: list[str] | None = None) -> int:
         print(f"INCOMPLETE shard {shard}: {why}")
     if report.pending:
         print(f"pending shards ({len(report.pending)}): {report.pending[:20]}{' ...' if len(report.pending) > 20 else ''}")
+    for step in report.fix:
+        print(f"fix: {step}")
     verdict = {0: "OK", 1: "CORRUPT", 2: "INCOMPLETE"}[report.exit_code]
     print(f"{verdict}: {len(report.good)} shards intact ({report.videos_checked} videos checked), {len(report.bad)} bad, "
           f"{len(report.incomplete)} incomplete, {len(report.pending)} pending")

@@ -90,8 +90,10 @@ def validate_layout(layout: Layout, meta: StoreMeta, deep: bool = False) -> None
                 _check_dataset(f, spec, (meta.n_videos, *spec.shape(meta.dims)), layout.h5)
             for spec in (*ARRAYS.values(), ROW_STATUS) if meta.format_version >= 2 else ():
                 _check_virtual(f, spec, layout, meta)
-    except OSError as e:
-        raise StoreError(f"{layout.h5}: cannot be opened as HDF5 ({e}); re-extract") from e
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as e:  # h5py's errors for damaged metadata
+        raise StoreError(f"{layout.h5}: cannot be read as vlpcache's HDF5 virtual file ({type(e).__name__}: {e}); it is "
+                         f"written once, when the store is created, and holds no features: restore it from a backup, "
+                         f"or re-extract into a new --out") from e
 
 
 def _check_virtual(f: h5py.File, spec, layout: Layout, meta: StoreMeta) -> None:

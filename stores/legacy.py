@@ -58,6 +58,20 @@ class LedgerV1:
         return ledger
 
 
+def load_video_ids(layout: Layout, meta: StoreMeta) -> list[str] | None:
+    """OUT/video_ids.json, checked (None when the store was created without ids)."""
+    path = layout.video_ids_json
+    if not path.exists():
+        return None
+    try:
+        ids = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{path} is unreadable ({e}); delete it (only pending videos' names are lost)") from e
+    if not isinstance(ids, list) or len(ids) != meta.n_videos or not all(isinstance(v, str) for v in ids):
+        raise StoreError(f"{path}: expected a list of {meta.n_videos} video ids; delete it or re-extract")
+    return ids
+
+
 class IndexV1:
     """Everything in memory: all ledgers parsed at open (the format-1 reader)."""
 
@@ -77,19 +91,7 @@ class IndexV1:
                     self.video_ids.append(v.video_id)
                 else:
                     self._failed[v.video_id] = (v.row, v.error or "")
-        self._all_ids = self._load_video_ids()
-
-    def _load_video_ids(self) -> list[str] | None:
-        path = self.layout.video_ids_json
-        if not path.exists():
-            return None
-        try:
-            ids = json.loads(path.read_bytes())
-        except (OSError, ValueError) as e:
-            raise StoreError(f"{path} is unreadable ({e}); delete it (only pending videos' names are lost)") from e
-        if not isinstance(ids, list) or len(ids) != self.meta.n_videos:
-            raise StoreError(f"{path}: expected a list of {self.meta.n_videos} video ids; delete it or re-extract")
-        return ids
+        self._all_ids = load_video_ids(layout, meta)
 
     def files(self, shard: int) -> dict[str, FileRecord]:
         return self.ledgers[shard].files

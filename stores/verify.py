@@ -1,4 +1,11 @@
-"""Re-read every shard of a store: ledgers, file sizes and checksums, every chunk, counts."""
+"""Re-read every file of a store: store-wide metadata and id index, then every shard's ledger, file sizes
+and checksums, rows part, row statuses, every chunk and the counts.
+
+Shard files are checked against the sizes and crc32c their ledger recorded. Store-wide files are written
+once, at creation, and no checksum of them is recorded: each is checked against what it must hold (the
+array metadata against the schema, the group attributes against store.json, features.h5's virtual
+mappings, and the id table rebuilt from the ids it indexes), so a flipped byte that changes anything a
+reader sees is caught."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,12 +14,14 @@ from pathlib import Path
 import crc32c
 import h5py
 import numpy as np
+import pyarrow as pa
 
 from stores.backends import BACKENDS
 from stores.errors import StoreError
 from stores.hdf5_backend import shard_path
+from stores.idindex import BATCH, IDS_FILE, SLOT, TABLE_FILE, _hashes, _insert, table_slots  # the writer's table build
 from stores.ledger import Layout, ShardLedger, StoreMeta, committed_shards, load_ledger, load_store_meta
-from stores.legacy import LedgerV1
+from stores.legacy import LedgerV1, load_video_ids
 from stores.rows import ShardRows
 from stores.schema import ARRAYS, STATUS_CODES
 
@@ -27,6 +36,25 @@ class VerifyReport:
     pending: list[int] = field(default_factory=list)  # no ledger, no data
     good: list[int] = field(default_factory=list)
     videos_checked: int = 0
+
+    @property
+    def fix(self) -> list[str]:
+        """What to do, in order: one line per step (empty when the store is complete and intact)."""
+        out = self.out
+        steps = []
+        if self.store_error:
+            steps.append(f"first the store-wide file named above: {self.store_error.split(';')[-1].strip()}; "
+                         f"then verify again (no shard was checked)")
+        if self.bad:
+            ledgers = " ".join(str(Layout(out).ledger(s)) for s in sorted(self.bad))
+            steps.append(f"redo the {len(self.bad)} bad shard(s) {sorted(self.bad)}: rm {ledgers}")
+        if self.bad or self.incomplete or self.pending:
+            saved = out / "extract_config.yaml"  # the resolved config `vlpcache extract` saves in OUT
+            command = (f"`vlpcache extract --config {saved} --out {out}`" if saved.exists() else
+                       f"the extract command that made {out} (same manifest and config)")
+            steps.append(f"{'then ' if self.bad else ''}rerun {command}: it redoes only the shards without a "
+                         f"ledger and keeps the others")
+        return steps
 
     @property
     def ok(self) -> bool:
@@ -45,6 +73,7 @@ class VerifyReport:
             "bad_shards": {str(k): v for k, v in sorted(self.bad.items())},
             "incomplete_shards": {str(k): v for k, v in sorted(self.incomplete.items())},
             "pending_shards": self.pending, "good_shards": len(self.good), "videos_checked": self.videos_checked,
+            "fix": self.fix,
         }
 
 
@@ -54,6 +83,7 @@ def verify_store(out: str | Path) -> VerifyReport:
     try:
         meta = load_store_meta(layout)
         BACKENDS[meta.backend].validate_layout(layout, meta, deep=True)
+        ids = _check_ids(layout, meta)
     except StoreError as e:
         report.store_error = str(e)
         return report
@@ -69,13 +99,65 @@ def verify_store(out: str | Path) -> VerifyReport:
             else:
                 report.pending.append(shard)
             continue
-        problems = _verify_shard(layout, meta, shard)
+        problems = _verify_shard(layout, meta, shard, ids)
         if problems:
             report.bad[shard] = problems
         else:
             report.good.append(shard)
             report.videos_checked += len(meta.shard_rows(shard))
     return report
+
+
+def _check_ids(layout: Layout, meta: StoreMeta) -> pa.ChunkedArray | list[str] | None:
+    """The store's manifest ids in row order (format 2: index/, format 1: video_ids.json), checked whole;
+    None when the store was created without them. StoreError names the damaged file."""
+    if meta.format_version < 2:
+        return load_video_ids(layout, meta)
+    folder = layout.index
+    if not folder.exists():
+        return None
+    fix = (f"the id index is written once, when the store is created: restore {folder} from a backup, or "
+           f"re-extract into a new --out")
+    try:
+        with pa.memory_map(str(folder / IDS_FILE)) as source:
+            ids = pa.ipc.open_file(source).read_all().column("video_id")  # [N] utf8
+        ids.validate(full=True)  # offsets and utf-8 of every id
+    except FileNotFoundError as e:
+        raise StoreError(f"{folder / IDS_FILE} is missing; {fix}") from e
+    except (OSError, pa.ArrowException, KeyError) as e:
+        raise StoreError(f"{folder / IDS_FILE} is damaged ({e}); {fix}") from e
+    if len(ids) != meta.n_videos or ids.type != pa.string():
+        raise StoreError(f"{folder / IDS_FILE}: {len(ids)} video ids of type {ids.type}, but the store has "
+                         f"{meta.n_videos} rows of utf8 ids; {fix}")
+    try:
+        stored = np.load(folder / TABLE_FILE, mmap_mode="r")  # [M] (hash, row)
+    except FileNotFoundError as e:
+        raise StoreError(f"{folder / TABLE_FILE} is missing; {fix}") from e
+    except Exception as e:  # noqa: BLE001 - numpy parses the header with ast: a damaged one raises anything
+        raise StoreError(f"{folder / TABLE_FILE} is damaged ({type(e).__name__}: {e}); {fix}") from e
+    # The table is a function of the ids (built as the writer builds it, in batches of BATCH): rebuilt, it
+    # must equal the stored one, which catches damage in either file (a changed id hashes elsewhere).
+    table = np.zeros(table_slots(meta.n_videos), dtype=SLOT)  # [M] (hash, row)
+    table["row"] = -1
+    for start in range(0, meta.n_videos, BATCH):
+        batch = ids[start: start + BATCH].to_pylist()
+        _insert(table, _hashes(batch), np.arange(start, start + len(batch), dtype=np.int32))
+    if stored.dtype != SLOT or stored.shape != table.shape or not np.array_equal(stored, table):
+        raise StoreError(f"{folder / TABLE_FILE} does not match the table rebuilt from {IDS_FILE} (dtype "
+                         f"{stored.dtype}, {len(stored)} slots): one of the two files is damaged; {fix}")
+    return ids
+
+
+def _check_shard_ids(ids: pa.ChunkedArray | list[str] | None, rows: range, stored: list[str], shard: int, where) -> list[str]:
+    """The ids a committed shard recorded must be the store's ids of those rows."""
+    if ids is None:
+        return []
+    expected = ids[rows.start: rows.stop] if isinstance(ids, list) else ids[rows.start: rows.stop].to_pylist()
+    if expected == stored:
+        return []
+    local = next(i for i, (a, b) in enumerate(zip(expected, stored)) if a != b) if len(expected) == len(stored) else 0
+    return [f"{where}: row {rows.start + local} holds video {stored[local]!r} but the store's id index says "
+            f"{expected[local]!r}; re-extract shard {shard}"]
 
 
 def _data_files(layout: Layout, meta: StoreMeta, shard: int) -> list[Path]:
@@ -87,7 +169,7 @@ def _data_files(layout: Layout, meta: StoreMeta, shard: int) -> list[Path]:
     return [p for p in candidates if p.exists()]
 
 
-def _verify_shard(layout: Layout, meta: StoreMeta, shard: int) -> list[str]:
+def _verify_shard(layout: Layout, meta: StoreMeta, shard: int, ids: pa.ChunkedArray | list[str] | None) -> list[str]:
     try:
         if meta.format_version >= 2:
             ledger = load_ledger(layout, meta, shard)
@@ -105,8 +187,11 @@ def _verify_shard(layout: Layout, meta: StoreMeta, shard: int) -> list[str]:
             if part.counts != ledger.counts or part.failures() != list(ledger.failures):
                 return [f"shard {shard}: the rows part's statuses or failures disagree with the ledger ({ledger.counts})"]
             problems += _check_row_status(layout, meta, ledger, status)
+            problems += _check_shard_ids(ids, meta.shard_rows(shard), part.ids(), shard, part.path)
         else:
             status = np.array([STATUS_CODES[v.status] for v in ledger.videos], dtype=np.int8)
+            problems += _check_shard_ids(ids, meta.shard_rows(shard), [v.video_id for v in ledger.videos], shard,
+                                         layout.ledger(shard))
         reader = BACKENDS[meta.backend].reader(layout, meta, shard, ledger.files, True)
     except StoreError as e:
         return [*problems, str(e)]

@@ -78,7 +78,8 @@ def init_layout(layout: Layout, meta: StoreMeta) -> None:
 
 def validate_layout(layout: Layout, meta: StoreMeta, deep: bool = False) -> None:
     """Check every array's zarr.json against the schema: dtype, shape, chunk/shard shape, codecs (a few
-    small files: done as deeply on every open)."""
+    small files: done on every open). deep (verify): also every other key foreign readers use (fill value,
+    dimension names, node type), and the group's zarr.json, whose attributes must equal store.json."""
     for spec in ARRAYS.values():
         path = layout.zarr / spec.name / "zarr.json"
         try:
@@ -88,6 +89,13 @@ def validate_layout(layout: Layout, meta: StoreMeta, deep: bool = False) -> None
         except (OSError, ValueError) as e:
             raise StoreError(f"{path} is unreadable ({e}); re-extract or restore the file") from e
         _check_metadata(path, md, _expected_metadata(spec, meta), meta)
+        if deep:
+            _check_metadata(path, md, {
+                "zarr_format": 3, "node_type": "array", "fill_value": spec.fill, "attributes": {},
+                "dimension_names": ["video", *(DIMENSION_NAMES[a] for a in spec.axes)], "storage_transformers": [],
+            }, meta)
+    if deep:
+        _check_group(layout, meta)
     if meta.format_version >= 2:
         path = layout.zarr / ROW_STATUS.name / "zarr.json"
         try:
@@ -99,7 +107,24 @@ def validate_layout(layout: Layout, meta: StoreMeta, deep: bool = False) -> None
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [meta.shard_size]}},
             "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
             "codecs": [{"name": "bytes"}, {"name": "crc32c"}],  # int8: no endianness
+            **({"zarr_format": 3, "node_type": "array", "fill_value": ROW_STATUS.fill, "attributes": {},
+                "dimension_names": ["video"], "storage_transformers": []} if deep else {}),
         }, meta)
+
+
+def _check_group(layout: Layout, meta: StoreMeta) -> None:
+    path = layout.zarr / "zarr.json"
+    try:
+        md = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{path} is missing or unreadable ({e}); foreign readers (zarr-python, tensorstore) open "
+                         f"the store through it. It is written once, at creation: restore it from a backup, or "
+                         f"re-extract into a new --out") from e
+    _check_metadata(path, md, {"zarr_format": 3, "node_type": "group"}, meta)
+    if md.get("attributes") != {"vlpcache": meta.to_json()}:
+        raise StoreError(f"{path}: attribute 'vlpcache' differs from {layout.store_json} (both are written once, "
+                         f"at creation, with the same store metadata): one of them is damaged; restore it from a "
+                         f"backup, or re-extract into a new --out")
 
 
 def _expected_metadata(spec, meta: StoreMeta) -> dict:

@@ -83,6 +83,49 @@ def test_poison_video_is_isolated_and_named(ray_local, marked_corpus, tmp_path):
                     note="recorded failed: model worker crashed: Segmentation fault")
 
 
+@pytest.mark.slow  # four model processes start (about 10 s of CPU each)
+def test_poison_video_on_the_local_runner_is_isolated_and_named(marked_corpus, tmp_path):
+    """The local runner's models run in a child process: a segfault there kills the child, not the job;
+    the batch is retried, then its videos one by one; the culprit alone is recorded failed."""
+    extractor = plugin_extractor("segfault")
+    Job(job_config(marked_corpus["without"], tmp_path / "ref", extractor=extractor, runner="local")).run()
+    stats = Job(job_config(marked_corpus["manifest"], tmp_path / "out", extractor=extractor, runner="local")).run()
+    assert stats.exit_reason == "" and stats.shard_retries == 0 and not stats.shards_failed
+    errors = dict(open_store(tmp_path / "out").status.failures)
+    assert errors == {"marked": "model worker crashed: Segmentation fault"}
+    check_recovered("poison video, local runner (model process segfault)", tmp_path / "ref", tmp_path / "out",
+                    same_failures=False, note="recorded failed: model worker crashed: Segmentation fault")
+
+
+def test_a_bug_in_the_decoder_process_stops_the_job_and_a_bad_video_is_recorded(demo_corpus, tmp_path):
+    """Inside the decode child, an exception that no decoder raises is ours: DecoderBug, which stops the
+    job (WorkerBug, exit 2) with the child's traceback; a file that is no video is a recorded failure."""
+    import dataclasses
+
+    from extractors.config import SamplingConfig
+    from extractors.decode import DecoderBug
+    from pipeline.runners import WorkerBug, check_shard_error
+    from pipeline.work import Decoder, VideoTask
+
+    video = str(demo_corpus["root"] / demo_corpus["rows"][0]["path"])
+    sampling = SamplingConfig(num_frames=4)
+    decoder = Decoder(sampling, timeout_s=60, need_boxes=False)
+    (tmp_path / "notes.mp4").write_text("not a video\n" * 50)
+    status, decoded = decoder(VideoTask(0, "notes", str(tmp_path / "notes.mp4")))
+    assert decoded is None and status.error.startswith("decode: ") and "InvalidDataError" in status.error
+    broken = Decoder(dataclasses.replace(sampling), timeout_s=60, need_boxes=False)
+    object.__setattr__(broken.sampling, "buffer_mb", None)  # a bug of ours, met only inside the child
+    with pytest.raises(DecoderBug) as info:
+        broken(VideoTask(1, "ok-video", video))
+    message = str(info.value)
+    assert message.startswith("TypeError: unsupported operand type(s) for *: 'NoneType' and 'int'")
+    assert "traceback in the decoder process" in message and "in _index" in message
+    with pytest.raises(WorkerBug, match="a shard worker raised DecoderBug: TypeError"):
+        check_shard_error(info.value, str(tmp_path))
+    assert decoder(VideoTask(2, "ok-video", video))[0].error is None  # the decoder process goes on
+    record("bug in our code (TypeError in the decode process)", True, "DecoderBug: exit 2 with the child's traceback")
+
+
 def test_transient_io_errors_are_retried_with_backoff(demo_corpus, tmp_path, caplog):
     """EIO from the kernel (/proc/self/mem at offset 0): retried; a link repaired between two attempts
     decodes ok, one that stays broken is recorded failed after the retries."""
