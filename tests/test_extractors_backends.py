@@ -3,6 +3,7 @@ error mapping and timeout handling; a backend that is not installed is refused, 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -57,10 +58,10 @@ def test_backend_frames_equal_pyav_on_demo_corpus(demo_corpus, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_backend_rotation_and_aspect_ratio(made_videos, real_videos, backend):
-    """Rotated: identical frames (decord: refused, it mangles them). Anamorphic (carphone, SAR 128:117)
-    and resized: the same shapes, and pixels close (PyAV scales from YUV in one swscale call, the others
-    from RGB)."""
+def test_backend_rotation_and_aspect_ratio(made_videos, real_videos, backend, tmp_path):
+    """Rotated: identical frames (decord: refused, it mangles them). Anamorphic (carphone, SAR 128:117 in
+    the container; a made clip with SAR 2:1 in the H.264 headers only) and resized: the same shapes, and
+    pixels close (PyAV scales from YUV in one swscale call, the others from RGB)."""
     if backend == "decord":
         with pytest.raises(DecodeError, match="decord does not decode rotated video"):
             decode_clip(str(made_videos["rot90"]), with_backend(PLANS["uniform"], backend))
@@ -73,6 +74,14 @@ def test_backend_rotation_and_aspect_ratio(made_videos, real_videos, backend):
         assert "anamorphic" in clip.flags and (clip.width, clip.height) == (ref.width, ref.height) == (193, 144)
         for a, b in zip(ref.frames, clip.frames):
             assert a.shape == b.shape and np.abs(a.astype(np.int16) - b).mean() < 2.5
+    bitstream_sar = tmp_path / "sar2.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(made_videos["pheavy"]), "-c", "copy", "-bsf:v",
+                    "h264_metadata=sample_aspect_ratio=2/1", str(bitstream_sar)], check=True)
+    cfg = SamplingConfig(num_frames=3)
+    ref, clip = decode_clip(str(bitstream_sar), cfg), decode_clip(str(bitstream_sar), with_backend(cfg, backend))
+    assert "anamorphic" in clip.flags and (clip.width, clip.height) == (ref.width, ref.height) == (320, 96)
+    for a, b in zip(ref.frames, clip.frames):
+        assert a.shape == b.shape == (96, 320, 3) and np.abs(a.astype(np.int16) - b).mean() < 2.5
 
 
 @pytest.mark.slow
