@@ -162,8 +162,9 @@ def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConf
         flags.append("keyframe" if snapped is not None else "no_keyframe_in_window")
         plan = snapped if snapped is not None else plan
     targets = sorted(set(int(i) for i in plan.indices if i >= 0))
+    # also for the other backends' one-frame probe: PyAV's default (0) starts a thread per core
+    stream.codec_context.thread_count = cfg.threads
     if cfg.backend == "pyav":
-        stream.codec_context.thread_count = cfg.threads
         rgb, rotation, how = _decode_pyav(stream.codec_context, index, targets, cfg, path)
     else:
         rotation = _probe_rotation(stream.codec_context, index, path)
@@ -320,7 +321,7 @@ def _index(container: av.container.InputContainer, stream, path: str, buffer_mb:
     packets = PacketSource(container, stream, path, keep)
     if not len(packets):
         raise DecodeError(f"{path}: the video stream holds no packets (empty or truncated file)")
-    if any(p is None for p in packets.pts_list):
+    if None in packets.pts_list:
         raise DecodeError(
             f"{path}: video packets without timestamps (raw elementary stream?); remux it first, "
             "e.g. `ffmpeg -i IN -c copy OUT.mp4`"
@@ -570,6 +571,7 @@ def video_info(path: str) -> dict:
             stream = _video_stream(container, str(path))
             index = _index(container, stream, str(path), buffer_mb=0)
             if index.sar is None:  # only the bitstream says: decode its first frame
+                stream.codec_context.thread_count = 1
                 _probe_rotation(stream.codec_context, index, str(path))
     except (av.FFmpegError, OSError) as e:
         raise DecodeError(f"{path}: {type(e).__name__}: {e}") from e
