@@ -22,7 +22,8 @@ each clip and method it reports the median CPU seconds (user + sys of this proce
   keyframes cost nothing: (limit + setup) / limit and setup / full. A goal below its floor cannot be met
   without opening and reading the file for less.
 full and limit make the RGB frames the Clip contract asks for: stretched by the sample aspect ratio
-(carphone: 193x144 from 176x144); the torchcodec and decord peers give coded-size frames.
+(carphone: 193x144 from 176x144), with one swscale context kept (as decode.py does), and held until the
+end as a Clip holds them; the torchcodec and decord peers give coded-size frames.
 
 Goals (issue 13): exact <= 1.0x torchcodec on every clip and <= 0.6x on webvid_bheavy; exact <= 1.1x
 limit; keyframe <= 0.1x full.
@@ -92,15 +93,13 @@ def to_rgb(frame: av.VideoFrame, width: int) -> np.ndarray:
                                 interpolation="AREA").to_ndarray()
 
 
-def run_full(path: Path, indices: np.ndarray) -> None:
+def run_full(path: Path, indices: np.ndarray) -> list[np.ndarray]:
     wanted = set(map(int, indices))
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.codec_context.thread_count = 1
         width = shown_width(stream)
-        for i, frame in enumerate(container.decode(stream)):
-            if i in wanted:
-                to_rgb(frame, width)
+        return [to_rgb(frame, width) for i, frame in enumerate(container.decode(stream)) if i in wanted]
 
 
 def run_setup(path: Path) -> None:
@@ -129,19 +128,19 @@ class Limit:
             start = max(k for k in keys if k <= pos)
             self.runs.setdefault(start, []).append(pos)
 
-    def __call__(self) -> None:
+    def __call__(self) -> list[np.ndarray]:
+        """The targets' RGB frames, held until the end as a Clip holds them (dropping each at once would let
+        the allocator hand the next frame the same, already mapped, memory)."""
+        rgb = []
         for start, positions in self.runs.items():
             target_pts = {self.packets[p].pts for p in positions}
             self.cc.flush_buffers()
             for packet in self.packets[start : max(positions) + 1]:
                 self.cc.skip_frame = "DEFAULT" if packet.pts in target_pts else "NONREF"
-                for frame in self.cc.decode(packet):
-                    if frame.pts in target_pts:
-                        to_rgb(frame, self.width)
+                rgb += [to_rgb(frame, self.width) for frame in self.cc.decode(packet) if frame.pts in target_pts]
             self.cc.skip_frame = "DEFAULT"
-            for frame in self.cc.decode(None):
-                if frame.pts in target_pts:
-                    to_rgb(frame, self.width)
+            rgb += [to_rgb(frame, self.width) for frame in self.cc.decode(None) if frame.pts in target_pts]
+        return rgb
 
     def close(self) -> None:
         self.container.close()
