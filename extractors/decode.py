@@ -49,6 +49,11 @@ IMAGE_CODECS = {"png", "mjpeg", "jpeg2000", "jpegls", "bmp", "tiff", "webp", "gi
 FAST_PROBE_FORMATS = {"mov,mp4,m4a,3gp,3g2,mj2"}  # not Matroska: its VFW mode can store decode times
 FAST_PROBE = {"probesize": "32", "analyzeduration": "1", "skip_frame": "all"}  # skip_frame: the probe's decoder
 
+# Decoders that read skip_frame once, when they open (FFmpeg's libdav1d.c maps it to dav1d's
+# decode_frame_type at init), so a per-packet NONREF would leave them unable to decode non-reference
+# targets for the life of the context: they decode every frame from each group's keyframe.
+SKIP_FRAME_AT_OPEN = {"libdav1d"}
+
 log = logging.getLogger(__name__)
 _local = threading.local()  # one swscale context cache per thread (VideoReformatter is not thread-safe)
 
@@ -399,7 +404,8 @@ def _decode_pyav(
         return *_decode_in_order(cc, index, targets, cfg, path), "sequential"
     if not index.no_keyflags:
         try:
-            return *_decode_targets(cc, index, targets, cfg, path, _groups(index, targets), "NONREF"), "targets"
+            skip = "DEFAULT" if cc.codec.name in SKIP_FRAME_AT_OPEN else "NONREF"
+            return *_decode_targets(cc, index, targets, cfg, path, _groups(index, targets), skip), "targets"
         except (av.FFmpegError, DecodeError) as e:
             # a codec that cannot start at a flagged keyframe (headers, wrong flags): a full decode can
             log.warning("%s: decoding from the keyframes failed (%s); decoding from the first packet", path, e)
