@@ -150,6 +150,16 @@ def test_bench_decode_runs_every_method_and_reports_every_goal(tmp_path, capsys)
         "webvid_bheavy_0s.mp4", "webvid_pheavy_0s.mp4"]
 
 
+def test_open_gop_stream_is_exact_in_torchcodec_and_refused_by_decord(tmp_path):
+    """MPEG-2 in mp4 with 2 B-frames, open GOPs (ffmpeg's default): decord seeks to other frames (36 for 34)."""
+    path = ffmpeg(tmp_path / "mpeg2_bf.mp4", "-c:v", "mpeg2video", "-bf", "2", "-g", "12")
+    for cfg in PLANS.values():
+        assert_same_as_pyav(path, cfg, "torchcodec")
+    with pytest.raises(DecodeError, match="decord returns other frames after seeking in an open-GOP stream") as info:
+        decode_clip(str(path), with_backend(PLANS["uniform"], "decord"))
+    assert str(path) in str(info.value)
+
+
 def test_backends_refuse_streams_they_cannot_address(made_videos, tmp_path):
     """AVI with B-frames (decode-order timestamps) and FLV1 in SWF (no keyframe flags): PyAV decodes
     them from the start; the other backends would return other frames, so they refuse them."""
