@@ -8,8 +8,8 @@ decode, naming the package to install: the job never falls back to another decod
 
 Both return frames turned upright at the coded size (they read the display matrix themselves); the
 caller applies the sample aspect ratio and the resize policy. decord 3.4 mangles rotated video (4
-channels, size errors, or scaled pictures, depending on the size and angle), so rotated files are a
-DecodeError under decord rather than wrong frames.
+channels, size errors, or scaled pictures, depending on the size and angle), and seeks to the wrong frame
+in open-GOP streams, so rotated and open-GOP files are a DecodeError under decord rather than wrong frames.
 """
 from __future__ import annotations
 
@@ -113,6 +113,9 @@ def _decord(path: str, index: StreamIndex, targets: list[int], threads: int, rot
     if rotation:
         raise DecodeError(f"{path}: decord does not decode rotated video correctly (display rotation {rotation} "
                           "degrees); use sampling.backend: pyav or torchcodec")
+    if _open_gop(index):
+        raise DecodeError(f"{path}: decord returns other frames after seeking in an open-GOP stream (frames after a "
+                          "keyframe in decode order are shown before it); use sampling.backend: pyav or torchcodec")
     reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
     if len(reader) != len(index.times):
         raise DecodeError(f"{path}: decord counts {len(reader)} frames where the demuxed stream holds "
@@ -123,3 +126,11 @@ def _decord(path: str, index: StreamIndex, targets: list[int], threads: int, rot
         raise DecodeError(f"{path}: decord's frames {targets} start at {starts.tolist()} s, ours at {wanted.tolist()} s")
     data = reader.get_batch(targets).asnumpy()  # [n, H, W, 3] uint8
     return {i: data[j] for j, i in enumerate(targets)}
+
+
+def _open_gop(index: StreamIndex) -> bool:
+    """Some keyframe after the first is followed, in decode order, by a frame shown before it (leading
+    B-frames, as MPEG-2 and MPEG-4 part 2 encoders make by default): after a seek there, decord's frame
+    count is off by the leading frames (it returned frame 36 for 34 in an MPEG-2 mp4 with 2 B-frames)."""
+    keys = list(index.key_positions) + [len(index.pts)]
+    return any(index.pts[a + 1 : b].min(initial=index.pts[a]) < index.pts[a] for a, b in zip(keys[1:-1], keys[2:]))

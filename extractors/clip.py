@@ -5,7 +5,8 @@ Built with `open_clip.create_model(name, pretrained=None)`: nothing downloads. A
 (open_clip's `open_clip_model.safetensors` / `open_clip_pytorch_model.bin`, or a visual-only state dict)
 is read by extractors.weights (weights_only) and loaded strictly into the image tower; the text tower's
 keys are reported and ignored. Preprocessing is the one open_clip defines for the model
-(`model.visual.preprocess_cfg`: size, mean, std, interpolation, resize mode), applied to uint8 tensors.
+(`model.visual.preprocess_cfg`: size, mean, std, interpolation, resize mode), applied to uint8 tensors;
+`frame_encoder.input_size` must equal that size (refused otherwise, before the model is built).
 """
 from __future__ import annotations
 
@@ -49,6 +50,19 @@ def build_clip_visual(model: str, weights: str, seed: int, allow_random: bool = 
     return visual
 
 
+def check_input_size(model: str, input_size: int) -> None:
+    """A CLIP tower sees frames at the size its weights were trained at (its position embeddings are for
+    that grid): frame_encoder.input_size must say that size, or the config would claim another one."""
+    import open_clip
+
+    arch = model[len(OPEN_CLIP_PREFIX):]
+    size = open_clip.get_model_config(arch)["vision_cfg"]["image_size"]
+    if input_size != size:
+        raise ValueError(f"frame_encoder.input_size is {input_size}, but {model} takes {size}x{size} frames (open_clip's "
+                         f"preprocessing for it; its position embeddings are for that size): set "
+                         f"frame_encoder.input_size: {size}, or pick a CLIP model made for {input_size}")
+
+
 class OpenClipFrameEncoder:
     """B x [H, W, 3] uint8 frames -> [B, D] float32 projected CLIP image embeddings (not L2-normalised).
 
@@ -59,6 +73,7 @@ class OpenClipFrameEncoder:
     def __init__(self, cfg: FrameEncoderConfig, device: str | torch.device = "cpu", allow_random: bool = False) -> None:
         self.cfg = cfg
         self.runtime = Runtime(torch.device(device), cfg.amp, cfg.channels_last)
+        check_input_size(cfg.model, cfg.input_size)
         visual = build_clip_visual(cfg.model, cfg.weights, cfg.seed, allow_random)
         visual.output_tokens = True
         self.visual = self.runtime.prepare(visual)

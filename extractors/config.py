@@ -76,7 +76,7 @@ class FrameEncoderConfig:
     """One feature per frame from an ImageNet model."""
 
     model: str = "efficientnet_lite0"  # one of FRAME_MODELS; "open_clip:ViT-B-32" etc. = a CLIP image tower
-    input_size: int = 224  # frames are resized (short side) and centre-cropped to input_size^2 (open_clip: its own size)
+    input_size: int = 224  # frames are resized (short side) and centre-cropped to input_size^2 (open_clip: must be its own size)
     weights: str = ""  # local weight file; "pkg:efficientnet_lite0" = the pip-shipped file; "" = random init
     #                    (refused unless extractor.allow_random_weights is true)
     seed: int = 0  # seed of the random init when no weights file is given

@@ -42,11 +42,18 @@ TEXT_DEMUXERS = {"tty": "text rendered by FFmpeg's tty demuxer", "bin": "binary 
 IMAGE_CODECS = {"png", "mjpeg", "jpeg2000", "jpegls", "bmp", "tiff", "webp", "gif", "ppm", "pgm", "pbm", "pam",
                 "qoi", "sgi", "targa", "dpx", "exr", "hdr", "jpegxl", "pcx", "xbm", "xpm", "xwd", "sunrast"}
 
-# Containers whose header holds everything we read before decoding (timestamps, size, aspect ratio),
-# so FFmpeg's stream probe can be cut short: for an H.264 stream without B-frames it decodes 7 frames
-# to guess the reordering delay (15 ms at 1280x720, ~5% of a sparse decode), frames we decode again.
+# Containers whose header holds everything we read before decoding (timestamps, size), so FFmpeg's stream
+# probe can be cut short and kept from decoding: for H.264 it decodes the first frame (2 ms for a 640x272
+# I-frame; 7 frames without B-frames, to guess the reordering delay), frames we decode again. What the
+# probe's decode would have told (the sample aspect ratio of a stream whose container does not give it)
+# is read from our own decoder once it has decoded a frame (_settle_sar).
 FAST_PROBE_FORMATS = {"mov,mp4,m4a,3gp,3g2,mj2"}  # not Matroska: its VFW mode can store decode times
-FAST_PROBE = {"probesize": "32", "analyzeduration": "1"}
+FAST_PROBE = {"probesize": "32", "analyzeduration": "1", "skip_frame": "all"}  # skip_frame: the probe's decoder
+
+# Decoders that read skip_frame once, when they open (FFmpeg's libdav1d.c maps it to dav1d's
+# decode_frame_type at init), so a per-packet NONREF would leave them unable to decode non-reference
+# targets for the life of the context: they decode every frame from each group's keyframe.
+SKIP_FRAME_AT_OPEN = {"libdav1d"}
 
 log = logging.getLogger(__name__)
 _local = threading.local()  # one swscale context cache per thread (VideoReformatter is not thread-safe)
@@ -66,7 +73,7 @@ class StreamIndex:
     width: int  # coded width, before rotation
     height: int
     sequential: bool  # packet timestamps do not give the display order (e.g. AVI with B-frames)
-    sar: Fraction  # sample (pixel) aspect ratio; the display width is width * sar
+    sar: Fraction | None  # sample (pixel) aspect ratio, display width = width * sar; None: the decoder's (_settle_sar)
     stream_index: int  # the stream's index in the container
     time_base: Fraction
     no_keyflags: bool  # no packet is flagged a keyframe (e.g. FLV1 in SWF): decode from the first packet
@@ -138,7 +145,7 @@ def _open(path: str, span: tuple[int, int] | None = None) -> av.container.InputC
         return _ByteRange(path, *span) if span else path
 
     container = av.open(source(), metadata_errors="ignore", options=FAST_PROBE)
-    if container.format.name in FAST_PROBE_FORMATS:
+    if container.format.name in FAST_PROBE_FORMATS and all(s.codec_context.width for s in container.streams.video):
         return container
     container.close()
     return av.open(source(), metadata_errors="ignore")
@@ -161,8 +168,9 @@ def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConf
         flags.append("keyframe" if snapped is not None else "no_keyframe_in_window")
         plan = snapped if snapped is not None else plan
     targets = sorted(set(int(i) for i in plan.indices if i >= 0))
+    # also for the other backends' one-frame probe: PyAV's default (0) starts a thread per core
+    stream.codec_context.thread_count = cfg.threads
     if cfg.backend == "pyav":
-        stream.codec_context.thread_count = cfg.threads
         rgb, rotation, how = _decode_pyav(stream.codec_context, index, targets, cfg, path)
     else:
         rotation = _probe_rotation(stream.codec_context, index, path)
@@ -232,19 +240,32 @@ class PacketSource:
 
     def __init__(self, container: av.container.InputContainer, stream, path: str, keep: bool) -> None:
         self.container, self.stream, self.path = container, stream, path
-        self.kept: list[av.Packet] | None = [] if keep else None
-        pts, dts, key, discard, duration = [], [], [], [], []
-        for packet in container.demux(stream):
-            if packet.size == 0:
-                continue
-            if self.kept is not None:
-                self.kept.append(packet)
-            pts.append(packet.pts)
-            dts.append(packet.dts)
-            key.append(packet.is_keyframe)
-            discard.append(packet.is_discard)
-            duration.append(packet.duration or 0)
-        self.pts_list, self.dts, self.key, self.discard, self.duration = pts, dts, key, discard, duration
+        demuxed = (packet for packet in container.demux(stream) if packet.size)
+        if keep:
+            # decode times and durations are read from the kept packets when asked for (seeking, the last
+            # frame, the torchcodec frame table): each PyAV attribute read costs ~1 us a packet
+            self.kept: list[av.Packet] | None = list(demuxed)
+            self.pts_list = [packet.pts for packet in self.kept]
+            self.key = [packet.is_keyframe for packet in self.kept]
+            self.discard = [packet.is_discard for packet in self.kept]
+            self._dts = self._duration = None
+        else:
+            self.kept = None
+            rows = [(p.pts, p.dts, p.is_keyframe, p.is_discard, p.duration or 0) for p in demuxed]
+            self.pts_list, self._dts, self.key, self.discard, self._duration = (list(c) for c in zip(*rows)) \
+                if rows else ([], [], [], [], [])
+
+    @property
+    def dts(self) -> list[int | None]:
+        if self._dts is None:
+            self._dts = [packet.dts for packet in self.kept]
+        return self._dts
+
+    @property
+    def duration(self) -> list[int]:
+        if self._duration is None:
+            self._duration = [packet.duration or 0 for packet in self.kept]
+        return self._duration
 
     def __len__(self) -> int:
         return len(self.pts_list)
@@ -306,7 +327,7 @@ def _index(container: av.container.InputContainer, stream, path: str, buffer_mb:
     packets = PacketSource(container, stream, path, keep)
     if not len(packets):
         raise DecodeError(f"{path}: the video stream holds no packets (empty or truncated file)")
-    if any(p is None for p in packets.pts_list):
+    if None in packets.pts_list:
         raise DecodeError(
             f"{path}: video packets without timestamps (raw elementary stream?); remux it first, "
             "e.g. `ffmpeg -i IN -c copy OUT.mp4`"
@@ -322,7 +343,8 @@ def _index(container: av.container.InputContainer, stream, path: str, buffer_mb:
         raise DecodeError(f"{path}: duplicate frame timestamps in the video stream; remux or re-encode it")
     tb = float(stream.time_base)
     times = (sorted_pts - sorted_pts[0]) * tb  # [N] seconds from the first shown frame
-    last_duration = packets.duration[int(order[-1])]
+    last_duration = packets.kept[int(order[-1])].duration if packets.kept is not None \
+        else packets.duration[int(order[-1])]
     step = last_duration or (np.median(np.diff(sorted_pts)) if len(order) > 1 else 1 / tb / 25)
     key = np.array(packets.key, dtype=bool)  # [P] decode order
     no_keyflags = not key[order].any()
@@ -343,11 +365,19 @@ def _index(container: av.container.InputContainer, stream, path: str, buffer_mb:
         height=cc.height,
         # frames are reordered (B-frames) yet timestamps rise in decode order: they are decode times
         sequential=bool(cc.has_b_frames) and len(pts) > 2 and bool(np.all(np.diff(pts) > 0)),
-        sar=Fraction(sar) if sar and sar > 0 else Fraction(1),
+        sar=Fraction(sar) if sar and sar > 0 else None,
         stream_index=stream.index,
         time_base=Fraction(stream.time_base),
         no_keyflags=no_keyflags,
     )
+
+
+def _settle_sar(index: StreamIndex, cc: av.video.codeccontext.VideoCodecContext) -> None:
+    """Where neither the container nor the (short) probe gave the sample aspect ratio, take the one our
+    decoder read from the bitstream (H.264 VUI); call once `cc` has decoded a frame. None there = square."""
+    if index.sar is None:
+        sar = cc.sample_aspect_ratio
+        index.sar = Fraction(sar) if sar and sar > 0 else Fraction(1)
 
 
 def _display_size(index: StreamIndex, rotation: int) -> tuple[int, int]:
@@ -375,7 +405,8 @@ def _decode_pyav(
         return *_decode_in_order(cc, index, targets, cfg, path), "sequential"
     if not index.no_keyflags:
         try:
-            return *_decode_targets(cc, index, targets, cfg, path, _groups(index, targets), "NONREF"), "targets"
+            skip = "DEFAULT" if cc.codec.name in SKIP_FRAME_AT_OPEN else "NONREF"
+            return *_decode_targets(cc, index, targets, cfg, path, _groups(index, targets), skip), "targets"
         except (av.FFmpegError, DecodeError) as e:
             # a codec that cannot start at a flagged keyframe (headers, wrong flags): a full decode can
             log.warning("%s: decoding from the keyframes failed (%s); decoding from the first packet", path, e)
@@ -408,6 +439,7 @@ def _decode_targets(
             if i is not None:
                 _check_intact(frame, i, path)
                 rotation = _rotation(frame)
+                _settle_sar(index, cc)
                 out[i] = _to_rgb(frame, rotation, index, cfg)
         missing = [i for i in wanted if i not in out]
         if missing:
@@ -427,6 +459,7 @@ def _decode_in_order(
         if i in wanted:
             _check_intact(frame, i, path)
             rotation = _rotation(frame)
+            _settle_sar(index, cc)
             out[i] = _to_rgb(frame, rotation, index, cfg)
             if len(out) == len(wanted):
                 frames.close()  # stop early: nothing after the last target is needed
@@ -438,10 +471,12 @@ def _decode_in_order(
 
 
 def _probe_rotation(cc: av.video.codeccontext.VideoCodecContext, index: StreamIndex, path: str) -> int:
-    """The display rotation, read from the first frame PyAV decodes (for the other backends)."""
+    """The display rotation, read from the first frame PyAV decodes (for the other backends); settles the
+    sample aspect ratio too."""
     frames = _feed(cc, index.packets.run(0, len(index.packets) - 1), set(), skip="DEFAULT")
     try:
         for frame in frames:
+            _settle_sar(index, cc)
             return _rotation(frame)
     finally:
         frames.close()
@@ -536,10 +571,15 @@ def _assemble(
 
 
 def video_info(path: str) -> dict:
-    """Frame count, duration and size of a video from its demuxed packets (no decoding)."""
+    """Frame count, duration and size of a video from its demuxed packets (no decoding, except the first
+    frame where only the bitstream gives the sample aspect ratio)."""
     try:
         with _open(str(path)) as container:
-            index = _index(container, _video_stream(container, str(path)), str(path), buffer_mb=0)
+            stream = _video_stream(container, str(path))
+            index = _index(container, stream, str(path), buffer_mb=0)
+            if index.sar is None:  # only the bitstream says: decode its first frame
+                stream.codec_context.thread_count = 1
+                _probe_rotation(stream.codec_context, index, str(path))
     except (av.FFmpegError, OSError) as e:
         raise DecodeError(f"{path}: {type(e).__name__}: {e}") from e
     return {"frames": len(index.times), "duration": index.end, "width": index.width, "height": index.height,

@@ -3,6 +3,7 @@ error mapping and timeout handling; a backend that is not installed is refused, 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -57,10 +58,10 @@ def test_backend_frames_equal_pyav_on_demo_corpus(demo_corpus, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_backend_rotation_and_aspect_ratio(made_videos, real_videos, backend):
-    """Rotated: identical frames (decord: refused, it mangles them). Anamorphic (carphone, SAR 128:117)
-    and resized: the same shapes, and pixels close (PyAV scales from YUV in one swscale call, the others
-    from RGB)."""
+def test_backend_rotation_and_aspect_ratio(made_videos, real_videos, backend, tmp_path):
+    """Rotated: identical frames (decord: refused, it mangles them). Anamorphic (carphone, SAR 128:117 in
+    the container; a made clip with SAR 2:1 in the H.264 headers only) and resized: the same shapes, and
+    pixels close (PyAV scales from YUV in one swscale call, the others from RGB)."""
     if backend == "decord":
         with pytest.raises(DecodeError, match="decord does not decode rotated video"):
             decode_clip(str(made_videos["rot90"]), with_backend(PLANS["uniform"], backend))
@@ -73,6 +74,14 @@ def test_backend_rotation_and_aspect_ratio(made_videos, real_videos, backend):
         assert "anamorphic" in clip.flags and (clip.width, clip.height) == (ref.width, ref.height) == (193, 144)
         for a, b in zip(ref.frames, clip.frames):
             assert a.shape == b.shape and np.abs(a.astype(np.int16) - b).mean() < 2.5
+    bitstream_sar = tmp_path / "sar2.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(made_videos["pheavy"]), "-c", "copy", "-bsf:v",
+                    "h264_metadata=sample_aspect_ratio=2/1", str(bitstream_sar)], check=True)
+    cfg = SamplingConfig(num_frames=3)
+    ref, clip = decode_clip(str(bitstream_sar), cfg), decode_clip(str(bitstream_sar), with_backend(cfg, backend))
+    assert "anamorphic" in clip.flags and (clip.width, clip.height) == (ref.width, ref.height) == (320, 96)
+    for a, b in zip(ref.frames, clip.frames):
+        assert a.shape == b.shape == (96, 320, 3) and np.abs(a.astype(np.int16) - b).mean() < 2.5
 
 
 @pytest.mark.slow
@@ -139,6 +148,16 @@ def test_bench_decode_runs_every_method_and_reports_every_goal(tmp_path, capsys)
         assert goal in out
     assert out.count("webvid_") >= 4 and sorted(p.name for p in tmp_path.iterdir()) == [
         "webvid_bheavy_0s.mp4", "webvid_pheavy_0s.mp4"]
+
+
+def test_open_gop_stream_is_exact_in_torchcodec_and_refused_by_decord(tmp_path):
+    """MPEG-2 in mp4 with 2 B-frames, open GOPs (ffmpeg's default): decord seeks to other frames (36 for 34)."""
+    path = ffmpeg(tmp_path / "mpeg2_bf.mp4", "-c:v", "mpeg2video", "-bf", "2", "-g", "12")
+    for cfg in PLANS.values():
+        assert_same_as_pyav(path, cfg, "torchcodec")
+    with pytest.raises(DecodeError, match="decord returns other frames after seeking in an open-GOP stream") as info:
+        decode_clip(str(path), with_backend(PLANS["uniform"], "decord"))
+    assert str(path) in str(info.value)
 
 
 def test_backends_refuse_streams_they_cannot_address(made_videos, tmp_path):

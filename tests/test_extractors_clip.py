@@ -44,6 +44,12 @@ def test_seeded_vit_b_32_is_deterministic_with_512_d_embeddings(encoder, frames)
         build_frame_encoder(FrameEncoderConfig(model=MODEL))
 
 
+def test_input_size_other_than_the_models_is_refused_before_building():
+    with pytest.raises(ValueError, match=r"frame_encoder.input_size is 256, but open_clip:ViT-B-32 takes 224x224 "
+                                         r"frames .* set frame_encoder.input_size: 224"):
+        build_frame_encoder(FrameEncoderConfig(model=MODEL, input_size=256), allow_random=True)
+
+
 def test_preprocessing_is_open_clips(encoder, frames):
     """Same as open_clip's own eval transform (PIL bicubic resize + centre crop + its mean/std)."""
     pp = encoder.visual.preprocess_cfg
