@@ -3,8 +3,11 @@ ground-truth boxes, so that the demo's regions come from a detector rather than 
 
 - Train split only; the class of a box is the object's shape (1 + index in demo.SHAPES; 0 = background),
   never its identity, colour or motion.
-- Random initialisation (nothing downloads), seeded: the same corpus, config and seed give the same
-  weights on one machine.
+- Default model: fasterrcnn_efficientnet_lite0_fpn (extractors/regions.py: torchvision's Faster R-CNN
+  parts, anchors sized for the corpus's 18-28 px objects) on the ImageNet EfficientNet-Lite0 trunk shipped
+  offline (`--backbone-weights`; its stem and first stages stay frozen, `--frozen-stages`); the rest is
+  randomly initialised. Nothing downloads; seeded: the same corpus, config and seed give the same weights
+  on one machine.
 - Frames are fed at the corpus's own size, never rescaled (the extractor's FixedScaleTransform), as the
   extractor then runs the detector; with `proposals` RPN proposals per frame at inference, as in
   extraction (regions.proposals).

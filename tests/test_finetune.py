@@ -135,6 +135,7 @@ def test_bad_input_is_refused(tmp_path, demo_corpus):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # ~4 CPU minutes (corpus, 300 steps, val and test), more on a loaded 2-core machine
 def test_finetuned_detector_reaches_map_09_on_test(tmp_path):
     """The demo's detector as `make demo` trains it: mAP@0.5 >= 0.9 on >= 100 test clips (a few CPU minutes)."""
     root = tmp_path / "corpus"
