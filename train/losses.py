@@ -2,6 +2,7 @@
 constructor (and the gather function can be swapped, so a test checks it in one process)."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -222,9 +223,28 @@ def hard_groups(feats: torch.Tensor, m: int, generator: torch.Generator, hard: b
     return torch.tensor(groups, dtype=torch.long).reshape(-1, m)
 
 
+def span_scores(out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Score of every span [s, e] for every text from the localization head's outputs (start/end/member
+    [G, M, S] logits, -inf on padding) -> [G, M, S, S] (s > e and spans over padding: -inf):
+        log p_start(s) + log p_end(e) + sum_{s <= p <= e} (log p(m | p) + log M),
+    the last term being the evidence that the positions inside show text m rather than another (positive
+    where the head prefers m over uniform, negative elsewhere), so a span ends where its text stops."""
+    G, M, S = out["start"].shape
+    real = torch.isfinite(out["member"][:, :1])  # [G, 1, S]
+    start, end = torch.log_softmax(out["start"], -1), torch.log_softmax(out["end"], -1)  # [G, M, S]
+    member = torch.log_softmax(out["member"].masked_fill(~real, 0.0), dim=1) + math.log(M)
+    evidence = member.masked_fill(~real, -1e4)  # a span over padding is never the best
+    cum = F.pad(evidence.cumsum(-1), (1, 0))  # [G, M, S + 1]
+    inside = cum[..., None, 1:] - cum[..., :-1, None]  # [G, M, S, S] sum over [s, e]
+    order = torch.ones(S, S, dtype=torch.bool, device=start.device).triu()
+    score = start[..., :, None] + end[..., None, :] + inside
+    return score.masked_fill(~order, float("-inf"))
+
+
 class LocalizationLoss(nn.Module):
-    """(4) TemPVL on merged sequences: start/end cross-entropy over the positions for each text, plus the
-    position -> text membership (which of the M texts each real position shows)."""
+    """(4) TemPVL on merged sequences: start/end cross-entropy over the positions for each text, the
+    position -> text membership (which of the M texts each real position shows), and the cross-entropy
+    of the right span among all spans under `span_scores` (what decoding maximises)."""
 
     def forward(self, out: dict[str, torch.Tensor], spans: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
         """out: start/end/member [G, M, S] logits; spans [G, M, 2] (start, end exclusive) of text m's
@@ -234,4 +254,6 @@ class LocalizationLoss(nn.Module):
         loss = loss + F.cross_entropy(out["end"].reshape(G * M, S), spans[..., 1].reshape(-1) - 1)
         member = out["member"].transpose(1, 2).reshape(G * S, M)  # [G*S, M]
         real = owner.reshape(-1) >= 0
-        return loss + F.cross_entropy(member[real], owner.reshape(-1)[real])
+        loss = loss + F.cross_entropy(member[real], owner.reshape(-1)[real])
+        span = spans[..., 0] * S + spans[..., 1] - 1  # [G, M] index of [start, end - 1] in the flat S x S
+        return loss + F.cross_entropy(span_scores(out).reshape(G * M, S * S), span.reshape(-1))
