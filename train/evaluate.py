@@ -174,7 +174,7 @@ def moment_retrieval(model: VideoTextModel, cfg: TrainConfig, emb: Embeddings, s
                      device: torch.device) -> dict[str, float]:
     """Random groups of M held-out videos (a seeded permutation, not neighbours in the manifest), each
     merged into one sequence of random crops (train/moments.py), and each caption's segment predicted by
-    the localization head (argmax start + end logits) or, for a model trained without it, the window
+    the localization head (best span score, losses.span_scores) or, for a model trained without it, the window
     baseline. Both are scored by the same code on the same queries."""
     M, N, T = cfg.loss.loc_videos, len(split), split.video.frames.shape[1]
     G = N // M
