@@ -75,6 +75,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--select-every", type=int, default=100, help="steps between val evaluations (model selection)")
     p.add_argument("--detector-weights", default="", help="fine-tuned detector for the detector row (default: "
                    "made with `vlpcache finetune-detector` on the corpus' train split)")
+    p.add_argument("--detector-steps", type=int, default=20, help="optimiser steps of `vlpcache finetune-detector` "
+                   "for the detector row (default 20: ~10 CPU s a step on 2 cores, so the whole table fits 30 CPU "
+                   "minutes; its own default, 300, does not)")
     p.add_argument("--fresh", action="store_true", help="retrain rows that already have a result")
     p.add_argument("--val-only", action="store_true", help="report the val figures of the selected step and never "
                    "evaluate test (for choosing settings; results kept apart, under OUT/val/)")
@@ -121,11 +124,12 @@ def detector_weights(args: argparse.Namespace, corpus: Path) -> Path | None:
     """The fine-tuned detector: --detector-weights, or made once with `vlpcache finetune-detector`."""
     if args.detector_weights:
         return Path(args.detector_weights)
-    out = Path(args.data) / f"detector_{corpus.name}.pt"
+    out = Path(args.data) / f"detector_{corpus.name}_steps{args.detector_steps}.pt"
     if not out.is_file():
         if importlib.util.find_spec("pipeline.finetune") is None:
             return None
-        _vlpcache("finetune-detector", str(corpus), "--out", str(out))
+        _vlpcache("finetune-detector", str(corpus), "--out", str(out), "--steps", str(args.detector_steps),
+                  "--warmup", str(min(50, args.detector_steps // 4)))
     return out
 
 
