@@ -86,6 +86,14 @@ def _unit_attention(a: torch.Tensor, um: torch.Tensor, rm: torch.Tensor, lam: fl
     return _focal_attention(a_u, rm.expand_as(a_u), lam)
 
 
+def _attended_cosine(weights: torch.Tensor, dots: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """cos(x_p, sum_k w_pk y_k) for unit-norm x, y from w [..., P, K], dots x_p . y_k [..., P, K] and the
+    Gram matrix y_k . y_l [..., K, K] -> [..., P] (0 where all weights are 0, as F.cosine_similarity gives)."""
+    num = (weights * dots).sum(-1)
+    sq = ((weights @ gram) * weights).sum(-1)
+    return num / sq.clamp(min=1e-16).sqrt().clamp(min=1e-8)
+
+
 def unit_region_attention(units: torch.Tensor, unit_mask: torch.Tensor, regions: torch.Tensor,
                           region_mask: torch.Tensor, lam: float = 20.0) -> torch.Tensor:
     """The weights alpha_tk with which each unit (phrase/word) of one text attends to each region of one
@@ -101,17 +109,20 @@ def alignment_similarity(units: torch.Tensor, unit_mask: torch.Tensor, regions: 
     units [Bt, P, E] (phrases or words) and regions [Bv, R, E], both L2-normalised, with masks
     [Bt, P] / [Bv, R] (True = real). Returns [Bt, Bv]. Padding never contributes on either side.
     """
-    a = F.leaky_relu(torch.einsum("ipe,jre->ijpr", units, regions), 0.1)  # [Bt, Bv, P, R]
+    dots = torch.einsum("ipe,jre->ijpr", units, regions)  # [Bt, Bv, P, R]
+    a = F.leaky_relu(dots, 0.1)
     um = unit_mask[:, None, :, None]  # [Bt, 1, P, 1]
     rm = region_mask[None, :, None, :]  # [1, Bv, 1, R]
+    # cos(u_p, c_p) with c_p = sum_k alpha_pk r_k, computed without forming c_p ([Bt, Bv, P, E]):
+    # u_p . c_p = sum_k alpha_pk (u_p . r_k) and |c_p|^2 = alpha_p G alpha_p^T, G the regions' Gram matrix.
     alpha = _unit_attention(a, um, rm, lam)  # [Bt, Bv, P, R]
-    ctx = torch.einsum("ijpr,jre->ijpe", alpha, regions)  # [Bt, Bv, P, E]
-    s_u2r = _masked_mean(F.cosine_similarity(units[:, None], ctx, dim=-1), unit_mask[:, None].float())
+    gram_r = torch.einsum("jre,jke->jrk", regions, regions)  # [Bv, R, R]
+    s_u2r = _masked_mean(_attended_cosine(alpha, dots, gram_r[None]), unit_mask[:, None].float())
     # regions attend to units: a normalised over the regions (masked), softmax over units
     a_r = F.normalize(a * rm, dim=3).transpose(2, 3)  # [Bt, Bv, R, P]
     beta = _focal_attention(a_r, um.transpose(2, 3).expand_as(a_r), lam)  # [Bt, Bv, R, P]
-    ctx_r = torch.einsum("ijrp,ipe->ijre", beta, units)  # [Bt, Bv, R, E]
-    s_r2u = _masked_mean(F.cosine_similarity(regions[None], ctx_r, dim=-1), region_mask[None].float())
+    gram_u = torch.einsum("ipe,iqe->ipq", units, units)  # [Bt, P, P]
+    s_r2u = _masked_mean(_attended_cosine(beta, dots.transpose(2, 3), gram_u[:, None]), region_mask[None].float())
     return s_u2r + s_r2u  # [Bt, Bv]
 
 
