@@ -99,3 +99,18 @@ def test_multi_caption_evaluation_scores_caption_i_against_video_i_div_q():
     assert out["captions_per_video"] == 2.0 and out["videos"] == 4.0
     assert "t2v_R@1" in out and "t2vavg_R@1" in out and "v2t_R@1" in out
     assert "binding_acc" not in out and not any(k.startswith("moment") for k in out)
+
+
+def test_span_scores_end_a_span_where_the_membership_changes():
+    """Flat start/end logits (no boundary evidence): the membership alone puts each text's best span on
+    exactly its own positions; padding is never inside a span."""
+    from train.losses import span_scores
+
+    owner = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, -1]])  # [G=1, S=10]
+    M, S = 3, owner.shape[1]
+    member = (F.one_hot(owner.clamp(min=0), M).float().transpose(1, 2) * 3.0)  # [1, M, S]
+    pad = (owner < 0)[:, None]
+    out = {"start": torch.zeros(1, M, S).masked_fill(pad, float("-inf")),
+           "end": torch.zeros(1, M, S).masked_fill(pad, float("-inf")), "member": member.masked_fill(pad, float("-inf"))}
+    spans = best_window(span_scores(out)[0]).tolist()
+    assert spans == [[0, 3], [3, 5], [5, 9]]

@@ -38,14 +38,17 @@ log = logging.getLogger(__name__)
 ALIGN = ["loss.align_weight=1.0"]
 LOCVTP = ["loss.clip_word_weight=0.5"]
 LOC = ["loss.loc_weight=1.0"]
-# row name -> (label, overrides on configs/train/ablation.yaml, features: "given" boxes or "detector")
+# row name -> (label, overrides on configs/train/ablation.yaml, features: "given" boxes or "detector").
+# Every row links regions into tracks by geometry and appearance (train/tracks.py), never by stored class.
 ROWS: dict[str, tuple[str, list[str], str]] = {
     "global": ("global contrastive only", [], "given"),
     "align": ("+ region-word alignment, given boxes", ALIGN, "given"),
-    "detector": ("+ region-word alignment, detector regions (no identity)", ALIGN + ["model.units=region"], "detector"),
+    "detector": ("+ region-word alignment, detector regions (no identity)", ALIGN, "detector"),
+    "content": ("+ region-word alignment over single content words, given boxes", ALIGN + ["loss.align_unit=content"],
+                "given"),
     "phrase": ("+ region-phrase alignment (demo-grammar clauses), given boxes", ALIGN + ["loss.align_unit=phrase"],
                "given"),
-    "locvtp": ("+ LocVTP clip-word / temporal-aware", LOCVTP, "given"),
+    "locvtp": ("+ region-word alignment + LocVTP clip-word / temporal-aware", ALIGN + LOCVTP, "given"),
     "loc": ("+ localization (TemPVL), variable-length segments", LOC, "given"),
     "all": ("all (alignment + LocVTP + localization), given boxes", ALIGN + LOCVTP + LOC, "given"),
 }
@@ -72,7 +75,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--select-every", type=int, default=100, help="steps between val evaluations (model selection)")
     p.add_argument("--detector-weights", default="", help="fine-tuned detector for the detector row (default: "
                    "made with `vlpcache finetune-detector` on the corpus' train split)")
+    p.add_argument("--detector-steps", type=int, default=20, help="optimiser steps of `vlpcache finetune-detector` "
+                   "for the detector row (default 20: ~10 CPU s a step on 2 cores, so the whole table fits 30 CPU "
+                   "minutes; its own default, 300, does not)")
     p.add_argument("--fresh", action="store_true", help="retrain rows that already have a result")
+    p.add_argument("--val-only", action="store_true", help="report the val figures of the selected step and never "
+                   "evaluate test (for choosing settings; results kept apart, under OUT/val/)")
     p.add_argument("--table-only", action="store_true", help="print the table of the finished runs in --out "
                    "(whatever their code version) without training anything")
     args = p.parse_args(argv)
@@ -116,11 +124,12 @@ def detector_weights(args: argparse.Namespace, corpus: Path) -> Path | None:
     """The fine-tuned detector: --detector-weights, or made once with `vlpcache finetune-detector`."""
     if args.detector_weights:
         return Path(args.detector_weights)
-    out = Path(args.data) / f"detector_{corpus.name}.pt"
+    out = Path(args.data) / f"detector_{corpus.name}_steps{args.detector_steps}.pt"
     if not out.is_file():
         if importlib.util.find_spec("pipeline.finetune") is None:
             return None
-        _vlpcache("finetune-detector", str(corpus), "--out", str(out))
+        _vlpcache("finetune-detector", str(corpus), "--out", str(out), "--steps", str(args.detector_steps),
+                  "--warmup", str(min(50, args.detector_steps // 4)))
     return out
 
 
@@ -186,7 +195,7 @@ def train_and_select(cfg: TrainConfig, features: Path, out: Path, every: int) ->
 
 
 def run_one(args: argparse.Namespace, features: Path, row: str, seed: int, code: dict) -> dict:
-    out = Path(args.out) / f"{row}_seed{seed}"
+    out = Path(args.out) / ("val" if args.val_only else "") / f"{row}_seed{seed}"
     cfg = load_config(args.config, ROWS[row][1] + list(args.set) +
                       [f"run.seed={seed}"]).validate()
     result_path = out / "result.json"
@@ -196,18 +205,22 @@ def run_one(args: argparse.Namespace, features: Path, row: str, seed: int, code:
                 and cached.get("code") == code and cached.get("select_every") == args.select_every):
             return cached
     shutil.rmtree(out, ignore_errors=True)
-    start = time.time()
+    start, cpu = time.time(), cpu_minutes()
     trainer, selected = train_and_select(cfg, features, out, args.select_every)
-    test, _ = load_split(str(features), "test", cfg.model.units, cfg.model.max_units, expected=trainer.signature)
-    metrics = evaluate(trainer.model, cfg, test, text_batch(cfg, split_captions(test.captions)[0], trainer.text_features),
-                       trainer.dist.device)
-    result = {"row": row, "seed": seed, "metrics": metrics, "selected_step": selected["step"],
-              "val": selected["val"], "train_videos": _count_split(features, cfg.data.split), "steps": cfg.optim.steps,
-              "batch_size": cfg.optim.batch_size, "wall_s": time.time() - start, "config": cfg.to_dict(),
-              "features": str(features), "code": code, "select_every": args.select_every}
+    if args.val_only:
+        metrics = selected["val"]
+    else:
+        test, _ = load_split(str(features), "test", cfg.model.units, cfg.model.max_units, expected=trainer.signature)
+        metrics = evaluate(trainer.model, cfg, test, text_batch(cfg, split_captions(test.captions)[0],
+                                                                trainer.text_features), trainer.dist.device)
+    result = {"row": row, "seed": seed, "metrics": metrics, "selected_step": selected["step"], "split":
+              "val" if args.val_only else "test", "val": selected["val"],
+              "train_videos": _count_split(features, cfg.data.split), "steps": cfg.optim.steps,
+              "batch_size": cfg.optim.batch_size, "wall_s": time.time() - start, "cpu_s": (cpu_minutes() - cpu) * 60,
+              "config": cfg.to_dict(), "features": str(features), "code": code, "select_every": args.select_every}
     result_path.write_text(json.dumps(result, indent=2))
-    log.info("%s seed %d (step %d selected on val): test %s (%.0f s)", row, seed, selected["step"],
-             {k: round(metrics.get(k, float("nan")), 1) for k, _ in COLUMNS}, result["wall_s"])
+    log.info("%s seed %d (step %d selected on val): %s %s (%.0f CPU s)", row, seed, selected["step"], result["split"],
+             {k: round(metrics.get(k, float("nan")), 1) for k, _ in COLUMNS}, result["cpu_s"])
     return result
 
 
@@ -234,14 +247,15 @@ def table(results: dict[str, list[dict]]) -> str:
         versions = ", ".join(sorted({_version(r["code"]) for r in rs}))
         lines.append(f"| {ROWS[row][0]} | " + " | ".join(cells) + f" | {steps} | {versions} |")
     seeds = sorted({r["seed"] for rs in results.values() for r in rs})
-    wall = sum(r["wall_s"] for rs in results.values() for r in rs)
+    cpu = sum(r.get("cpu_s", float("nan")) for rs in results.values() for r in rs)
+    split = any_result.get("split", "test")
     lines.append("")
     lines.append(f"mean ± sample std over the seeds listed per row (of {seeds}); {any_result['train_videos']} training videos, model selection "
                  f"on val ({int(any_result['val']['videos'])} clips), test evaluated once per row and seed "
                  f"({int(m['videos'])} held-out clips, {int(m.get('binding_pairs', 0))} captions in twin pairs, "
                  f"{int(m.get('moment_queries', 0))} moment queries on merged sequences of random crops); "
-                 f"{any_result['steps']} steps of batch {any_result['batch_size']}; training + eval wall time "
-                 f"{wall / 60:.1f} min. Chance: t2v R@1 {100 / m['videos']:.0f}%, binding 50%. Moment columns "
+                 f"{any_result['steps']} steps of batch {any_result['batch_size']}; training + eval CPU time "
+                 f"{cpu / 60:.1f} min. Figures on **{split}**. Chance: t2v R@1 {100 / m['videos']:.0f}%, binding 50%. Moment columns "
                  "of rows without the localization head: the training-free window baseline, same queries.")
     return "\n".join(lines)
 
@@ -274,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(sys.argv[1:] if argv is None else argv)
     start = time.time()
+    where = str(Path(args.out) / "val") if args.val_only else args.out
     if args.table_only:
-        return print_table(finished(Path(args.out)), args.out)
+        return print_table(finished(Path(where)), where)
     code = code_version()
     seeds = [int(s) for s in args.seeds.split(",")]
     features = {kind: prepare_features(args, kind) for kind in sorted({ROWS[r][2] for r in args.rows.split(",")})}
@@ -284,9 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:  # seed-major: an interrupted run still leaves every row's first seeds cached
         for row in rows:
             results[row].append(run_one(args, features[ROWS[row][2]], row, seed, code))
-    print_table(results, args.out)
+    print_table(results, where)
     print(f"\ntotal wall time {((time.time() - start) / 60):.1f} min, CPU time {cpu_minutes():.1f} min "
-          f"(this process and its subprocesses); table in {Path(args.out) / 'table.md'}")
+          f"(this process and its subprocesses); table in {Path(where) / 'table.md'}")
     return 0
 
 

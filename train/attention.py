@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from train.config import TrainConfig
-from train.data import track_tokens, video_batch
+from train.data import linked, track_tokens, video_batch
 from train.losses import alignment_similarity, unit_region_attention
 from train.objectives import TextBatch, text_units, word_mask
 from train.text import CaptionTokenizer, FrozenTextFeatures, clause_spans, resolve_model_dir
-from train.words import content_mask
+from train.words import content_chunks, content_mask
 
 
 @dataclass
@@ -24,11 +24,12 @@ class Attention:
 
 
 def _slots(arrays: dict, units: str, max_units: int) -> list[list[tuple[int, int]]]:
-    classes = arrays["region_classes"]  # [T, K]
+    a = linked({k: v[None] for k, v in arrays.items() if k != "caption"})
+    classes = a["region_classes"][0]  # [T, K] track ids, as video_batch forms them
     T, K = classes.shape
     if units == "region":
         return [[(t, k)] if classes[t, k] >= 0 else [] for t in range(T) for k in range(K)]
-    track_class = track_tokens({k: v[None] for k, v in arrays.items() if k != "caption"}, max_units)[4][0]
+    track_class = track_tokens(a, max_units)[4][0]
     return [[(int(t), int(k)) for t, k in zip(*np.nonzero(classes == c))] if c >= 0 else [] for c in track_class]
 
 
@@ -62,6 +63,10 @@ def caption_attention(checkpoint: str, arrays: dict, caption: str) -> Attention:
     score = float(alignment_similarity(units[None], umask, regions[None], video.unit_mask, cfg.loss.align_lambda))
     if cfg.loss.align_unit == "phrase":
         labels = [caption[a:b] for a, b in clause_spans(caption)][: int(umask.sum())]
+    elif cfg.loss.align_unit == "chunk":  # the word pieces of each chunk, joined
+        enc = tokenizer.tokenizer.encode(caption)
+        chunk = content_chunks(text.content & text.mask)[0].tolist()
+        labels = [" ".join(tok for tok, c in zip(enc.tokens, chunk) if c == p) for p in range(int(umask.sum()))]
     else:  # word units: one label per kept token, in order
         enc = tokenizer.tokenizer.encode(caption)
         keep = (word_mask(text.mask) if cfg.loss.align_unit == "word" else text.content & text.mask)[0].tolist()

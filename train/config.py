@@ -53,7 +53,7 @@ class LossConfig:
     global_weight: float = 1.0  # (1) symmetric InfoNCE, [CLS] text vs [CLS] video
     init_temperature: float = 0.07  # learnable; clamped to >= 0.01
     align_weight: float = 0.0  # (2) bidirectional region-phrase alignment (DemoVLP, phrase-level)
-    align_unit: str = "content"  # "content" (content words), "phrase" (demo-grammar clauses) or "word" (every word)
+    align_unit: str = "content"  # "content" (content words), "chunk" (runs of content words), "phrase" (demo-grammar clauses) or "word"
     content_max_df: float = 0.8  # a word in more than this fraction of the captions is no content word
     align_lambda: float = 20.0  # softmax sharpness of the attention (DemoVLP's lambda)
     align_temperature: float = 0.05  # contrastive temperature on S_loc (DemoVLP's tau)
@@ -123,7 +123,7 @@ class TrainConfig:
             (self.text.long_captions in ("truncate", "error"), "text.long_captions must be 'truncate' or 'error'"),
             (self.model.units in ("track", "region"), "model.units must be 'track' or 'region'"),
             (self.model.max_units >= 1, "model.max_units must be >= 1"),
-            (self.loss.align_unit in ("content", "phrase", "word"), "loss.align_unit must be content|phrase|word"),
+            (self.loss.align_unit in ("content", "chunk", "phrase", "word"), "loss.align_unit must be content|chunk|phrase|word"),
             (self.loss.max_shift >= 1, "loss.max_shift must be >= 1"),
             (self.loss.loc_videos >= 2, "loss.loc_videos must be >= 2"),
             (self.loss.clip_frames >= 1, "loss.clip_frames must be >= 1"),

@@ -11,6 +11,7 @@ import torch
 
 from stores import open_store
 from train.model import VideoBatch
+from train.tracks import link_tracks
 
 log = logging.getLogger(__name__)
 TRACK_GEOM = 7  # per frame: centre x, centre y, width, height, present, 10*dx, 10*dy
@@ -61,7 +62,7 @@ def _centre_size(boxes: np.ndarray) -> np.ndarray:
 
 
 def track_tokens(a: dict[str, np.ndarray], max_units: int) -> tuple[np.ndarray, ...]:
-    """One token per region class per video (with "given" boxes, class = object index = one object),
+    """One token per region class per video (video_batch passes track ids from `linked` as the class),
     built for the whole batch at once. A video keeps its max_units classes of highest total score (ties:
     lower class), ordered by first appearance; where a class has several boxes in a frame, the
     best-scoring one is its box there.
@@ -119,7 +120,8 @@ def check_finite(a: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def region_tokens(a: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
-    """One token per box per frame: 6-d geometry plus displacement to the same class in the next frame."""
+    """One token per box per frame: 6-d geometry plus displacement to the same class (video_batch: the same
+    track) in the next frame."""
     feats, boxes, classes = a["region_features"], a["region_boxes"], a["region_classes"]
     N, T, K, Dr = feats.shape
     real = classes >= 0  # [N, T, K]
@@ -138,8 +140,18 @@ def region_tokens(a: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
             frame.reshape(N, T * K).astype(np.int64), real.reshape(N, T * K))
 
 
+def linked(a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays with each region's class replaced by its track id from geometry and appearance
+    (train/tracks.py): the stored class (a category, or with "given" boxes the object's identity) is never
+    what groups regions into tracks."""
+    ids = link_tracks(a["region_boxes"], a["region_features"], a["region_classes"] >= 0)
+    return {**a, "region_classes": ids}
+
+
 def video_batch(a: dict[str, np.ndarray], units: str, max_units: int) -> VideoBatch:
-    """Store arrays of N videos -> video tokens (features kept in float16)."""
+    """Store arrays of N videos -> video tokens (features kept in float16); regions linked into tracks
+    by geometry and appearance first (`linked`)."""
+    a = linked(a)
     tokens = track_tokens(a, max_units)[:4] if units == "track" else region_tokens(a)
     unit_f, unit_g, unit_t, unit_m = (torch.from_numpy(np.ascontiguousarray(x)) for x in tokens)
     frames = torch.from_numpy(np.ascontiguousarray(a["frame_features"].astype(np.float16)))  # [N, T, Df]

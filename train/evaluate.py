@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from train.config import TrainConfig
 from train.data import SplitData, eval_shard
 from train.formats import CAPTION_SEPARATOR
-from train.losses import alignment_similarity
+from train.losses import alignment_similarity, span_scores
 from train.metrics import binding_accuracy, moment_metrics, retrieval_metrics
 from train.model import VideoTextModel
 from train.moments import MergePlan, plan_merge
@@ -87,7 +87,7 @@ def embed_split(model: VideoTextModel, cfg: TrainConfig, split: SplitData, text:
     """text holds q captions per video (q = len(text) / len(split)), caption i of video i // q."""
     model.eval()
     q = text.mask.shape[0] // len(split)
-    P = int(text.content.sum(1).max().clamp(min=1)) if cfg.loss.align_unit == "content" else \
+    P = int(text.content.sum(1).max().clamp(min=1)) if cfg.loss.align_unit in ("content", "chunk") else \
         int(text.phrase.max().clamp(min=0)) + 1
     idx = eval_shard(len(split), rank, world_size)
     pieces: dict[str, list[torch.Tensor]] = {}
@@ -174,7 +174,7 @@ def moment_retrieval(model: VideoTextModel, cfg: TrainConfig, emb: Embeddings, s
                      device: torch.device) -> dict[str, float]:
     """Random groups of M held-out videos (a seeded permutation, not neighbours in the manifest), each
     merged into one sequence of random crops (train/moments.py), and each caption's segment predicted by
-    the localization head (argmax start + end logits) or, for a model trained without it, the window
+    the localization head (best span score, losses.span_scores) or, for a model trained without it, the window
     baseline. Both are scored by the same code on the same queries."""
     M, N, T = cfg.loss.loc_videos, len(split), split.video.frames.shape[1]
     G = N // M
@@ -188,7 +188,7 @@ def moment_retrieval(model: VideoTextModel, cfg: TrainConfig, emb: Embeddings, s
         video = split.video.float().to(device)
         aligned = (emb.units.to(device), emb.unit_mask.to(device), emb.regions.to(device), emb.region_mask.to(device))
         out = localize(model, cfg, video, emb.text_cls.to(device), aligned, groups, plan)
-        score = out["start"].cpu()[..., :, None] + out["end"].cpu()[..., None, :]  # [G, M, S, S]
+        score = span_scores({k: v.cpu() for k, v in out.items()})  # [G, M, S, S]
     else:
         score = window_scores(model, emb, groups, plan)
     S = score.shape[-1]

@@ -2,6 +2,7 @@
 constructor (and the gather function can be swapped, so a test checks it in one process)."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -85,6 +86,14 @@ def _unit_attention(a: torch.Tensor, um: torch.Tensor, rm: torch.Tensor, lam: fl
     return _focal_attention(a_u, rm.expand_as(a_u), lam)
 
 
+def _attended_cosine(weights: torch.Tensor, dots: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """cos(x_p, sum_k w_pk y_k) for unit-norm x, y from w [..., P, K], dots x_p . y_k [..., P, K] and the
+    Gram matrix y_k . y_l [..., K, K] -> [..., P] (0 where all weights are 0, as F.cosine_similarity gives)."""
+    num = (weights * dots).sum(-1)
+    sq = ((weights @ gram) * weights).sum(-1)
+    return num / sq.clamp(min=1e-16).sqrt().clamp(min=1e-8)
+
+
 def unit_region_attention(units: torch.Tensor, unit_mask: torch.Tensor, regions: torch.Tensor,
                           region_mask: torch.Tensor, lam: float = 20.0) -> torch.Tensor:
     """The weights alpha_tk with which each unit (phrase/word) of one text attends to each region of one
@@ -100,17 +109,20 @@ def alignment_similarity(units: torch.Tensor, unit_mask: torch.Tensor, regions: 
     units [Bt, P, E] (phrases or words) and regions [Bv, R, E], both L2-normalised, with masks
     [Bt, P] / [Bv, R] (True = real). Returns [Bt, Bv]. Padding never contributes on either side.
     """
-    a = F.leaky_relu(torch.einsum("ipe,jre->ijpr", units, regions), 0.1)  # [Bt, Bv, P, R]
+    dots = torch.einsum("ipe,jre->ijpr", units, regions)  # [Bt, Bv, P, R]
+    a = F.leaky_relu(dots, 0.1)
     um = unit_mask[:, None, :, None]  # [Bt, 1, P, 1]
     rm = region_mask[None, :, None, :]  # [1, Bv, 1, R]
+    # cos(u_p, c_p) with c_p = sum_k alpha_pk r_k, computed without forming c_p ([Bt, Bv, P, E]):
+    # u_p . c_p = sum_k alpha_pk (u_p . r_k) and |c_p|^2 = alpha_p G alpha_p^T, G the regions' Gram matrix.
     alpha = _unit_attention(a, um, rm, lam)  # [Bt, Bv, P, R]
-    ctx = torch.einsum("ijpr,jre->ijpe", alpha, regions)  # [Bt, Bv, P, E]
-    s_u2r = _masked_mean(F.cosine_similarity(units[:, None], ctx, dim=-1), unit_mask[:, None].float())
+    gram_r = torch.einsum("jre,jke->jrk", regions, regions)  # [Bv, R, R]
+    s_u2r = _masked_mean(_attended_cosine(alpha, dots, gram_r[None]), unit_mask[:, None].float())
     # regions attend to units: a normalised over the regions (masked), softmax over units
     a_r = F.normalize(a * rm, dim=3).transpose(2, 3)  # [Bt, Bv, R, P]
     beta = _focal_attention(a_r, um.transpose(2, 3).expand_as(a_r), lam)  # [Bt, Bv, R, P]
-    ctx_r = torch.einsum("ijrp,ipe->ijre", beta, units)  # [Bt, Bv, R, E]
-    s_r2u = _masked_mean(F.cosine_similarity(regions[None], ctx_r, dim=-1), region_mask[None].float())
+    gram_u = torch.einsum("ipe,iqe->ipq", units, units)  # [Bt, P, P]
+    s_r2u = _masked_mean(_attended_cosine(beta, dots.transpose(2, 3), gram_u[:, None]), region_mask[None].float())
     return s_u2r + s_r2u  # [Bt, Bv]
 
 
@@ -222,9 +234,28 @@ def hard_groups(feats: torch.Tensor, m: int, generator: torch.Generator, hard: b
     return torch.tensor(groups, dtype=torch.long).reshape(-1, m)
 
 
+def span_scores(out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Score of every span [s, e] for every text from the localization head's outputs (start/end/member
+    [G, M, S] logits, -inf on padding) -> [G, M, S, S] (s > e and spans over padding: -inf):
+        log p_start(s) + log p_end(e) + sum_{s <= p <= e} (log p(m | p) + log M),
+    the last term being the evidence that the positions inside show text m rather than another (positive
+    where the head prefers m over uniform, negative elsewhere), so a span ends where its text stops."""
+    G, M, S = out["start"].shape
+    real = torch.isfinite(out["member"][:, :1])  # [G, 1, S]
+    start, end = torch.log_softmax(out["start"], -1), torch.log_softmax(out["end"], -1)  # [G, M, S]
+    member = torch.log_softmax(out["member"].masked_fill(~real, 0.0), dim=1) + math.log(M)
+    evidence = member.masked_fill(~real, -1e4)  # a span over padding is never the best
+    cum = F.pad(evidence.cumsum(-1), (1, 0))  # [G, M, S + 1]
+    inside = cum[..., None, 1:] - cum[..., :-1, None]  # [G, M, S, S] sum over [s, e]
+    order = torch.ones(S, S, dtype=torch.bool, device=start.device).triu()
+    score = start[..., :, None] + end[..., None, :] + inside
+    return score.masked_fill(~order, float("-inf"))
+
+
 class LocalizationLoss(nn.Module):
-    """(4) TemPVL on merged sequences: start/end cross-entropy over the positions for each text, plus the
-    position -> text membership (which of the M texts each real position shows)."""
+    """(4) TemPVL on merged sequences: start/end cross-entropy over the positions for each text, the
+    position -> text membership (which of the M texts each real position shows), and the cross-entropy
+    of the right span among all spans under `span_scores` (what decoding maximises)."""
 
     def forward(self, out: dict[str, torch.Tensor], spans: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
         """out: start/end/member [G, M, S] logits; spans [G, M, 2] (start, end exclusive) of text m's
@@ -234,4 +265,6 @@ class LocalizationLoss(nn.Module):
         loss = loss + F.cross_entropy(out["end"].reshape(G * M, S), spans[..., 1].reshape(-1) - 1)
         member = out["member"].transpose(1, 2).reshape(G * S, M)  # [G*S, M]
         real = owner.reshape(-1) >= 0
-        return loss + F.cross_entropy(member[real], owner.reshape(-1)[real])
+        loss = loss + F.cross_entropy(member[real], owner.reshape(-1)[real])
+        span = spans[..., 0] * S + spans[..., 1] - 1  # [G, M] index of [start, end - 1] in the flat S x S
+        return loss + F.cross_entropy(span_scores(out).reshape(G * M, S * S), span.reshape(-1))

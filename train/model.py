@@ -91,15 +91,19 @@ class LocalizationHead(nn.Module):
     within-clip frame index and no segment boundary reaches it): per-position start/end logits for each
     text and, per position, which of the M texts it shows.
 
-    A text's logit at position s = (text-independent boundary logit of s: a one-layer transformer with
-    position embeddings over the merged sequence) + (text [CLS] query . position key) + match[s] / tau,
-    where match[s] is the region-phrase score S_loc of the text against the region tokens *visible at
-    position s* (computed by the caller, frame by frame). The [CLS] query alone cannot tell a caption
-    from its colour-swapped twin; the region match can."""
+    Positions: h = transformer layer(frame_in(x) + conv_3(frame_in(x)) + position embedding), where the
+    temporal convolution (kernel 3 over the merged sequence, as in the temporal-conv heads of 2D-TAN and
+    TemPVL) lets a position compare its frame with its neighbours: a cut between two clips is a change of
+    content, found from the frames themselves. A text's logit at position s = (text-independent boundary
+    logit of s) + (text [CLS] query . position key) + match[s] / tau, where match[s] is the region-unit
+    score S_loc of the text against the region tokens *visible at position s* (computed by the caller,
+    frame by frame). The [CLS] query alone cannot tell a caption from its colour-swapped twin; the region
+    match can. Spans are decoded from all three outputs together (losses.span_scores)."""
 
     def __init__(self, dim: int, heads: int, dropout: float, max_positions: int, init_temperature: float, Df: int):
         super().__init__()
         self.frame_in = nn.Sequential(nn.LayerNorm(Df), nn.Linear(Df, dim))
+        self.conv = nn.Conv1d(dim, dim, kernel_size=3, padding=1)
         self.pos = nn.Embedding(max_positions, dim)
         self.blocks = _encoder(dim, 1, heads, dropout)
         self.query = nn.Linear(dim, dim)
@@ -114,7 +118,9 @@ class LocalizationHead(nn.Module):
         """seq [G, S, Df] raw frame features of the merged sequences, valid [G, S] bool (False = padding),
         texts [G, M, d], match [G, M, S] -> start/end/member [G, M, S] logits (padding at -inf)."""
         G, S, _ = seq.shape
-        h = self.blocks(self.frame_in(seq) + self.pos.weight[:S], src_key_padding_mask=~valid)  # [G, S, d]
+        x = self.frame_in(seq) * valid[..., None]  # [G, S, d]
+        x = x + self.conv(x.transpose(1, 2)).transpose(1, 2)
+        h = self.blocks(x + self.pos.weight[:S], src_key_padding_mask=~valid)  # [G, S, d]
         q = self.query(texts)  # [G, M, d]
         scale = h.shape[-1] ** -0.5
         m = match * self.match_scale.exp().clamp(max=100.0)  # [G, M, S]

@@ -12,6 +12,7 @@ from train.losses import (ClipWordLoss, GlobalContrastiveLoss, LocalizationLoss,
                           alignment_similarity, hard_groups)
 from train.model import TextOut, VideoBatch, VideoOut, VideoTextModel
 from train.moments import MergePlan, plan_merge, position_match, unit_presence
+from train.words import content_chunks
 
 
 @dataclass
@@ -34,16 +35,17 @@ class TextBatch:
 
 def text_units(tokens: torch.Tensor, text: TextBatch, unit: str, P: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Alignment units of the text side: each contextual content-word token ("content", LocVTP/DemoVLP's
-    word level without function words), every word token ("word"), or the mean token feature per clause
-    of the demo-grammar splitter ("phrase"). tokens [B, L, d] -> units [B, P, d], mask [B, P]; P = 0
-    sizes the unit axis to this batch."""
-    mask, phrase = text.mask, text.phrase
+    word level without function words), the mean token feature per chunk of consecutive content words
+    ("chunk", RAKE's stopword-delimited phrases, train/words.py), every word token ("word"), or the mean
+    token feature per clause of the demo-grammar splitter ("phrase", comparison only). tokens [B, L, d]
+    -> units [B, P, d], mask [B, P]; P = 0 sizes the unit axis to this batch."""
     if unit == "word":
-        return tokens, word_mask(mask)
+        return tokens, word_mask(text.mask)
     if unit == "content":
         return compact(tokens, text.content, P)
-    P = P or int(phrase.max().clamp(min=0)) + 1
-    onehot = (phrase[..., None] == torch.arange(P, device=phrase.device)).float()  # [B, L, P]
+    index = content_chunks(text.content & text.mask) if unit == "chunk" else text.phrase  # [B, L], -1 = none
+    P = P or int(index.max().clamp(min=0)) + 1
+    onehot = (index[..., None] == torch.arange(P, device=index.device)).float()  # [B, L, P]
     count = onehot.sum(1)  # [B, P]
     units = torch.einsum("blp,bld->bpd", onehot, tokens) / count.clamp(min=1)[..., None]
     return units, count > 0

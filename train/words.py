@@ -64,3 +64,10 @@ def content_mask(tokenizer, captions: list[str], length: int, max_df: float = 0.
             word = text[a0:b0].lower()
             out[i, j] = content_words([word], df, max_df)[0]
     return torch.from_numpy(out)
+
+
+def content_chunks(content: torch.Tensor) -> torch.Tensor:
+    """content [B, L] bool (content tokens) -> [B, L] int64 chunk index of each content token within its
+    caption (0, 1, ...), -1 elsewhere. A chunk is a maximal run of consecutive content tokens."""
+    starts = content & ~torch.nn.functional.pad(content, (1, 0))[:, :-1]  # [B, L] first token of a run
+    return torch.where(content, starts.long().cumsum(1) - 1, torch.full_like(content, -1, dtype=torch.long))
