@@ -2,12 +2,14 @@
 gives transformers' BertModel outputs on real captions with padding, and loads a state dict written with
 BertModel's names (a live-MiniLM checkpoint of before). This test is the one place that imports
 transformers, as the reference."""
+import pytest
 import torch
 from torch import nn
 
 from train.text import CaptionTokenizer, MiniLM, default_model_dir
 
 
+@pytest.mark.slow  # imports transformers (~7 s of CPU), which is what the fast suite no longer pays
 def test_minilm_matches_transformers_bert_and_loads_its_state_dict():
     from transformers import BertModel
 
