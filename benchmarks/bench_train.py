@@ -12,12 +12,21 @@ as the trainer (train.model / train.objectives, default config), AdamW over trun
 Cache side: the default trainer (train.trainer.Trainer) on a store of the same dims.
 
     python -m benchmarks.bench_train [--quick] [--sizes 10000,100000] [--json out.json]
+    python -m benchmarks.bench_train --rss-only --sizes 10000,100000,1000000 --work DIR   # the 1M row
+
+Also: the CPU seconds a fresh process spends loading the text tower, train.text.MiniLM (torch layers)
+against transformers' BertModel.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -144,6 +153,54 @@ def pixel_rate(trunk: str, corpus: Path, rows: list[dict], batch: int, steps: in
     return steps * batch / (time.perf_counter() - start)
 
 
+TEXT_TOWER = {  # each after `import torch` in a fresh process
+    "torch": "",
+    "minilm_torch": "from train.text import default_model_dir, load_minilm; load_minilm(default_model_dir())",
+    "minilm_transformers": "from transformers import BertModel; from train.text import default_model_dir; "
+                           "BertModel.from_pretrained(str(default_model_dir()), local_files_only=True)",
+}
+
+
+def text_tower_cpu(repeats: int = 3) -> dict[str, float]:
+    """Median CPU seconds (user + sys) of a fresh process that imports torch and loads MiniLM each way
+    (run alternately, so load from other processes hits both alike)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cpu: dict[str, list[float]] = {k: [] for k in TEXT_TOWER}
+    for _ in range(repeats):
+        for name, code in TEXT_TOWER.items():
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            subprocess.run([sys.executable, "-c", f"import torch; {code}"], env=env, check=True,
+                           capture_output=True)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu[name].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return {f"text_cpu_s_{k}": statistics.median(v) for k, v in cpu.items()}
+
+
+def rss_store(work: Path, n: int) -> Path:
+    """The synthetic store of the RSS row for n videos; one already complete in --work is reused (writing
+    1M videos through the writer takes long)."""
+    path = work / f"rss_{n}"
+    if path.exists():
+        from stores import open_store
+
+        reader = open_store(path)
+        if len(reader) != n or reader.pending_shards():
+            raise RuntimeError(f"{path} holds an incomplete store ({len(reader)} of {n} videos); remove it")
+        log.warning("reusing the complete store %s (%d videos)", path, n)
+        return path
+    return bench.synthetic_store(path, n, Dims(T=4, K=4, Df=32, Dr=32), shard_size=1000)
+
+
+def rss_rows(work: Path, sizes: list[int], steps: int, batch: int) -> list[dict]:
+    rss = []
+    for n in sizes:
+        store = rss_store(work, n)
+        r = bench.peak_rss_of_training(store, work / f"run_rss_{n}", steps=steps, batch_size=batch)
+        rss.append({"videos": n, "disk_mb": bench.store_bytes(store) / 1e6, **r})
+        print(json.dumps(rss[-1]), flush=True)  # progress: the table comes at the end
+    return rss
+
+
 def flops_per_sample(fn, n: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -157,13 +214,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny inputs, 64^2 frames (the test runs this): no meaningful figures")
     p.add_argument("--sizes", default="10000,100000", help="store sizes (videos) for the RSS rows")
     p.add_argument("--json", help="also write the figures here")
-    p.add_argument("--work", help="scratch folder (default: a temporary one)")
+    p.add_argument("--work", help="scratch folder (default: a temporary one); complete RSS stores in it are reused")
+    p.add_argument("--rss-only", action="store_true", help="only the memory rows and the text-tower CPU")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_train_"))
     q = args.quick
     out: dict = {"quick": q}
+    out.update(text_tower_cpu(1 if q else 3))
+    sizes = [64] if q else [int(s) for s in args.sizes.split(",")]
+    if args.rss_only:
+        work.mkdir(parents=True, exist_ok=True)
+        out["rss"] = rss_rows(work, sizes, 2 if q else 20, 16 if q else 64)
+        _print(out)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2))
+        return 0
 
     from pipeline.demo import make_demo_corpus
 
@@ -196,14 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     out["flops_cache"] = flops_per_sample(tr.train_step, batch)
     print(json.dumps(out), flush=True)  # progress: the table comes at the end
 
-    rss = []
-    sizes = [64] if q else [int(s) for s in args.sizes.split(",")]
-    for n in sizes:
-        store = bench.synthetic_store(work / f"rss_{n}", n, Dims(T=4, K=4, Df=32, Dr=32), shard_size=1000)
-        r = bench.peak_rss_of_training(store, work / f"run_rss_{n}", steps=2 if q else 20, batch_size=16 if q else 64)
-        rss.append({"videos": n, "disk_mb": bench.store_bytes(store) / 1e6, **r})
-        print(json.dumps(rss[-1]), flush=True)  # progress: the table comes at the end
-    out["rss"] = rss
+    out["rss"] = rss_rows(work, sizes, 2 if q else 20, 16 if q else 64)
     _print(out)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
@@ -211,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print(o: dict) -> None:
+    t, hf = o["text_cpu_s_minilm_torch"] - o["text_cpu_s_torch"], o["text_cpu_s_minilm_transformers"] - o["text_cpu_s_torch"]
+    print(f"text tower, CPU s per process beyond `import torch` ({o['text_cpu_s_torch']:.2f} s): torch MiniLM "
+          f"{t:.2f} | transformers BertModel {hf:.2f} | saving {hf - t:.2f} s")
+    if "cache_samples_per_s" not in o:
+        _print_rss(o)
+        return
     print(f"training samples/s: cache {o['cache_samples_per_s']:.1f} | pixels ResNet-50 8x224^2 "
           f"{o['pixel_resnet50_samples_per_s']:.3f} ({o['cache_vs_resnet50']:.0f}x) | pixels EfficientNet-Lite0 "
           f"{o['pixel_effnet_lite0_samples_per_s']:.3f} ({o['cache_vs_effnet_lite0']:.0f}x)")
@@ -218,6 +284,10 @@ def _print(o: dict) -> None:
           f"{o['flops_cache'] / 1e9:.3f} G ({o['flops_pixel_resnet50'] / o['flops_cache']:.0f}x)")
     print(f"loader (2 workers) {o['loader_samples_per_s']:.0f} samples/s vs step {o['cache_samples_per_s']:.0f} "
           f"samples/s: {o['loader_vs_step']:.1f}x")
+    _print_rss(o)
+
+
+def _print_rss(o: dict) -> None:
     print("| videos | features on disk MB | trainer peak RSS MB | trainer + 2 workers peak PSS MB | disk / RSS |")
     print("|---|---|---|---|---|")
     for r in o["rss"]:

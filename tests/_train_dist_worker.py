@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from train.config import TrainConfig, apply_overrides
+from train.distributed import RankGather
 from train.model import VideoBatch, VideoTextModel
 from train.objectives import Objectives, TextBatch
 
@@ -45,12 +46,14 @@ def model_for(objective: str) -> tuple[TrainConfig, VideoTextModel]:
     return cfg, VideoTextModel(cfg, DF, DR, 7 * T, T)
 
 
-def grads(module: torch.nn.Module, model: VideoTextModel, rows: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
-    """Backward of the summed terms on the batch rows; -> every parameter's gradient (zeros if unused)."""
+def grads(module: torch.nn.Module, model: VideoTextModel, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Backward of the summed terms on the batch rows; -> every parameter's gradient (zeros if unused) and
+    each term's value under "term:NAME"."""
     video, text = global_batch()
-    terms = module(video.index(rows), text.rows(rows), torch.Generator().manual_seed(seed))
+    terms = module(video.index(rows), text.rows(rows), torch.Generator().manual_seed(0))
     sum(terms.values()).backward()
-    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+    out = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+    return {**out, **{f"term:{k}": v.detach() for k, v in terms.items()}}
 
 
 def main(out: str) -> None:
@@ -60,9 +63,9 @@ def main(out: str) -> None:
     result = {}
     for objective in OBJECTIVES:
         cfg, model = model_for(objective)
-        ddp = torch.nn.parallel.DistributedDataParallel(Objectives(model, cfg, rank, world),
+        ddp = torch.nn.parallel.DistributedDataParallel(Objectives(model, cfg, RankGather(rank, world)),
                                                         find_unused_parameters=True)
-        result[objective] = grads(ddp, model, rows, seed=rank)
+        result[objective] = grads(ddp, model, rows)
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 

@@ -19,4 +19,5 @@ def test_bench_train_runs_on_tiny_inputs(tmp_path, capsys):
     assert fig["flops_pixel_resnet50"] > fig["flops_cache"]  # the trunk's forward + backward dominates
     (row,) = fig["rss"]
     assert row["videos"] == 64 and row["disk_mb"] > 0 and row["trainer_mb"] > 100 and row["with_workers_mb"] > 0
+    assert fig["text_cpu_s_minilm_transformers"] > fig["text_cpu_s_torch"] > 0
     assert "training samples/s" in capsys.readouterr().out

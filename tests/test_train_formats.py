@@ -3,7 +3,8 @@ import csv
 import json
 
 
-from train.evaluate import split_captions
+import numpy as np
+
 from train.formats import main
 
 
@@ -35,7 +36,61 @@ def test_msrvtt_json_one_row_per_1ka_video_with_all_its_captions(tmp_path):
     assert main(["msrvtt", str(src), "--test-csv", str(jsfusion), "--out", str(tmp_path / "m.csv")]) == 0
     rows = _read(tmp_path / "m.csv")
     assert [(r["video_id"], r["path"]) for r in rows] == [("video1", "video1.mp4")]  # 1k-A only, one row
-    assert split_captions([r["caption"] for r in rows]) == (["a man talks", "a person speaks"], 2)
+    assert rows[0]["caption"] == "a man talks"
+    assert json.loads(rows[0]["captions"]) == ["a man talks", "a person speaks"]
+
+
+def _msrvtt_store(tmp_path, rows_of_manifest, old_form=False):
+    """A real zarr store whose videos are the manifest's rows (read by the pipeline's manifest reader,
+    captions and extra columns kept as the extractor keeps them), with synthetic features."""
+    from _train_helpers import _arrays, _scene
+    from pipeline.manifest import read_manifest
+    from stores import create_store
+    from stores.schema import Dims
+
+    rows = read_manifest(str(rows_of_manifest), tmp_path).rows
+    dims, rng = Dims(T=4, K=3, Df=16, Dr=24), np.random.default_rng(0)
+    basis = {k: rng.standard_normal((4, d)) for k, d in
+             (("color", 24), ("shape", 24), ("frame_color", 16), ("frame_shape", 16))}
+    out = tmp_path / ("old" if old_form else "store")
+    w = create_store(out, "zarr", dims=dims, n_videos=len(rows), shard_size=8, provenance={"t": "msrvtt"},
+                     video_ids=[r.video_id for r in rows])
+    sw = w.shard_writer(0)
+    for i, r in enumerate(rows):
+        caption = "\n".join(json.loads(r.meta["captions"])) if old_form else r.caption
+        meta = {} if old_form else r.meta
+        sw.put(i, r.video_id, caption, _arrays(_scene(rng, 2), rng, dims, basis), meta=meta)
+    sw.commit()
+    return out
+
+
+def test_msrvtt_multi_caption_end_to_end(tmp_path, capsys):
+    """MSRVTT_data.json -> manifest (`captions` column) -> store -> train (one caption sampled per epoch)
+    -> eval with q = 2 captions per video; the old one-caption-per-line form is a clear error."""
+    from train.cli import eval_main, train_main
+
+    ids = [f"video{i}" for i in range(8)]
+    sentences = [{"video_id": v, "caption": f"a {c} thing number {i}", "sen_id": 2 * i + k}
+                 for i, v in enumerate(ids) for k, c in enumerate(("red", "blue"))]
+    src = tmp_path / "MSRVTT_data.json"
+    src.write_text(json.dumps({"sentences": sentences}))
+    jsfusion = tmp_path / "MSRVTT_JSFUSION_test.csv"
+    jsfusion.write_text("key,vid_key,video_id,sentence\n" + "".join(f"r{i},m{i},{v},x\n" for i, v in enumerate(ids)))
+    manifest = tmp_path / "m.csv"
+    assert main(["msrvtt", str(src), "--test-csv", str(jsfusion), "--out", str(manifest)]) == 0
+    for v in ids:
+        (tmp_path / f"{v}.mp4").write_bytes(b"")  # the manifest reader checks nothing more here
+    store = _msrvtt_store(tmp_path, manifest)
+    run = tmp_path / "run"
+    assert train_main(["--features", str(store), "--out", str(run), "--split", "", "--eval-split", "",
+                       "--steps", "1", "--batch-size", "4", "--workers", "0"]) == 0
+    assert eval_main(["--checkpoint", str(run), "--features", str(store), "--split", ""]) == 0
+    m = json.loads((run / "eval_all.json").read_text())
+    assert m["captions_per_video"] == 2 and m["videos"] == 8 and "t2v_R@1" in m
+    old = _msrvtt_store(tmp_path, manifest, old_form=True)
+    capsys.readouterr()
+    assert eval_main(["--checkpoint", str(run), "--features", str(old), "--split", ""]) == 2
+    assert "no longer given one per line" in capsys.readouterr().err
 
 
 DIDEMO = [

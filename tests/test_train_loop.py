@@ -31,9 +31,10 @@ def _params(trainer):
 
 
 def test_resume_equals_uninterrupted_run(store, tmp_path):
-    full = Trainer(_cfg(), str(store), tmp_path / "full")
+    """With a feature queue (12 entries, batches of 8: it wraps): the checkpoint restores it exactly."""
+    full = Trainer(_cfg("loss.queue_size=12"), str(store), tmp_path / "full")
     full.fit()
-    part_cfg = _cfg("optim.steps=6")
+    part_cfg = _cfg("optim.steps=6", "loss.queue_size=12")
     first = Trainer(part_cfg, str(store), tmp_path / "part")
     for _ in range(3):  # stop after 3 of 6 steps, as a crash or Ctrl-C would
         first.train_step()
@@ -41,6 +42,8 @@ def test_resume_equals_uninterrupted_run(store, tmp_path):
     second = Trainer(part_cfg, str(store), tmp_path / "part", resume=True)
     assert second.step == 3
     second.fit()
+    assert full.queue.filled == 12 and torch.equal(full.queue.video, second.queue.video)
+    assert torch.equal(full.queue.text, second.queue.text) and full.queue.ptr == second.queue.ptr
     a, b = _params(full), _params(second)
     assert a.keys() == b.keys()
     for k in a:

@@ -89,7 +89,7 @@ def test_multi_caption_evaluation_scores_caption_i_against_video_i_div_q():
 
     N, T, q, L = 4, 6, 2, 5
     model, cfg, _, split = _model_and_embeddings(N=N, T=T)
-    split.captions = [f"a red circle {i}\nthe same clip, told again {i}" for i in range(N)]
+    split.captions = [[f"a red circle {i}", f"the same clip, told again {i}"] for i in range(N)]
     captions, got_q = split_captions(split.captions)
     assert got_q == q and captions[2:4] == ["a red circle 1", "the same clip, told again 1"]
     mask = torch.ones(N * q, L, dtype=torch.bool)

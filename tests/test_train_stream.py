@@ -75,7 +75,7 @@ def test_resume_through_dataloader_workers_sees_the_same_batches(tmp_path):
 
 def test_several_captions_one_sampled_per_epoch_seeded(tmp_path):
     choices = ["a red circle moves left", "a small red ball rolls to the left", "red round thing going left"]
-    metas = {i: {"captions": json.dumps(choices[1:])} for i in range(8)}
+    metas = {i: {"captions": json.dumps(choices)} for i in range(8)}  # every caption, `caption` included
     store = _store(tmp_path / "s", [choices[0]] * 8, metas)
     seen = {}
     for epoch_batch in _take(FeatureStream(StreamSpec(str(store), batch_size=8, seed=1)), 6, 0):
@@ -89,6 +89,9 @@ def test_several_captions_one_sampled_per_epoch_seeded(tmp_path):
     bad = _store(tmp_path / "bad", ["a"] * 8, {0: {"captions": "not json"}})
     with pytest.raises(DataError, match="captions` column must be a JSON list"):
         _take(FeatureStream(StreamSpec(str(bad), batch_size=8)), 1, 0)
+    old = _store(tmp_path / "old", [choices[0]] * 8, {0: {"captions": json.dumps(choices[1:])}})  # extras only
+    with pytest.raises(DataError, match="is not in its `captions` list"):
+        _take(FeatureStream(StreamSpec(str(old), batch_size=8)), 1, 0)
 
 
 def _corrupt_with_nan(store, row: int) -> None:

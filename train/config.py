@@ -52,6 +52,7 @@ class ModelConfig:
 class LossConfig:
     global_weight: float = 1.0  # (1) symmetric InfoNCE, [CLS] text vs [CLS] video
     init_temperature: float = 0.07  # learnable; clamped to >= 0.01
+    queue_size: int = 0  # (1) past global embeddings kept as extra negatives (MoCo-style FIFO, train/queue.py); 0 = off
     align_weight: float = 0.0  # (2) bidirectional region-phrase alignment (DemoVLP, phrase-level)
     align_unit: str = "content"  # "content" (content words), "chunk" (runs of content words), "phrase" (demo-grammar clauses) or "word"
     content_max_df: float = 0.8  # a word in more than this fraction of the captions is no content word
@@ -125,6 +126,9 @@ class TrainConfig:
             (self.model.max_units >= 1, "model.max_units must be >= 1"),
             (self.loss.align_unit in ("content", "chunk", "phrase", "word"), "loss.align_unit must be content|chunk|phrase|word"),
             (self.loss.max_shift >= 1, "loss.max_shift must be >= 1"),
+            (self.loss.queue_size >= 0, "loss.queue_size must be >= 0 (0 = no feature queue)"),
+            (self.loss.queue_size == 0 or self.loss.global_weight > 0,
+             "loss.queue_size > 0 adds negatives to the global term: it needs loss.global_weight > 0"),
             (self.loss.loc_videos >= 2, "loss.loc_videos must be >= 2"),
             (self.loss.clip_frames >= 1, "loss.clip_frames must be >= 1"),
             (self.run.score in ("auto", "global", "global+align"), "run.score must be auto|global|global+align"),

@@ -3,6 +3,7 @@ read into memory, and the evaluation sharding that never drops an item. Training
 (train/stream.py)."""
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -22,10 +23,35 @@ class DataError(ValueError):
     """The features cannot be used as asked (empty split, dims that do not match the checkpoint...)."""
 
 
+CAPTIONS_COLUMN = "captions"
+
+
+def video_captions(video_id: str, caption: str, meta: dict[str, str]) -> list[str]:
+    """Every caption of a video, for training (one sampled per epoch) and evaluation (all of them) alike:
+    the `captions` manifest column, a JSON list of strings holding every caption of the video, `caption`
+    included (train.formats writes `caption` = the first), kept by the store as meta; else [caption]."""
+    raw = meta.get(CAPTIONS_COLUMN, "")
+    if not raw:
+        return [caption]
+    try:
+        got = json.loads(raw)
+    except ValueError as e:
+        raise DataError(f"video {video_id!r}: the `captions` column must be a JSON list of strings, "
+                        f"got {raw[:80]!r}") from e
+    if not isinstance(got, list) or not got or not all(isinstance(c, str) for c in got):
+        raise DataError(f"video {video_id!r}: the `captions` column must be a non-empty JSON list of strings, "
+                        f"got {got!r:.80}")
+    if caption.strip() not in {c.strip() for c in got}:
+        raise DataError(f"video {video_id!r}: its `caption` {caption[:60]!r} is not in its `captions` list "
+                        f"{got[:3]!r}...; the `captions` column lists every caption of the video, `caption` "
+                        "included (a column of extra captions only is the old form: add the caption to it)")
+    return got
+
+
 @dataclass
 class SplitData:
     video_ids: list[str]
-    captions: list[str]
+    captions: list[list[str]]  # every caption of each video (video_captions)
     twins: list[str]  # the colour-swapped twin's video id, "" when none
     frame_times: np.ndarray  # [N, T] seconds
     video: VideoBatch  # all videos of the split, features in float16 (cast per batch)
@@ -177,10 +203,21 @@ def load_split(features: str, split: str, units: str, max_units: int, expected: 
         ids = [v for v, f in zip(ids, finite) if f]
         a = {k: ([c for c, f in zip(v, finite) if f] if k == "caption" else v[finite]) for k, v in a.items()}
     video = video_batch(a, units, max_units)
-    twins = [reader.meta(v).get("twin", "") for v in ids]
+    metas = [reader.meta(v) for v in ids]
+    twins = [m.get("twin", "") for m in metas]
+    captions = [_eval_captions(v, c, m) for v, c, m in zip(ids, a["caption"], metas)]
     log.info("split %r of %s: %d videos, T=%d, %d %s tokens per video", split, features, len(ids),
              reader.dims.T, video.units.shape[1], units)
-    return SplitData(ids, list(a["caption"]), twins, np.asarray(a["frame_times"]), video), store_signature(reader.store_meta)
+    return SplitData(ids, captions, twins, np.asarray(a["frame_times"]), video), store_signature(reader.store_meta)
+
+
+def _eval_captions(video_id: str, caption: str, meta: dict[str, str]) -> list[str]:
+    if CAPTIONS_COLUMN not in meta and "\n" in caption:
+        raise DataError(f"video {video_id!r}: its caption holds a line break ({caption[:60]!r}...). Several "
+                        "captions of a video are no longer given one per line: list them all in a `captions` "
+                        "manifest column (a JSON list; `python -m train.formats msrvtt` writes it) and extract "
+                        "again, or remove the line break from a single caption")
+    return video_captions(video_id, caption, meta)
 
 
 def eval_shard(n: int, rank: int, world_size: int) -> torch.Tensor:

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from train.config import TrainConfig
 from train.data import SplitData, eval_shard
-from train.formats import CAPTION_SEPARATOR
 from train.losses import alignment_similarity, span_scores
 from train.metrics import binding_accuracy, moment_metrics, retrieval_metrics
 from train.model import VideoTextModel
@@ -22,15 +21,15 @@ from train.objectives import TextBatch, align_inputs, localize
 log = logging.getLogger(__name__)
 
 
-def split_captions(captions: list[str]) -> tuple[list[str], int]:
-    """Rows of one or several captions -> the flat caption list (caption i of video i // q) and q. Every
-    video must hold the same number q of captions (the Frozen-in-Time multi-caption protocol)."""
-    per_video = [[c.strip() for c in row.split(CAPTION_SEPARATOR) if c.strip()] for row in captions]
-    counts = sorted({len(c) for c in per_video})
+def split_captions(captions: list[list[str]]) -> tuple[list[str], int]:
+    """Every caption of each video (SplitData.captions) -> the flat caption list (caption i of video
+    i // q) and q. Every video must hold the same number q of captions (the Frozen-in-Time multi-caption
+    protocol)."""
+    counts = sorted({len(c) for c in captions})
     if len(counts) != 1 or counts[0] == 0:
         raise ValueError(f"videos hold different numbers of captions ({counts[:5]}...): multi-caption evaluation "
-                         "needs the same number per video; rebuild the manifest with train.formats")
-    return [c for row in per_video for c in row], counts[0]
+                         "needs the same number per video in their `captions` column (train.formats writes it)")
+    return [c for row in captions for c in row], counts[0]
 
 
 @dataclass

@@ -9,8 +9,9 @@ window to decode, seconds). Users with those videos extract it and run `vlpcache
 
 - MSR-VTT 1k-A: the JSFusion test CSV (`key,vid_key,video_id,sentence`: 1,000 clips, one caption each),
   one row per clip. Or MSRVTT_data.json (`sentences: [{video_id, caption}]`) with --test-csv naming the
-  JSFusion CSV: one row per 1k-A clip holding *all* its captions, one per line (the 20-captions
-  protocol; `vlpcache eval` then scores caption i against video i // q). Only the 1k-A test clips are
+  JSFusion CSV: one row per 1k-A clip holding *all* its captions in a `captions` column (a JSON list;
+  `caption` = the first), the 20-captions protocol: `vlpcache eval` then scores caption i against video
+  i // q. Only the 1k-A test clips are
   kept. Path: VIDEO_ID.mp4.
 - DiDeMo: the JSON list of moments (`video`, `description`, `times` in 5 s segment indices from 4
   annotators). Default: the paragraph protocol of Frozen-in-Time/DemoVLP (one row per video, its
@@ -39,7 +40,7 @@ def _rows_out(rows: list[dict], out: Path) -> int:
     dupes = [v for v, n in seen.items() if n > 1]
     if dupes:
         raise FormatError(f"duplicate video ids {dupes[:5]}: every manifest row must have its own id")
-    fields = ["video_id", "path", "caption"] + (["start", "end"] if "start" in rows[0] else [])
+    fields = ["video_id", "path", "caption"] + [k for k in ("captions", "start", "end") if k in rows[0]]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     with open(tmp, "w", newline="") as f:
@@ -48,9 +49,6 @@ def _rows_out(rows: list[dict], out: Path) -> int:
         writer.writerows(rows)
     tmp.replace(out)
     return len(rows)
-
-
-CAPTION_SEPARATOR = "\n"  # several captions of one video in one manifest cell (train.evaluate reads it)
 
 
 def _jsfusion(path: Path) -> list[dict]:
@@ -80,7 +78,9 @@ def msrvtt(path: Path, ext: str = ".mp4", test_csv: Path | None = None) -> list[
     missing = [v for v in test_ids if v not in per_video]
     if missing:
         raise FormatError(f"{path}: no captions for 1k-A clips {missing[:5]} ({len(missing)} missing)")
-    return [{"video_id": v, "path": v + ext, "caption": CAPTION_SEPARATOR.join(per_video[v])} for v in test_ids]
+    # every caption in the `captions` column (a JSON list, train.data.video_captions); `caption` = the first
+    return [{"video_id": v, "path": v + ext, "caption": per_video[v][0], "captions": json.dumps(per_video[v])}
+            for v in test_ids]
 
 
 def _didemo_window(times: list[list[int]]) -> tuple[int, int]:

@@ -1,24 +1,12 @@
-"""The four objectives. None knows the process group: rank and world size come in through the
-constructor (and the gather function can be swapped, so a test checks it in one process)."""
+"""The four objectives. None knows the process group: each computes its loss over the batch it is given
+(under W ranks the trainer gathers the union batch, train/distributed.py)."""
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-Gather = Callable[[torch.Tensor], list[torch.Tensor]]
-
-
-def dist_gather(x: torch.Tensor) -> list[torch.Tensor]:
-    """all_gather without autograd: every rank's tensor, in rank order."""
-    import torch.distributed as dist
-
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return out
 
 
 def symmetric_infonce(logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -27,43 +15,24 @@ def symmetric_infonce(logits: torch.Tensor, labels: torch.Tensor | None = None) 
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
 
 
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; the gradient is multiplied by `factor` on the way back."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.factor, None
-
-
 class GlobalContrastiveLoss(nn.Module):
-    """(1) Symmetric InfoNCE on normalised [CLS] embeddings, negatives from every rank.
+    """(1) Symmetric InfoNCE on normalised [CLS] embeddings over the batch it is given (under W ranks the
+    trainer hands it the union batch, train/distributed.py), plus optional extra negatives (a feature
+    queue of past embeddings, train/queue.py): queued videos join every text's row, queued texts every
+    video's row."""
 
-    Under W ranks every rank computes the same loss over the gathered [B, B] logits, with gradients
-    through its own rows only (open_clip's scheme). DDP then averages parameter gradients over ranks,
-    which would leave the feature path with 1/W of the one-process gradient over the union batch; the
-    local rows' gradients are therefore multiplied by W. The temperature's gradient is already whole on
-    every rank, so it is not scaled. Net effect: every parameter gets its one-process gradient."""
-
-    def __init__(self, rank: int = 0, world_size: int = 1, gather: Gather | None = None):
-        super().__init__()
-        self.rank, self.world_size = rank, world_size
-        self.gather = gather or dist_gather
-
-    def forward(self, video: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """video, text [b, E] (this rank's rows, row i of one matches row i of the other) -> scalar."""
-        if self.world_size > 1:
-            videos, texts = self.gather(video.detach()), self.gather(text.detach())
-            # Put the local tensors back in (gradients flow through this rank's part only), scaled by W
-            # so DDP's mean over ranks restores the whole gradient.
-            videos[self.rank] = _ScaleGrad.apply(video, float(self.world_size))
-            texts[self.rank] = _ScaleGrad.apply(text, float(self.world_size))
-            video, text = torch.cat(videos), torch.cat(texts)  # [B, E], B = b * world_size
-        return symmetric_infonce(scale * text @ video.t())  # [B_text, B_video]
+    def forward(self, video: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
+                negatives: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """video, text [B, E] (row i of one matches row i of the other); negatives: (video [n, E], text
+        [n, E]), constants -> scalar."""
+        logits = scale * text @ video.t()  # [B_text, B_video]
+        if negatives is None or len(negatives[0]) == 0:
+            return symmetric_infonce(logits)
+        q_video, q_text = negatives
+        labels = torch.arange(len(video), device=video.device)
+        t2v = torch.cat([logits, scale * text @ q_video.t()], dim=1)  # [B, B + n]
+        v2t = torch.cat([logits.t(), scale * video @ q_text.t()], dim=1)  # [B, B + n]
+        return 0.5 * (F.cross_entropy(t2v, labels) + F.cross_entropy(v2t, labels))
 
 
 def _focal_attention(scores: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:

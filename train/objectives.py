@@ -8,11 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.config import TrainConfig
+from train.distributed import RankGather
 from train.losses import (ClipWordLoss, GlobalContrastiveLoss, LocalizationLoss, RegionAlignmentLoss,
                           alignment_similarity, hard_groups)
 from train.model import TextOut, VideoBatch, VideoOut, VideoTextModel
 from train.moments import MergePlan, plan_merge, position_match, unit_presence
 from train.words import content_chunks
+from train.queue import FeatureQueue
 
 
 @dataclass
@@ -73,10 +75,18 @@ def word_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 class Objectives(nn.Module):
-    def __init__(self, model: VideoTextModel, cfg: TrainConfig, rank: int = 0, world_size: int = 1):
+    """The weighted terms of a batch. Every term compares a row with the other rows of the batch: under W
+    ranks `gather` (train/distributed.py) hands each loss the union batch of every rank, so each term
+    equals its one-process value over the union batch, gradients included. `queue` (train/queue.py)
+    adds past global embeddings as extra negatives of the global term."""
+
+    def __init__(self, model: VideoTextModel, cfg: TrainConfig, gather: RankGather | None = None,
+                 queue: FeatureQueue | None = None):
         super().__init__()
         self.model, self.cfg = model, cfg
-        self.global_loss = GlobalContrastiveLoss(rank, world_size)
+        self.gather = gather or RankGather()
+        self.queue = queue
+        self.global_loss = GlobalContrastiveLoss()
         self.align_loss = RegionAlignmentLoss(cfg.loss.align_lambda, cfg.loss.align_temperature)
         self.clip_word_loss = ClipWordLoss(cfg.loss.clip_word_temperature, cfg.loss.temporal_weight,
                                            cfg.loss.temporal_sigma)
@@ -84,14 +94,21 @@ class Objectives(nn.Module):
         self.shifts = [d for d in range(-cfg.loss.max_shift, cfg.loss.max_shift + 1) if d != 0]
 
     def forward(self, video: VideoBatch, text: TextBatch, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        m, lc = self.model, self.cfg.loss
+        """generator: the same seed on every rank (the localization groups are drawn from the union batch)."""
+        m, lc, g = self.model, self.cfg.loss, self.gather
         vo, to = m.encode_video(video), m.encode_text(text.inputs, text.mask)
         terms: dict[str, torch.Tensor] = {}
         if lc.global_weight > 0:
-            terms["global"] = lc.global_weight * self.global_loss(m.global_video(vo), m.global_text(to), m.scale())
-        use_loc = lc.loc_weight > 0 and video.frames.shape[0] >= lc.loc_videos
+            gv, gt = g(m.global_video(vo)), g(m.global_text(to))  # [B_union, E]
+            negatives = self.queue.negatives() if self.queue is not None else None
+            terms["global"] = lc.global_weight * self.global_loss(gv, gt, m.scale(), negatives)
+            if self.queue is not None:
+                self.queue.stage(gv, gt)
+        use_loc = lc.loc_weight > 0 and video.frames.shape[0] * g.world_size >= lc.loc_videos
         if lc.align_weight > 0 or use_loc:  # the alignment's units and regions, also the head's match
-            aligned = align_inputs(m, vo, to, video, text, lc.align_unit)
+            units, umask, regions, rmask = align_inputs(m, vo, to, video, text, lc.align_unit)
+            aligned = (g(units, pad_dims=(1,)), g(umask, pad_dims=(1,)), g(regions, pad_dims=(1,)),
+                       g(rmask, pad_dims=(1,)))  # [B_union, P, E], [B_union, P], [B_union, R, E], [B_union, R]
         if lc.align_weight > 0:
             terms["align"] = lc.align_weight * self.align_loss.from_similarity(
                 alignment_similarity(*aligned, lc.align_lambda))
@@ -99,16 +116,20 @@ class Objectives(nn.Module):
             clips, keys, queries = m.clips(video.frames, lc.clip_frames, self.shifts)
             words = F.normalize(m.word(to.tokens), dim=-1)
             terms["clip_word"] = lc.clip_word_weight * self.clip_word_loss(
-                clips, words, text.content & text.mask, keys, queries, self.shifts)
+                g(clips), g(words, pad_dims=(1,)), g(text.content & text.mask, pad_dims=(1,)), g(keys),
+                g(queries, dim=1), self.shifts)
         if use_loc:
-            terms["loc"] = lc.loc_weight * self._localization(video, to, aligned, generator)
+            union = VideoBatch(*(g(getattr(video, f), pad_dims=(1,) if f.startswith("unit") else ())
+                                 for f in VideoBatch.__dataclass_fields__))  # inputs of the merged sequences
+            terms["loc"] = lc.loc_weight * self._localization(union, g(to.cls), aligned, generator)
         return terms
 
-    def _localization(self, video: VideoBatch, to: TextOut, aligned, generator: torch.Generator) -> torch.Tensor:
+    def _localization(self, video: VideoBatch, text_cls: torch.Tensor, aligned, generator: torch.Generator
+                      ) -> torch.Tensor:
         lc, T = self.cfg.loss, video.frames.shape[1]
-        groups = hard_groups(F.normalize(to.cls, dim=-1).cpu(), lc.loc_videos, generator, lc.loc_hard)  # [G, M]
+        groups = hard_groups(F.normalize(text_cls, dim=-1).cpu(), lc.loc_videos, generator, lc.loc_hard)  # [G, M]
         plan = plan_merge(groups, T, lc.loc_min_frames, generator)
-        out = localize(self.model, self.cfg, video, to.cls, aligned, groups, plan)
+        out = localize(self.model, self.cfg, video, text_cls, aligned, groups, plan)
         dev = video.frames.device
         return self.loc_loss(out, plan.spans.to(dev), plan.owner.to(dev))
 

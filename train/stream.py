@@ -28,7 +28,6 @@ written streams its committed shards (the pending count is logged).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from stores import open_store
 from stores.schema import ARRAYS
-from train.data import DataError, check_finite, video_batch
+from train.data import DataError, check_finite, video_batch, video_captions
 from train.model import VideoBatch
 from train.text import CaptionTokenizer, resolve_model_dir
 
@@ -138,21 +137,6 @@ class StreamPlan:
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
-def _captions_of(record) -> list[str]:
-    """The video's captions: `caption` plus a `captions` meta column (a JSON list), duplicates dropped."""
-    extra = record.meta.get("captions", "")
-    if not extra:
-        return [record.caption]
-    try:
-        more = json.loads(extra)
-    except ValueError as e:
-        raise DataError(f"video {record.video_id!r}: the `captions` column must be a JSON list of strings, "
-                        f"got {extra[:80]!r}") from e
-    if not isinstance(more, list) or not all(isinstance(c, str) for c in more):
-        raise DataError(f"video {record.video_id!r}: the `captions` column must be a JSON list of strings, got {more!r}")
-    return list(dict.fromkeys([record.caption, *more]))
-
-
 class FeatureStream(IterableDataset):
     """Endless batches of one rank: dicts with the video tokens, one caption per video (sampled per
     epoch, seeded) as MiniLM token ids, the video ids, and the stream position after the batch."""
@@ -211,7 +195,7 @@ class _RankReader:
         return self._rows
 
     def _caption(self, record) -> str:
-        captions = _captions_of(record)
+        captions = video_captions(record.video_id, record.caption, record.meta)
         return captions[int(_rng(self.spec.seed, self.epoch, record.row).integers(len(captions)))]
 
     def _usable(self, rows: list[int]) -> list[tuple[int, Any, str]]:

@@ -7,6 +7,7 @@ Captions longer than `text.max_tokens` are truncated at the right (the count is 
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections import OrderedDict
@@ -111,12 +112,93 @@ class CaptionTokenizer:
         return TokenBatch(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(phrase), truncated)
 
 
-def load_minilm(model_dir: Path) -> nn.Module:
-    from transformers import BertModel
-    from transformers.utils import logging as hf_logging
+class MiniLM(nn.Module):
+    """BERT (here MiniLM-L6-H384) built from torch's own layers, so the text tower loads without
+    importing transformers (about 10 s of CPU per process, see docs/training.md). A BERT layer is
+    `nn.TransformerEncoderLayer` with post-norm, exact GELU and no dropout after the GELU; the embeddings
+    are word + position + token type 0, then LayerNorm. Weights come from the HF checkpoint's
+    model.safetensors (`from_pretrained`); the pooler is not used and not loaded. tests/test_train_text.py
+    checks the outputs against transformers' BertModel."""
 
-    hf_logging.disable_progress_bar()
-    return BertModel.from_pretrained(str(model_dir), local_files_only=True)
+    def __init__(self, vocab_size: int, hidden_size: int, num_hidden_layers: int, num_attention_heads: int,
+                 intermediate_size: int, max_position_embeddings: int, type_vocab_size: int,
+                 layer_norm_eps: float, hidden_dropout_prob: float):
+        super().__init__()
+        self.word = nn.Embedding(vocab_size, hidden_size)
+        self.position = nn.Embedding(max_position_embeddings, hidden_size)
+        self.token_type = nn.Embedding(type_vocab_size, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.dropout = nn.Dropout(hidden_dropout_prob)
+        layer = nn.TransformerEncoderLayer(hidden_size, num_attention_heads, intermediate_size, hidden_dropout_prob,
+                                           activation="gelu", layer_norm_eps=layer_norm_eps, batch_first=True,
+                                           norm_first=False)
+        layer.dropout = nn.Identity()  # torch drops out after the GELU, BERT does not
+        self.encoder = nn.TransformerEncoder(layer, num_hidden_layers, enable_nested_tensor=False)
+        self._register_load_state_dict_pre_hook(_hf_keys_hook)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: Path) -> "MiniLM":
+        from safetensors.torch import load_file
+
+        config = json.loads((model_dir / "config.json").read_text())
+        if config.get("model_type") != "bert" or config.get("hidden_act") != "gelu" or \
+                config.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"{model_dir}/config.json is not a BERT with GELU and absolute positions "
+                             f"(model_type={config.get('model_type')!r}); text.model_dir must hold a MiniLM/BERT")
+        weights = model_dir / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} not found: the text model folder needs its model.safetensors")
+        model = cls(**{k: config[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                              "intermediate_size", "max_position_embeddings", "type_vocab_size",
+                                              "layer_norm_eps", "hidden_dropout_prob")})
+        model.load_state_dict(load_file(str(weights)))  # HF names, mapped by _hf_keys_hook; strict
+        return model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, L], attention_mask [B, L] (1/True = real token) -> token features [B, L, H]."""
+        L = input_ids.shape[1]
+        x = self.word(input_ids) + self.position.weight[:L] + self.token_type.weight[0]  # [B, L, H]
+        x = self.dropout(self.norm(x))
+        pad = None if attention_mask is None else ~attention_mask.bool()
+        return self.encoder(x, src_key_padding_mask=pad)
+
+
+_HF_EMBEDDINGS = {"embeddings.word_embeddings.": "word.", "embeddings.position_embeddings.": "position.",
+                  "embeddings.token_type_embeddings.": "token_type.", "embeddings.LayerNorm.": "norm."}
+_HF_LAYER = {"attention.output.dense.": "self_attn.out_proj.", "attention.output.LayerNorm.": "norm1.",
+             "intermediate.dense.": "linear1.", "output.dense.": "linear2.", "output.LayerNorm.": "norm2."}
+
+
+def _hf_keys_hook(state_dict: dict, prefix: str, *_args) -> None:
+    """HF BERT names (model.safetensors, or a live-MiniLM checkpoint written with transformers' BertModel)
+    -> this module's, in place: q/k/v go into the packed in_proj; the pooler and position_ids are dropped."""
+    if not any(k.startswith(prefix + "embeddings.") or k.startswith(prefix + "encoder.layer.") for k in state_dict):
+        return
+    for k in [k for k in state_dict if k.startswith(prefix)]:
+        rest = k[len(prefix):]
+        if rest.startswith("pooler.") or rest == "embeddings.position_ids":
+            del state_dict[k]
+            continue
+        for old, new in _HF_EMBEDDINGS.items():
+            if rest.startswith(old):
+                state_dict[prefix + new + rest[len(old):]] = state_dict.pop(k)
+                break
+        if rest.startswith("encoder.layer."):
+            i, sub = rest[len("encoder.layer."):].split(".", 1)
+            for old, new in _HF_LAYER.items():
+                if sub.startswith(old):
+                    state_dict[f"{prefix}encoder.layers.{i}.{new}{sub[len(old):]}"] = state_dict.pop(k)
+                    break
+    layers = {k[len(prefix):].split(".")[2] for k in state_dict if k.startswith(prefix + "encoder.layer.")}
+    for i in sorted(layers):
+        base = f"{prefix}encoder.layer.{i}.attention.self."
+        for kind in ("weight", "bias"):
+            state_dict[f"{prefix}encoder.layers.{i}.self_attn.in_proj_{kind}"] = torch.cat(
+                [state_dict.pop(f"{base}{qkv}.{kind}") for qkv in ("query", "key", "value")])
+
+
+def load_minilm(model_dir: Path) -> nn.Module:
+    return MiniLM.from_pretrained(model_dir)
 
 
 @lru_cache(maxsize=2)
@@ -154,7 +236,7 @@ class FrozenTextFeatures:
             for s in range(0, len(rows), self.group):
                 part = rows[s:s + self.group]
                 g_ids = ids[part + [part[0]] * (self.group - len(part)), :n]  # [group, n]
-                out = self._model()(input_ids=g_ids.to(self.device)).last_hidden_state.half().cpu()
+                out = self._model()(g_ids.to(self.device)).half().cpu()  # [group, n, 384]
                 for j, i in enumerate(part):
                     self._cache[keys[i]] = out[j]
         out = torch.zeros(len(keys), ids.shape[1], MINILM_DIM, dtype=torch.float16)
@@ -185,7 +267,7 @@ class TextEncoder(nn.Module):
     def forward(self, feats_or_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, L, 384] features (or [B, L] ids with live MiniLM), [B, L] mask -> cls [B, d], tokens [B, L, d]."""
         if self.minilm is not None:
-            feats = self.minilm(input_ids=feats_or_ids, attention_mask=mask.long()).last_hidden_state
+            feats = self.minilm(feats_or_ids, mask)  # [B, L, 384]
         else:
             feats = feats_or_ids.float()
         x = self.inp(feats) + self.pos.weight[: feats.shape[1]]  # [B, L, d]

@@ -20,8 +20,10 @@ from torch.utils.data import DataLoader
 from train.config import TrainConfig
 from train.data import DataError, SplitData, check_signature, geom_dim, load_split, store_signature
 from train.evaluate import evaluate, split_captions
+from train.distributed import RankGather
 from train.model import VideoTextModel
 from train.objectives import Objectives, TextBatch
+from train.queue import FeatureQueue
 from train.stream import FeatureStream, StreamSpec, StreamState, batch_video
 from train.text import CaptionTokenizer, FrozenTextFeatures, load_minilm, resolve_model_dir
 from train.words import content_mask
@@ -216,7 +218,9 @@ class Trainer:
                                             expected=self.signature)
             self.eval_text = text_batch(cfg, split_captions(self.eval_split.captions)[0], self.text_features)
         self.model = build_model(cfg, self.signature).to(self.dist.device)
-        self.objectives = Objectives(self.model, cfg, self.dist.rank, self.dist.world_size)
+        self.queue = FeatureQueue(cfg.loss.queue_size, cfg.model.embed_dim, self.dist.device) \
+            if cfg.loss.queue_size > 0 else None
+        self.objectives = Objectives(self.model, cfg, RankGather(self.dist.rank, self.dist.world_size), self.queue)
         self.wrapped: nn.Module = self.objectives
         if self.dist.world_size > 1:
             self.wrapped = nn.parallel.DistributedDataParallel(
@@ -275,6 +279,8 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         _set_rng_state(ckpt["rng"][self.dist.rank])
+        if self.queue is not None:
+            self.queue.load_state_dict(ckpt["queue"])
         self.step = ckpt["step"]
         log.info("resumed %s at step %d", self.out, self.step)
 
@@ -293,6 +299,8 @@ class Trainer:
                  "stream_shards": torch.tensor(self.stream.shards), "rng": [r for _, r in per_rank],
                  "step": step, "config": self.cfg.to_dict(), "store": self.signature,
                  "world_size": self.dist.world_size}
+        if self.queue is not None:  # committed entries only: what the next step starts from
+            state["queue"] = self.queue.state_dict()
         save_atomic(state, self.out / CHECKPOINT)
         log.info("checkpoint at step %d -> %s", self.step, self.out / CHECKPOINT)
 
@@ -302,7 +310,10 @@ class Trainer:
         video, text = batch_video(batch), self._text(batch)
         parts = [p for p in torch.arange(len(batch["ids"])).chunk(self.cfg.optim.accum_steps) if len(p)]
         device, use_amp = self.dist.device, self.cfg.optim.amp and self.dist.device.type == "cuda"
-        gen = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + self.step * self.dist.world_size + self.dist.rank)
+        # the same on every rank: the localization groups are drawn from the union batch
+        gen = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + self.step)
+        if self.queue is not None:
+            self.queue.discard()  # rows staged by a step that raised never reach the queue
         totals: dict[str, float] = {}
         for i, part in enumerate(parts):
             sync = nullcontext() if i == len(parts) - 1 or self.dist.world_size == 1 else self.wrapped.no_sync()
@@ -318,6 +329,8 @@ class Trainer:
             totals["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.queue is not None:
+            self.queue.commit()
         self.scheduler.step()
         self.step += 1
         self._mark_resume_point()

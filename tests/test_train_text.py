@@ -1,0 +1,41 @@
+"""The text tower without transformers: train.text.MiniLM (torch layers, weights from model.safetensors)
+gives transformers' BertModel outputs on real captions with padding, and loads a state dict written with
+BertModel's names (a live-MiniLM checkpoint of before). This test is the one place that imports
+transformers, as the reference."""
+import pytest
+import torch
+from torch import nn
+
+from train.text import CaptionTokenizer, MiniLM, default_model_dir
+
+
+@pytest.mark.slow  # imports transformers (~7 s of CPU), which is what the fast suite no longer pays
+def test_minilm_matches_transformers_bert_and_loads_its_state_dict():
+    from transformers import BertModel
+
+    model_dir = default_model_dir()
+    ours = MiniLM.from_pretrained(model_dir).eval()
+    ref = BertModel.from_pretrained(str(model_dir), local_files_only=True).eval()
+    tokens = CaptionTokenizer(model_dir, 16)(["a red circle moves left", "two dogs",
+                                              "a green triangle leaves the frame while a blue square waits"])
+    with torch.no_grad():
+        got = ours(tokens.ids, tokens.mask)  # [3, 16, 384]
+        want = ref(input_ids=tokens.ids, attention_mask=tokens.mask.long()).last_hidden_state
+    real = tokens.mask[..., None]
+    assert not tokens.mask.all()  # padding is exercised
+    assert float(((got - want).abs() * real).max()) < 1e-5
+
+    class Holder(nn.Module):  # a checkpoint of a model holding BertModel under `minilm`
+        def __init__(self, minilm):
+            super().__init__()
+            self.minilm = minilm
+
+    state = Holder(ref).state_dict()
+    fresh = Holder(MiniLM.from_pretrained(model_dir))
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    fresh.load_state_dict(state)  # strict: every parameter is mapped, the unused pooler dropped
+    with torch.no_grad():
+        again = fresh.minilm.eval()(tokens.ids, tokens.mask)
+    assert torch.equal(again, got)
