@@ -65,11 +65,7 @@ def init_layout(layout: Layout, meta: StoreMeta) -> None:
                            fill_value=ROW_STATUS.fill, serializer=BytesCodec(endian="little"),
                            compressors=[Crc32cCodec()], dimension_names=("video",))
         fsync_tree(tmp)  # every zarr.json durable before the rename publishes them
-        try:
-            os.rename(tmp, layout.zarr)
-        except OSError:
-            if not (layout.zarr / "zarr.json").exists():  # lost a creation race only if the winner finished
-                raise
+        os.rename(tmp, layout.zarr)  # creators hold the creation lock (stores/writer.py): no race here
         fsync_path(layout.out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
