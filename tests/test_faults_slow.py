@@ -19,6 +19,7 @@ from _pipeline_helpers import (cli, job_config, kill_group, kill_mid_shard, ledg
 from pipeline.job import Job
 from stores import open_store
 from stores.schema import ARRAYS
+from stores.writer import CREATE_LOCK
 from test_faults import marked_corpus, plugin_extractor  # noqa: F401 - a fixture shared with the fast part
 from test_pipeline_ray import ray_local, reference  # noqa: F401 - the same module fixtures as the Ray tests
 
@@ -156,7 +157,7 @@ KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 def _store_files(out: Path, backend: str) -> list[tuple[str, Path, int | None]]:
     """(kind, file, shard it belongs to or None for store-wide files): every file of a format-2 store but
-    the run records (runs/, extract_config.yaml), shard 1's for per-shard files."""
+    the run records (runs/, extract_config.yaml) and the creation lock (empty), shard 1's for per-shard files."""
     files = [("ledger", out / "ledgers" / "shard-000001.json", 1), ("rows part", out / "rows" / "shard-000001.arrow", 1),
              ("store.json", out / "store.json", None), ("id list", out / "index" / "video_ids.arrow", None),
              ("id table", out / "index" / "id_table.npy", None)]
@@ -184,7 +185,7 @@ def test_damaged_files_are_named_by_verify_and_redone(demo_corpus, tmp_path, bac
     Job(job_config(demo_corpus["manifest"], ref, runner="local", store=backend)).run()
     listed = {p for _, p, _ in _store_files(ref, backend)}
     every = {p for p in ref.rglob("*") if p.is_file() and "runs" not in p.relative_to(ref).parts
-             and p.name != "extract_config.yaml" and ("1" in p.relative_to(ref).parts or "shard-000001" in p.name
+             and p.name not in ("extract_config.yaml", CREATE_LOCK) and ("1" in p.relative_to(ref).parts or "shard-000001" in p.name
                                                     or "shard-1" in p.name or not _per_shard(p.relative_to(ref)))}
     assert every == listed, sorted(map(str, every ^ listed))  # a new kind of file must be added above
     for kind, path, shard in _store_files(ref, backend):
