@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
-import importlib.util
 import json
 import logging
 import shutil
@@ -120,23 +119,20 @@ def _corpus(args: argparse.Namespace) -> Path:
     return corpus
 
 
-def detector_weights(args: argparse.Namespace, corpus: Path) -> Path | None:
+def detector_weights(args: argparse.Namespace, corpus: Path) -> Path:
     """The fine-tuned detector: --detector-weights, or made once with `vlpcache finetune-detector`."""
     if args.detector_weights:
         return Path(args.detector_weights)
     out = Path(args.data) / f"detector_{corpus.name}_steps{args.detector_steps}.pt"
     if not out.is_file():
-        if importlib.util.find_spec("pipeline.finetune") is None:
-            return None
         _vlpcache("finetune-detector", str(corpus), "--out", str(out), "--steps", str(args.detector_steps),
                   "--warmup", str(min(50, args.detector_steps // 4)))
     return out
 
 
-def prepare_features(args: argparse.Namespace, kind: str = "given") -> Path | None:
+def prepare_features(args: argparse.Namespace, kind: str = "given") -> Path:
     """Demo corpus + features, made once: demo.json marks a complete corpus, a store with every video
-    stored or failed a complete extraction (extract resumes where it stopped). None when the detector
-    row cannot be built (no fine-tuned detector)."""
+    stored or failed a complete extraction (extract resumes where it stopped)."""
     from stores import open_store
 
     corpus = _corpus(args)
@@ -144,10 +140,6 @@ def prepare_features(args: argparse.Namespace, kind: str = "given") -> Path | No
     key = hashlib.sha256(Path(EXTRACT_CONFIG[kind]).read_bytes())
     if kind == "detector":
         weights = detector_weights(args, corpus)
-        if weights is None:
-            log.warning("no fine-tuned detector (vlpcache finetune-detector is not in this checkout and "
-                        "--detector-weights was not given): the detector row is skipped")
-            return None
         extra = ["--set", f"extractor.regions.weights={weights}"]
         key.update(weights.read_bytes())
     # features are keyed by the extraction config (and detector) too, so editing it never reuses stale features
@@ -294,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     code = code_version()
     seeds = [int(s) for s in args.seeds.split(",")]
     features = {kind: prepare_features(args, kind) for kind in sorted({ROWS[r][2] for r in args.rows.split(",")})}
-    rows = [r for r in args.rows.split(",") if features[ROWS[r][2]] is not None]
+    rows = args.rows.split(",")
     results: dict[str, list[dict]] = {r: [] for r in rows}
     for seed in seeds:  # seed-major: an interrupted run still leaves every row's first seeds cached
         for row in rows:
