@@ -114,6 +114,17 @@ class _TableMap:
         self._file.close()
 
 
+def rebuild_table(ids: pa.ChunkedArray, n_videos: int) -> np.ndarray:
+    """The id table of `ids` in memory, built batch by batch like write_id_index (what verify compares the
+    stored id_table.npy with)."""
+    table = np.zeros(table_slots(n_videos), dtype=SLOT)  # [M] (hash, row)
+    table["row"] = -1
+    for start in range(0, n_videos, BATCH):
+        batch = ids[start: start + BATCH].to_pylist()
+        _insert(table, _hashes(batch), np.arange(start, start + len(batch), dtype=np.int32))
+    return table
+
+
 def _batches(video_ids: Iterable[str]) -> Iterator[list[str]]:
     it = iter(video_ids)
     while batch := [str(v) for v in islice(it, BATCH)]:

@@ -19,7 +19,7 @@ import pyarrow as pa
 from stores.backends import BACKENDS
 from stores.errors import StoreError
 from stores.hdf5_backend import shard_path
-from stores.idindex import BATCH, IDS_FILE, SLOT, TABLE_FILE, _hashes, _insert, table_slots  # the writer's table build
+from stores.idindex import IDS_FILE, SLOT, TABLE_FILE, rebuild_table
 from stores.ledger import Layout, ShardLedger, StoreMeta, committed_shards, load_ledger, load_store_meta
 from stores.legacy import LedgerV1, load_video_ids
 from stores.rows import ShardRows
@@ -135,13 +135,9 @@ def _check_ids(layout: Layout, meta: StoreMeta) -> pa.ChunkedArray | list[str] |
         raise StoreError(f"{folder / TABLE_FILE} is missing; {fix}") from e
     except Exception as e:  # noqa: BLE001 - numpy parses the header with ast: a damaged one raises anything
         raise StoreError(f"{folder / TABLE_FILE} is damaged ({type(e).__name__}: {e}); {fix}") from e
-    # The table is a function of the ids (built as the writer builds it, in batches of BATCH): rebuilt, it
+    # The table is a function of the ids (idindex.rebuild_table builds it as the writer does): rebuilt, it
     # must equal the stored one, which catches damage in either file (a changed id hashes elsewhere).
-    table = np.zeros(table_slots(meta.n_videos), dtype=SLOT)  # [M] (hash, row)
-    table["row"] = -1
-    for start in range(0, meta.n_videos, BATCH):
-        batch = ids[start: start + BATCH].to_pylist()
-        _insert(table, _hashes(batch), np.arange(start, start + len(batch), dtype=np.int32))
+    table = rebuild_table(ids, meta.n_videos)  # [M] (hash, row)
     if stored.dtype != SLOT or stored.shape != table.shape or not np.array_equal(stored, table):
         raise StoreError(f"{folder / TABLE_FILE} does not match the table rebuilt from {IDS_FILE} (dtype "
                          f"{stored.dtype}, {len(stored)} slots): one of the two files is damaged; {fix}")
