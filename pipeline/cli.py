@@ -11,6 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("pipeline.extract", "extract frame and region features from a manifest into a store"),
     "status": ("stores.cli", "count ok / failed / pending videos of a store"),
     "verify": ("stores.cli", "re-read every shard and check checksums and counts"),
+    "migrate": ("pipeline.migrate", "convert a format-1 store to format 2 in place"),
     "show": ("pipeline.show", "draw a video's sampled frames, boxes and word-region attention"),
     "demo-data": ("pipeline.demo", "write the synthetic demo corpus (mp4 + manifest + boxes)"),
     "finetune-detector": ("pipeline.finetune", "fine-tune a torchvision detector on the demo corpus's boxes"),

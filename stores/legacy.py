@@ -1,17 +1,21 @@
 """Reading format-1 stores: every ledger holds every record of its shard and is parsed at open.
 
 Kept so that stores written before format 2 still open (O(corpus) at open, as they always were);
-vlpcache writes only format 2. Re-extract into a new --out to get the format-2 index.
+vlpcache writes only format 2. `vlpcache migrate OUT` (stores/migrate.py) converts such a store in place.
 """
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from stores.errors import StoreError
 from stores.ledger import (FileRecord, Layout, StoreMeta, StoreStatus, VideoRecord, checked_relpath, committed_shards,
                            load_ledger, read_ledger_json)
+
+log = logging.getLogger(__name__)
+_HINTED: set[str] = set()  # stores whose migrate hint this process logged: once each, not per open
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,10 @@ class IndexV1:
 
     def __init__(self, layout: Layout, meta: StoreMeta) -> None:
         self.layout, self.meta = layout, meta
+        if str(layout.out) not in _HINTED:
+            _HINTED.add(str(layout.out))
+            log.warning("%s is a format-1 store: every open parses all its ledgers; `vlpcache migrate %s` converts it "
+                        "to format 2 in place (docs/store-format.md)", layout.out, layout.out)
         self.ledgers = {s: load_ledger(layout, meta, s, LedgerV1) for s in sorted(committed_shards(layout))}
         self.committed = set(self.ledgers)
         self._row_of: dict[str, int] = {}
