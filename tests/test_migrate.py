@@ -65,7 +65,9 @@ def v1_store(tmp_path: Path, backend: str, complete: bool) -> Path:
 
 
 def data_inodes(out: Path) -> dict[str, int]:
-    return {str(p.relative_to(out)): p.stat().st_ino for p in (out / "features.zarr").rglob("c/*/*") if p.is_file()}
+    """The Zarr chunk files (every file under an array's c/), by path: their inode."""
+    return {str(p.relative_to(out)): p.stat().st_ino for p in (out / "features.zarr").rglob("*")
+            if p.is_file() and "c" in p.relative_to(out).parts}
 
 
 @pytest.mark.parametrize("backend", ["zarr", "hdf5"])
@@ -80,7 +82,8 @@ def test_migrate_keeps_every_figure_and_extract_finishes_the_pending_shard(backe
     assert load_store_meta(Layout(out)).format_version == 2
     assert figures(out) == before
     if backend == "zarr":
-        assert data_inodes(out) == {k: v for k, v in inodes.items() if not k.startswith("row_status")}  # not rewritten
+        assert len(inodes) == 14  # 7 arrays x 2 committed shards
+        assert {k: v for k, v in data_inodes(out).items() if "row_status" not in k} == inodes  # not rewritten
     assert (out / "extract_config.yaml").read_text() == "kept: true\n" and (out / "runs" / "r1.json").exists()
     assert not staging_path(out).exists() and not (out / MARKER).exists() and not (out / "video_ids.json").exists()
     report = verify_store(out)
@@ -119,6 +122,14 @@ def test_migrate_refuses_what_it_cannot_convert(tmp_path, capsys):
         migrate_store(out, allow_pending=True)
     shutil.rmtree(staging_path(out))
     assert migrate_store(out, allow_pending=True).action == "migrated"
+    h5 = v1_store(tmp_path / "h", "hdf5", complete=False)
+    shard = h5 / "shards" / "shard-000001.h5"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=f"{shard}: .* bytes with crc32c .*vlpcache verify"):
+        migrate_store(h5, allow_pending=True)
+    assert load_store_meta(Layout(h5)).format_version == 1
 
 
 def test_format1_open_logs_the_migrate_hint_once(tmp_path, caplog):
