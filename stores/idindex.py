@@ -121,7 +121,11 @@ def rebuild_table(ids: pa.ChunkedArray, n_videos: int) -> np.ndarray:
     table["row"] = -1
     for start in range(0, n_videos, BATCH):
         batch = ids[start: start + BATCH].to_pylist()
-        _insert(table, _hashes(batch), np.arange(start, start + len(batch), dtype=np.int32))
+        hashes, rows = _hashes(batch), np.arange(start, start + len(batch), dtype=np.int32)
+        # The writer's insertion order (home slot, INSERT_SLICE at a time): probing places ids by order.
+        order = np.argsort(hashes & np.uint64(len(table) - 1), kind="stable")
+        for i in range(0, len(batch), INSERT_SLICE):
+            _insert(table, hashes[order[i:i + INSERT_SLICE]], rows[order[i:i + INSERT_SLICE]])
     return table
 
 

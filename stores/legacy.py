@@ -14,9 +14,6 @@ from stores.errors import StoreError
 from stores.ledger import (FileRecord, Layout, StoreMeta, StoreStatus, VideoRecord, checked_relpath, committed_shards,
                            load_ledger, read_ledger_json)
 
-log = logging.getLogger(__name__)
-_HINTED: set[str] = set()  # stores whose migrate hint this process logged: once each, not per open
-
 
 @dataclass(frozen=True)
 class LedgerV1:
@@ -74,6 +71,10 @@ def load_video_ids(layout: Layout, meta: StoreMeta) -> list[str] | None:
     if not isinstance(ids, list) or len(ids) != meta.n_videos or not all(isinstance(v, str) for v in ids):
         raise StoreError(f"{path}: expected a list of {meta.n_videos} video ids; delete it or re-extract")
     return ids
+
+
+log = logging.getLogger(__name__)
+_HINTED: set[str] = set()  # stores whose migrate hint this process logged: once each, not per open
 
 
 class IndexV1:
