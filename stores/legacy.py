@@ -24,6 +24,7 @@ class LedgerV1:
     files: dict[str, FileRecord]
     provenance_hash: str
     backend: str
+    code_version: str = "unknown"  # kept by `vlpcache migrate`
 
     @property
     def counts(self) -> dict[str, int]:
@@ -46,7 +47,7 @@ class LedgerV1:
                 shard=int(d["shard"]), row_start=int(d["row_start"]), row_stop=int(d["row_stop"]), videos=videos,
                 files={k: FileRecord(checked_relpath(f["path"], path), int(f["nbytes"]), int(f["crc32c"]))
                        for k, f in d["files"].items()},
-                provenance_hash=d["provenance_hash"], backend=d["backend"],
+                provenance_hash=d["provenance_hash"], backend=d["backend"], code_version=str(d.get("code_version", "unknown")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise StoreError(f"{path}: shard ledger is missing or has a bad field ({e!r}); delete it to redo the shard") from e

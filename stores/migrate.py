@@ -38,7 +38,7 @@ from stores.backends import BACKENDS
 from stores.errors import StoreError
 from stores.idindex import write_id_index
 from stores.io import atomic_write_bytes, atomic_write_json, durable_replace, fsync_path, makedirs_durable
-from stores.ledger import FileRecord, Layout, ShardLedger, StoreMeta, committed_shards, load_ledger, load_store_meta, read_ledger_json
+from stores.ledger import FileRecord, Layout, ShardLedger, StoreMeta, committed_shards, load_ledger, load_store_meta
 from stores.legacy import LedgerV1, load_video_ids
 from stores.rows import write_rows
 from stores.schema import FORMAT_VERSION, ROW_STATUS, STATUS_CODES
@@ -143,20 +143,16 @@ def _build(layout: Layout, meta: StoreMeta, staging: Path) -> tuple[int, int]:
             log.info("migrate %s: %d of %d shards converted", layout.out, i + 1, len(shards))
     _link_other_files(layout.out, staging)
     atomic_write_json(new.store_json, new_meta.to_json())
-    for folder, _, _ in os.walk(staging):  # hard links and folders: make every entry durable before the swap
-        fsync_path(Path(folder))
     return len(shards), resumed
 
 
 def _convert_shard(layout: Layout, meta: StoreMeta, new: Layout, new_meta: StoreMeta, shard: int) -> None:
     """Shard `shard`'s format-2 files in staging, its ledger last."""
-    path = layout.ledger(shard)
     try:
         old = load_ledger(layout, meta, shard, LedgerV1)
     except StoreError as e:
         raise StoreError(f"{e}. migrate stops here and OUT is unchanged: run `vlpcache verify {layout.out}` to see "
                          f"every damaged file") from e
-    code = read_ledger_json(path, 1).get("code_version", "unknown")
     status = np.array([STATUS_CODES[v.status] for v in old.videos], dtype=ROW_STATUS.dtype)  # [rows] 1 ok / 2 failed
     if meta.backend == "zarr":
         files = {key: _link(layout, new, rec) for key, rec in old.files.items()}
@@ -165,7 +161,7 @@ def _convert_shard(layout: Layout, meta: StoreMeta, new: Layout, new_meta: Store
         files = {"shard": _copy_h5_shard(layout, new, new_meta, shard, old.files, status)}
     files["rows"] = _write_rows_part(new, shard, old)
     ledger = ShardLedger(shard=shard, row_start=old.row_start, row_stop=old.row_stop, counts=old.counts, files=files,
-                         provenance_hash=meta.provenance_hash, backend=meta.backend, code_version=code,
+                         provenance_hash=meta.provenance_hash, backend=meta.backend, code_version=old.code_version,
                          failures=tuple((v.video_id, v.error or "") for v in old.videos if v.status == "failed"))
     for folder in {(new.out / rec.path).parent for rec in files.values()}:  # the links and renames above
         fsync_path(folder)
@@ -255,7 +251,9 @@ def _copy_h5_shard(layout: Layout, new: Layout, new_meta: StoreMeta, shard: int,
 
 def _link_other_files(out: Path, staging: Path) -> None:
     """Hard-link every file of OUT that is not part of the store (pipeline config, runs/, job lock) into
-    staging, so the swap keeps them. Relinked on every run: the job lock's lease file is replaced as it renews."""
+    staging, so the swap keeps them. Relinked on every run: the job lock's lease file is replaced as it renews.
+    Every folder it links into is fsynced (the links must survive a crash after the swap)."""
+    folders = []
     for entry in out.iterdir():
         if entry.name in STORE_ENTRIES or entry.name.endswith(".partial"):
             continue
@@ -266,11 +264,14 @@ def _link_other_files(out: Path, staging: Path) -> None:
                     os.symlink(os.readlink(src), dst)
             elif src.is_dir():
                 dst.mkdir(exist_ok=True)
+                folders.append(dst)
             else:
                 if dst.exists() and not os.path.samefile(src, dst):
                     dst.unlink()
                 if not dst.exists():
                     os.link(src, dst)
+    for folder in [*folders, staging]:  # after their entries: the links must survive a crash after the swap
+        fsync_path(folder)
 
 
 def _exchange(a: Path, b: Path) -> None:
