@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import crc32c
@@ -39,7 +40,7 @@ from stores.errors import StoreError
 from stores.idindex import write_id_index
 from stores.io import atomic_write_bytes, atomic_write_json, durable_replace, fsync_path, makedirs_durable
 from stores.ledger import FileRecord, Layout, ShardLedger, StoreMeta, committed_shards, load_ledger, load_store_meta
-from stores.legacy import LedgerV1, load_video_ids
+from stores.legacy import LedgerV1
 from stores.rows import write_rows
 from stores.schema import FORMAT_VERSION, ROW_STATUS, STATUS_CODES
 
@@ -123,15 +124,15 @@ def _build(layout: Layout, meta: StoreMeta, staging: Path) -> tuple[int, int]:
     if not (new.zarr if meta.backend == "zarr" else new.h5).exists():
         backend.init_layout(new, new_meta)  # arrays + row_status metadata (Zarr) or features.h5: atomic
     makedirs_durable(new.ledgers)
-    if not new.index.exists():
-        ids = load_video_ids(layout, meta)
-        if ids is not None:
-            tmp = staging / ".index.partial"
-            shutil.rmtree(tmp, ignore_errors=True)
-            write_id_index(tmp, ids, meta.n_videos)
-            os.rename(tmp, new.index)
-            fsync_path(staging)
-        del ids
+    if not new.index.exists() and layout.video_ids_json.exists():
+        tmp = staging / ".index.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            write_id_index(tmp, json_ids(layout.video_ids_json), meta.n_videos)
+        except (StoreError, UnicodeDecodeError) as e:
+            raise _damaged(layout.video_ids_json, str(e), layout.out) from e
+        os.rename(tmp, new.index)
+        fsync_path(staging)
     shards = sorted(committed_shards(layout))
     resumed = 0
     for i, shard in enumerate(shards):
@@ -144,6 +145,43 @@ def _build(layout: Layout, meta: StoreMeta, staging: Path) -> tuple[int, int]:
     _link_other_files(layout.out, staging)
     atomic_write_json(new.store_json, new_meta.to_json())
     return len(shards), resumed
+
+
+def json_ids(path: Path, block: int = 1 << 20) -> Iterator[str]:
+    """The ids of format 1's video_ids.json (one JSON list of strings), streamed: json.load would hold them
+    all (about 85 MB per 1M ids). StoreError when the file is not such a list."""
+    decode = json.JSONDecoder().raw_decode
+    bad = lambda why: StoreError(f"not a JSON list of video ids ({why})")  # noqa: E731
+    with open(path, encoding="utf-8") as f:
+        buf, pos, eof, state = "", 0, False, "["  # state: what comes next: "[", "first", "id", "sep", "end"
+        while state != "end":
+            while pos < len(buf) and buf[pos].isspace():
+                pos += 1
+            c = buf[pos] if pos < len(buf) else ""
+            if state in ("first", "id") and c == '"':
+                try:
+                    value, end = decode(buf, pos)
+                except json.JSONDecodeError as e:  # an id cut at the end of the block: read on
+                    if eof:
+                        raise bad(e) from e
+                    c = ""
+                else:
+                    yield value
+                    pos, state = end, "sep"
+                    continue
+            if not c:  # the block is used up (or ends inside an id): read the next one
+                if eof:
+                    raise bad("it ends inside the list")
+                chunk = f.read(block)
+                buf, pos, eof = buf[pos:] + chunk, 0, not chunk
+            elif (state, c) in (("[", "["), ("sep", ",")):
+                pos, state = pos + 1, "first" if c == "[" else "id"
+            elif state in ("first", "sep") and c == "]":
+                pos, state = pos + 1, "end"
+            else:
+                raise bad(f"unexpected {c!r} where {state!r} belongs")
+        if (buf[pos:] + f.read()).strip():
+            raise bad("text after the list")
 
 
 def _convert_shard(layout: Layout, meta: StoreMeta, new: Layout, new_meta: StoreMeta, shard: int) -> None:

@@ -130,6 +130,10 @@ def test_migrate_refuses_what_it_cannot_convert(tmp_path, capsys):
     with pytest.raises(StoreError, match=f"{shard}: .* bytes with crc32c .*vlpcache verify"):
         migrate_store(h5, allow_pending=True)
     assert load_store_meta(Layout(h5)).format_version == 1
+    ids = h5 / "video_ids.json"
+    ids.write_text(ids.read_text()[:-5])
+    with pytest.raises(StoreError, match=f"{ids}: not a JSON list of video ids .*vlpcache verify"):
+        migrate_store(h5, allow_pending=True)
 
 
 def test_format1_open_logs_the_migrate_hint_once(tmp_path, caplog):
@@ -218,3 +222,18 @@ def test_verify_rebuilds_the_id_table_the_writer_wrote_past_one_insert_slice(tmp
     ids = [f"v{i}" for i in range(n)]
     write_id_index(tmp_path / "index", iter(ids), n)
     assert np.array_equal(np.load(tmp_path / "index" / TABLE_FILE), rebuild_table(pa.chunked_array([ids]), n))
+
+
+def test_json_ids_streams_format1_video_ids(tmp_path):
+    from stores.migrate import json_ids
+
+    ids = ["a", 'q"uo\\te', "\u00e9t\u00e9 \U0001f600", "", "x" * 50, "\\u0041"]
+    path = tmp_path / "video_ids.json"
+    for text in (json.dumps(ids), json.dumps(ids, indent=1), json.dumps(ids, ensure_ascii=False), "[]", " [ ] \n"):
+        path.write_text(text, encoding="utf-8")
+        for block in (1, 2, 3, 7, 1 << 20):  # ids and escapes cut at every place
+            assert list(json_ids(path, block)) == json.loads(text), (text, block)
+    for text in ('["a", "b"', '["a",]', '["a" "b"]', '["a", 5]', '{"a": 1}', '["a"] x', '["a', ""):
+        path.write_text(text)
+        with pytest.raises(StoreError, match="not a JSON list of video ids"):
+            list(json_ids(path, 2))
