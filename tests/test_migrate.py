@@ -130,10 +130,10 @@ def test_migrate_refuses_what_it_cannot_convert(tmp_path, capsys):
     with pytest.raises(StoreError, match=f"{shard}: .* bytes with crc32c .*vlpcache verify"):
         migrate_store(h5, allow_pending=True)
     assert load_store_meta(Layout(h5)).format_version == 1
-    ids = h5 / "video_ids.json"
+    ids = v1_store(tmp_path / "i", "zarr", complete=False) / "video_ids.json"
     ids.write_text(ids.read_text()[:-5])
     with pytest.raises(StoreError, match=f"{ids}: not a JSON list of video ids .*vlpcache verify"):
-        migrate_store(h5, allow_pending=True)
+        migrate_store(ids.parent, allow_pending=True)
 
 
 def test_format1_open_logs_the_migrate_hint_once(tmp_path, caplog):
