@@ -90,10 +90,11 @@ REFORMATTER = VideoReformatter()
 
 
 def to_rgb(frame: av.VideoFrame, width: int) -> np.ndarray:
+    """As decode.py converts: one swscale thread (the decoder's count), not swscale's one per core."""
     if width == frame.width:
-        return REFORMATTER.reformat(frame, format="rgb24").to_ndarray()
+        return REFORMATTER.reformat(frame, format="rgb24", threads=1).to_ndarray()
     return REFORMATTER.reformat(frame, width=width, height=frame.height, format="rgb24",
-                                interpolation="AREA").to_ndarray()
+                                interpolation="AREA", threads=1).to_ndarray()
 
 
 def run_full(path: Path, indices: np.ndarray) -> list[np.ndarray]:

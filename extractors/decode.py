@@ -17,6 +17,7 @@ PyAV here, or torchcodec / decord (extractors/backends.py), which return the sam
 from __future__ import annotations
 
 import atexit
+import functools
 import io
 import logging
 import multiprocessing
@@ -48,7 +49,13 @@ IMAGE_CODECS = {"png", "mjpeg", "jpeg2000", "jpegls", "bmp", "tiff", "webp", "gi
 # probe's decode would have told (the sample aspect ratio of a stream whose container does not give it)
 # is read from our own decoder once it has decoded a frame (_settle_sar).
 FAST_PROBE_FORMATS = {"mov,mp4,m4a,3gp,3g2,mj2"}  # not Matroska: its VFW mode can store decode times
-FAST_PROBE = {"probesize": "32", "analyzeduration": "1", "skip_frame": "all"}  # skip_frame: the probe's decoder
+# skip_frame: the probe's decoder. noparse (which needs nofillin): no H.264/AV1 parser re-reads every packet
+# (a third of the demux pass); the sample table gives each packet's timestamps and keyframe flag, identical
+# with and without it (checked on H.264 open-GOP and intra-refresh, HEVC, AV1, VP9, MPEG-2/4, MJPEG, ProRes).
+FAST_PROBE = {"probesize": "32", "analyzeduration": "1", "skip_frame": "all", "fflags": "+nofillin+noparse"}
+# An ISO base media file starts with an ftyp box: FFmpeg's probe (every demuxer's probe function run on the
+# first bytes, 0.3-0.5 ms) can only pick the mov demuxer then, except for JPEG 2000 / JPEG XL image brands.
+FTYP_IMAGE_BRANDS = {b"jp2 ", b"jxl "}
 
 # Decoders that read skip_frame once, when they open (FFmpeg's libdav1d.c maps it to dav1d's
 # decode_frame_type at init), so a per-packet NONREF would leave them unable to decode non-reference
@@ -140,15 +147,34 @@ class _ByteRange(io.RawIOBase):
 
 
 def _open(path: str, span: tuple[int, int] | None = None) -> av.container.InputContainer:
-    """Open with a short stream probe where the container header suffices, else with FFmpeg's full probe."""
+    """Open with a short stream probe where the container header suffices, else with FFmpeg's full probe.
+    An mp4/mov (ftyp box first) opens straight with the mov demuxer, without probing the format."""
     def source():  # a fresh reader each time: the second open must start from byte 0
         return _ByteRange(path, *span) if span else path
 
-    container = av.open(source(), metadata_errors="ignore", options=FAST_PROBE)
-    if container.format.name in FAST_PROBE_FORMATS and all(s.codec_context.width for s in container.streams.video):
+    if _starts_with_ftyp(path, span):
+        try:
+            container = av.open(source(), format="mp4", metadata_errors="ignore", options=FAST_PROBE)
+        except av.FFmpegError:  # a broken or mislabelled file: FFmpeg's probe and full open say what it is
+            container = None
+    else:
+        container = av.open(source(), metadata_errors="ignore", options=FAST_PROBE)
+    if container is not None and container.format.name in FAST_PROBE_FORMATS \
+            and all(s.codec_context.width for s in container.streams.video):
         return container
-    container.close()
+    if container is not None:
+        container.close()
     return av.open(source(), metadata_errors="ignore")
+
+
+def _starts_with_ftyp(path: str, span: tuple[int, int] | None) -> bool:
+    """The file (or the tar member at span) begins with an ISO base media ftyp box of a video brand."""
+    if not os.path.isfile(path):
+        return False  # a fifo (reading would block), a missing path: av.open says what it is
+    with open(path, "rb") as f:
+        f.seek(span[0] if span else 0)
+        head = f.read(min(12, span[1]) if span else 12)
+    return len(head) == 12 and head[4:8] == b"ftyp" and head[8:12] not in FTYP_IMAGE_BRANDS
 
 
 def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConfig, window, size: int | None) -> Clip:
@@ -382,8 +408,12 @@ def _settle_sar(index: StreamIndex, cc: av.video.codeccontext.VideoCodecContext)
 
 def _display_size(index: StreamIndex, rotation: int) -> tuple[int, int]:
     """(width, height) of the picture as shown: pixels stretched by the sample aspect ratio, turned upright."""
-    width = max(1, round(index.width * index.sar))
-    return (index.height, width) if rotation in (90, 270) else (width, index.height)
+    return _shown_size(index.width, index.height, index.sar, rotation)
+
+
+def _shown_size(width: int, height: int, sar: Fraction, rotation: int) -> tuple[int, int]:
+    shown = max(1, round(width * sar))
+    return (height, shown) if rotation in (90, 270) else (shown, height)
 
 
 def _output_size(width: int, height: int, cfg: SamplingConfig) -> tuple[int, int]:
@@ -530,17 +560,26 @@ def _rotation(frame: av.VideoFrame) -> int:
 def _to_rgb(frame: av.VideoFrame, rotation: int, index: StreamIndex, cfg: SamplingConfig) -> np.ndarray:
     """Scale (sample aspect ratio, then the resize policy) and convert to RGB in one swscale call, then
     turn upright."""
-    w, h = _output_size(*_display_size(index, rotation), cfg)  # upright
-    w, h = (h, w) if rotation in (90, 270) else (w, h)
+    w, h = _scaled_size(index.width, index.height, index.sar, rotation, cfg.short_side, cfg.max_side)
     if not hasattr(_local, "reformatter"):
         _local.reformatter = VideoReformatter()
-    # one reformatter per thread keeps its swscale context between frames (0.7 -> 0.14 ms at 176x144)
-    if (w, h) == (frame.width, frame.height):
-        rgb = _local.reformatter.reformat(frame, format="rgb24").to_ndarray()  # as frame.to_ndarray("rgb24")
+    # one reformatter per thread keeps its swscale context between frames (0.7 -> 0.14 ms at 176x144);
+    # threads as the decoder's: swscale's default (one per core) costs more CPU for the same pixels
+    if (w, h) == (frame.width, frame.height):  # as frame.to_ndarray("rgb24")
+        rgb = _local.reformatter.reformat(frame, format="rgb24", threads=cfg.threads).to_ndarray()
     else:
-        rgb = _local.reformatter.reformat(frame, width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()
+        rgb = _local.reformatter.reformat(frame, width=w, height=h, format="rgb24", interpolation="AREA",
+                                          threads=cfg.threads).to_ndarray()
     # the display matrix angle is counter-clockwise (checked against ffmpeg's autorotate)
     return np.ascontiguousarray(np.rot90(rgb, k=rotation // 90)) if rotation else rgb  # [H, W, 3]
+
+
+@functools.lru_cache(maxsize=64)
+def _scaled_size(width: int, height: int, sar: Fraction, rotation: int, short_side: int, max_side: int) -> tuple[int, int]:
+    """(width, height) to scale a coded width x height frame to, before it is turned upright (cached once
+    per clip size: Fraction arithmetic on every frame shows on small frames)."""
+    w, h = _output_size(*_shown_size(width, height, sar, rotation), SamplingConfig(short_side=short_side, max_side=max_side))
+    return (h, w) if rotation in (90, 270) else (w, h)  # upright -> coded orientation
 
 
 def _resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
