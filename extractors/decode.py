@@ -48,7 +48,8 @@ IMAGE_CODECS = {"png", "mjpeg", "jpeg2000", "jpegls", "bmp", "tiff", "webp", "gi
 # I-frame; 7 frames without B-frames, to guess the reordering delay), frames we decode again. What the
 # probe's decode would have told (the sample aspect ratio of a stream whose container does not give it)
 # is read from our own decoder once it has decoded a frame (_settle_sar).
-FAST_PROBE_FORMATS = {"mov,mp4,m4a,3gp,3g2,mj2"}  # not Matroska: its VFW mode can store decode times
+MOV_DEMUXER = "mov,mp4,m4a,3gp,3g2,mj2"  # by its full name: format="mp4" would name the container "mp4"
+FAST_PROBE_FORMATS = {MOV_DEMUXER}  # not Matroska: its VFW mode can store decode times
 # skip_frame: the probe's decoder. noparse (which needs nofillin): no H.264/AV1 parser re-reads every packet
 # (a third of the demux pass); the sample table gives each packet's timestamps and keyframe flag, identical
 # with and without it (checked on H.264 open-GOP and intra-refresh, HEVC, AV1, VP9, MPEG-2/4, MJPEG, ProRes).
@@ -154,7 +155,7 @@ def _open(path: str, span: tuple[int, int] | None = None) -> av.container.InputC
 
     if _starts_with_ftyp(path, span):
         try:
-            container = av.open(source(), format="mp4", metadata_errors="ignore", options=FAST_PROBE)
+            container = av.open(source(), format=MOV_DEMUXER, metadata_errors="ignore", options=FAST_PROBE)
         except av.FFmpegError:  # a broken or mislabelled file: FFmpeg's probe and full open say what it is
             container = None
     else:
@@ -169,11 +170,16 @@ def _open(path: str, span: tuple[int, int] | None = None) -> av.container.InputC
 
 def _starts_with_ftyp(path: str, span: tuple[int, int] | None) -> bool:
     """The file (or the tar member at span) begins with an ISO base media ftyp box of a video brand."""
-    if not os.path.isfile(path):
-        return False  # a fifo (reading would block), a missing path: av.open says what it is
-    with open(path, "rb") as f:
-        f.seek(span[0] if span else 0)
-        head = f.read(min(12, span[1]) if span else 12)
+    try:  # non-blocking: a fifo must not block here; pread refuses it (ESPIPE), and av.open reports it
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return False  # missing or unreadable: av.open says which
+    try:
+        head = os.pread(fd, min(12, span[1]) if span else 12, span[0] if span else 0)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
     return len(head) == 12 and head[4:8] == b"ftyp" and head[8:12] not in FTYP_IMAGE_BRANDS
 
 
