@@ -109,9 +109,7 @@ def run_full(path: Path, indices: np.ndarray) -> list[np.ndarray]:
 def run_setup(path: Path) -> None:
     """decode_clip up to its first decoded frame: open, demux pass, index (packets kept, as for exact)."""
     with decode._open(str(path)) as container:
-        stream = decode._video_stream(container, str(path))
-        decode._check_complete(stream, str(path), None)
-        decode._index(container, stream, str(path), SamplingConfig().buffer_mb)
+        decode._read_index(container, str(path), SamplingConfig().buffer_mb, None)
 
 
 class Limit:

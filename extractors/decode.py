@@ -22,6 +22,7 @@ import io
 import logging
 import multiprocessing
 import os
+import stat
 import threading
 import traceback
 from dataclasses import dataclass
@@ -184,9 +185,7 @@ def _starts_with_ftyp(path: str, span: tuple[int, int] | None) -> bool:
 
 
 def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConfig, window, size: int | None) -> Clip:
-    stream = _video_stream(container, path)
-    _check_complete(stream, path, size)
-    index = _index(container, stream, path, cfg.buffer_mb)
+    stream, index = _read_index(container, path, cfg.buffer_mb, size)
     flags = _check_still(stream, index, container.format.name, path, cfg)
     try:
         plan = plan_frames(index.times, index.end, cfg, window)
@@ -244,15 +243,28 @@ def _check_still(stream, index: StreamIndex, fmt: str, path: str, cfg: SamplingC
     return ["still"]
 
 
+def _read_index(container: av.container.InputContainer, path: str, buffer_mb: int, size: int | None
+                ) -> tuple[av.video.stream.VideoStream, StreamIndex]:
+    """The main video stream and its index: all decode_clip reads before it decodes a frame.
+    size: bytes of the video (a tar member's); None = the size of the file at path, if it is one."""
+    stream = _video_stream(container, path)
+    if size is None:
+        size = _file_size(path)
+    _check_complete(stream, path, size)
+    return stream, _index(container, stream, path, buffer_mb, size)
+
+
+def _file_size(path: str) -> int | None:
+    """Bytes of a regular file; None for anything else (a fifo, a device)."""
+    st = os.stat(path)
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
 def _check_complete(stream: av.video.stream.VideoStream, path: str, size: int | None) -> None:
     """A truncated file whose index (e.g. an mp4 moov at the front) points past its end is an error,
     not a shorter video: otherwise the plan would silently sample only the frames that survived."""
     entries = stream.index_entries
-    if size is None:
-        if not len(entries) or not os.path.isfile(path):
-            return
-        size = os.path.getsize(path)
-    if not len(entries):
+    if size is None or not len(entries):
         return
     needed = max(e.pos + e.size for e in entries)
     if needed > size:
@@ -354,8 +366,9 @@ class PacketSource:
         raise DecodeError(f"{self.path}: packets {start}..{stop} could not be read again")
 
 
-def _index(container: av.container.InputContainer, stream, path: str, buffer_mb: int) -> StreamIndex:
-    keep = not os.path.isfile(path) or os.path.getsize(path) <= buffer_mb * 2**20
+def _index(container: av.container.InputContainer, stream, path: str, buffer_mb: int, size: int | None) -> StreamIndex:
+    """size: bytes of the video, None if unknown; up to buffer_mb (or unknown) its packets are kept in memory."""
+    keep = size is None or size <= buffer_mb * 2**20
     packets = PacketSource(container, stream, path, keep)
     if not len(packets):
         raise DecodeError(f"{path}: the video stream holds no packets (empty or truncated file)")
@@ -621,7 +634,7 @@ def video_info(path: str) -> dict:
     try:
         with _open(str(path)) as container:
             stream = _video_stream(container, str(path))
-            index = _index(container, stream, str(path), buffer_mb=0)
+            index = _index(container, stream, str(path), 0, _file_size(str(path)))
             if index.sar is None:  # only the bitstream says: decode its first frame
                 stream.codec_context.thread_count = 1
                 _probe_rotation(stream.codec_context, index, str(path))
