@@ -90,10 +90,11 @@ REFORMATTER = VideoReformatter()
 
 
 def to_rgb(frame: av.VideoFrame, width: int) -> np.ndarray:
+    """As decode.py converts: one swscale thread (the decoder's count), not swscale's one per core."""
     if width == frame.width:
-        return REFORMATTER.reformat(frame, format="rgb24").to_ndarray()
+        return REFORMATTER.reformat(frame, format="rgb24", threads=1).to_ndarray()
     return REFORMATTER.reformat(frame, width=width, height=frame.height, format="rgb24",
-                                interpolation="AREA").to_ndarray()
+                                interpolation="AREA", threads=1).to_ndarray()
 
 
 def run_full(path: Path, indices: np.ndarray) -> list[np.ndarray]:
@@ -108,9 +109,7 @@ def run_full(path: Path, indices: np.ndarray) -> list[np.ndarray]:
 def run_setup(path: Path) -> None:
     """decode_clip up to its first decoded frame: open, demux pass, index (packets kept, as for exact)."""
     with decode._open(str(path)) as container:
-        stream = decode._video_stream(container, str(path))
-        decode._check_complete(stream, str(path), None)
-        decode._index(container, stream, str(path), SamplingConfig().buffer_mb)
+        decode._read_index(container, str(path), SamplingConfig().buffer_mb, None)
 
 
 class Limit:

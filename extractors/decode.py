@@ -17,10 +17,12 @@ PyAV here, or torchcodec / decord (extractors/backends.py), which return the sam
 from __future__ import annotations
 
 import atexit
+import functools
 import io
 import logging
 import multiprocessing
 import os
+import stat
 import threading
 import traceback
 from dataclasses import dataclass
@@ -47,8 +49,15 @@ IMAGE_CODECS = {"png", "mjpeg", "jpeg2000", "jpegls", "bmp", "tiff", "webp", "gi
 # I-frame; 7 frames without B-frames, to guess the reordering delay), frames we decode again. What the
 # probe's decode would have told (the sample aspect ratio of a stream whose container does not give it)
 # is read from our own decoder once it has decoded a frame (_settle_sar).
-FAST_PROBE_FORMATS = {"mov,mp4,m4a,3gp,3g2,mj2"}  # not Matroska: its VFW mode can store decode times
-FAST_PROBE = {"probesize": "32", "analyzeduration": "1", "skip_frame": "all"}  # skip_frame: the probe's decoder
+MOV_DEMUXER = "mov,mp4,m4a,3gp,3g2,mj2"  # by its full name: format="mp4" would name the container "mp4"
+FAST_PROBE_FORMATS = {MOV_DEMUXER}  # not Matroska: its VFW mode can store decode times
+# skip_frame: the probe's decoder. noparse (which needs nofillin): no H.264/AV1 parser re-reads every packet
+# (a third of the demux pass); the sample table gives each packet's timestamps and keyframe flag, identical
+# with and without it (checked on H.264 open-GOP and intra-refresh, HEVC, AV1, VP9, MPEG-2/4, MJPEG, ProRes).
+FAST_PROBE = {"probesize": "32", "analyzeduration": "1", "skip_frame": "all", "fflags": "+nofillin+noparse"}
+# An ISO base media file starts with an ftyp box: FFmpeg's probe (every demuxer's probe function run on the
+# first bytes, 0.3-0.5 ms) can only pick the mov demuxer then, except for JPEG 2000 / JPEG XL image brands.
+FTYP_IMAGE_BRANDS = {b"jp2 ", b"jxl "}
 
 # Decoders that read skip_frame once, when they open (FFmpeg's libdav1d.c maps it to dav1d's
 # decode_frame_type at init), so a per-packet NONREF would leave them unable to decode non-reference
@@ -140,21 +149,43 @@ class _ByteRange(io.RawIOBase):
 
 
 def _open(path: str, span: tuple[int, int] | None = None) -> av.container.InputContainer:
-    """Open with a short stream probe where the container header suffices, else with FFmpeg's full probe."""
+    """Open with a short stream probe where the container header suffices, else with FFmpeg's full probe.
+    An mp4/mov (ftyp box first) opens straight with the mov demuxer, without probing the format."""
     def source():  # a fresh reader each time: the second open must start from byte 0
         return _ByteRange(path, *span) if span else path
 
-    container = av.open(source(), metadata_errors="ignore", options=FAST_PROBE)
-    if container.format.name in FAST_PROBE_FORMATS and all(s.codec_context.width for s in container.streams.video):
+    if _starts_with_ftyp(path, span):
+        try:
+            container = av.open(source(), format=MOV_DEMUXER, metadata_errors="ignore", options=FAST_PROBE)
+        except av.FFmpegError:  # a broken or mislabelled file: FFmpeg's probe and full open say what it is
+            container = None
+    else:
+        container = av.open(source(), metadata_errors="ignore", options=FAST_PROBE)
+    if container is not None and container.format.name in FAST_PROBE_FORMATS \
+            and all(s.codec_context.width for s in container.streams.video):
         return container
-    container.close()
+    if container is not None:
+        container.close()
     return av.open(source(), metadata_errors="ignore")
 
 
+def _starts_with_ftyp(path: str, span: tuple[int, int] | None) -> bool:
+    """The file (or the tar member at span) begins with an ISO base media ftyp box of a video brand."""
+    try:  # non-blocking: a fifo must not block here; pread refuses it (ESPIPE), and av.open reports it
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return False  # missing or unreadable: av.open says which
+    try:
+        head = os.pread(fd, min(12, span[1]) if span else 12, span[0] if span else 0)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return len(head) == 12 and head[4:8] == b"ftyp" and head[8:12] not in FTYP_IMAGE_BRANDS
+
+
 def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConfig, window, size: int | None) -> Clip:
-    stream = _video_stream(container, path)
-    _check_complete(stream, path, size)
-    index = _index(container, stream, path, cfg.buffer_mb)
+    stream, index = _read_index(container, path, cfg.buffer_mb, size)
     flags = _check_still(stream, index, container.format.name, path, cfg)
     try:
         plan = plan_frames(index.times, index.end, cfg, window)
@@ -212,15 +243,28 @@ def _check_still(stream, index: StreamIndex, fmt: str, path: str, cfg: SamplingC
     return ["still"]
 
 
+def _read_index(container: av.container.InputContainer, path: str, buffer_mb: int, size: int | None
+                ) -> tuple[av.video.stream.VideoStream, StreamIndex]:
+    """The main video stream and its index: all decode_clip reads before it decodes a frame.
+    size: bytes of the video (a tar member's); None = the size of the file at path, if it is one."""
+    stream = _video_stream(container, path)
+    if size is None:
+        size = _file_size(path)
+    _check_complete(stream, path, size)
+    return stream, _index(container, stream, path, buffer_mb, size)
+
+
+def _file_size(path: str) -> int | None:
+    """Bytes of a regular file; None for anything else (a fifo, a device)."""
+    st = os.stat(path)
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
 def _check_complete(stream: av.video.stream.VideoStream, path: str, size: int | None) -> None:
     """A truncated file whose index (e.g. an mp4 moov at the front) points past its end is an error,
     not a shorter video: otherwise the plan would silently sample only the frames that survived."""
     entries = stream.index_entries
-    if size is None:
-        if not len(entries) or not os.path.isfile(path):
-            return
-        size = os.path.getsize(path)
-    if not len(entries):
+    if size is None or not len(entries):
         return
     needed = max(e.pos + e.size for e in entries)
     if needed > size:
@@ -322,8 +366,9 @@ class PacketSource:
         raise DecodeError(f"{self.path}: packets {start}..{stop} could not be read again")
 
 
-def _index(container: av.container.InputContainer, stream, path: str, buffer_mb: int) -> StreamIndex:
-    keep = not os.path.isfile(path) or os.path.getsize(path) <= buffer_mb * 2**20
+def _index(container: av.container.InputContainer, stream, path: str, buffer_mb: int, size: int | None) -> StreamIndex:
+    """size: bytes of the video, None if unknown; up to buffer_mb (or unknown) its packets are kept in memory."""
+    keep = size is None or size <= buffer_mb * 2**20
     packets = PacketSource(container, stream, path, keep)
     if not len(packets):
         raise DecodeError(f"{path}: the video stream holds no packets (empty or truncated file)")
@@ -382,8 +427,12 @@ def _settle_sar(index: StreamIndex, cc: av.video.codeccontext.VideoCodecContext)
 
 def _display_size(index: StreamIndex, rotation: int) -> tuple[int, int]:
     """(width, height) of the picture as shown: pixels stretched by the sample aspect ratio, turned upright."""
-    width = max(1, round(index.width * index.sar))
-    return (index.height, width) if rotation in (90, 270) else (width, index.height)
+    return _shown_size(index.width, index.height, index.sar, rotation)
+
+
+def _shown_size(width: int, height: int, sar: Fraction, rotation: int) -> tuple[int, int]:
+    shown = max(1, round(width * sar))
+    return (height, shown) if rotation in (90, 270) else (shown, height)
 
 
 def _output_size(width: int, height: int, cfg: SamplingConfig) -> tuple[int, int]:
@@ -530,17 +579,26 @@ def _rotation(frame: av.VideoFrame) -> int:
 def _to_rgb(frame: av.VideoFrame, rotation: int, index: StreamIndex, cfg: SamplingConfig) -> np.ndarray:
     """Scale (sample aspect ratio, then the resize policy) and convert to RGB in one swscale call, then
     turn upright."""
-    w, h = _output_size(*_display_size(index, rotation), cfg)  # upright
-    w, h = (h, w) if rotation in (90, 270) else (w, h)
+    w, h = _scaled_size(index.width, index.height, index.sar, rotation, cfg.short_side, cfg.max_side)
     if not hasattr(_local, "reformatter"):
         _local.reformatter = VideoReformatter()
-    # one reformatter per thread keeps its swscale context between frames (0.7 -> 0.14 ms at 176x144)
-    if (w, h) == (frame.width, frame.height):
-        rgb = _local.reformatter.reformat(frame, format="rgb24").to_ndarray()  # as frame.to_ndarray("rgb24")
+    # one reformatter per thread keeps its swscale context between frames (0.7 -> 0.14 ms at 176x144);
+    # threads as the decoder's: swscale's default (one per core) costs more CPU for the same pixels
+    if (w, h) == (frame.width, frame.height):  # as frame.to_ndarray("rgb24")
+        rgb = _local.reformatter.reformat(frame, format="rgb24", threads=cfg.threads).to_ndarray()
     else:
-        rgb = _local.reformatter.reformat(frame, width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()
+        rgb = _local.reformatter.reformat(frame, width=w, height=h, format="rgb24", interpolation="AREA",
+                                          threads=cfg.threads).to_ndarray()
     # the display matrix angle is counter-clockwise (checked against ffmpeg's autorotate)
     return np.ascontiguousarray(np.rot90(rgb, k=rotation // 90)) if rotation else rgb  # [H, W, 3]
+
+
+@functools.lru_cache(maxsize=64)
+def _scaled_size(width: int, height: int, sar: Fraction, rotation: int, short_side: int, max_side: int) -> tuple[int, int]:
+    """(width, height) to scale a coded width x height frame to, before it is turned upright (cached once
+    per clip size: Fraction arithmetic on every frame shows on small frames)."""
+    w, h = _output_size(*_shown_size(width, height, sar, rotation), SamplingConfig(short_side=short_side, max_side=max_side))
+    return (h, w) if rotation in (90, 270) else (w, h)  # upright -> coded orientation
 
 
 def _resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -576,7 +634,7 @@ def video_info(path: str) -> dict:
     try:
         with _open(str(path)) as container:
             stream = _video_stream(container, str(path))
-            index = _index(container, stream, str(path), buffer_mb=0)
+            index = _index(container, stream, str(path), 0, _file_size(str(path)))
             if index.sar is None:  # only the bitstream says: decode its first frame
                 stream.codec_context.thread_count = 1
                 _probe_rotation(stream.codec_context, index, str(path))

@@ -258,3 +258,34 @@ def test_anamorphic_video_is_shown_stretched(tmp_path, made_videos):
     assert np.abs(pairs - coded).mean() < 2
     small = decode_clip(str(path), SamplingConfig(num_frames=4, short_side=48))
     assert small.frames[0].shape == (48, 160, 3)
+
+
+def test_fast_mp4_open_reads_the_packets_a_probed_open_reads(made_videos, real_videos, foreign, tmp_path):
+    """An mp4 (ftyp first) opens with the mov demuxer unprobed and without FFmpeg's packet parsers: every
+    packet's timestamps, keyframe and discard flags, duration and size are those of a plain, probed open,
+    also where an H.264 parser would look for recovery points (open GOP, intra refresh) and for AV1.
+    A file that only ends in .mp4 is still probed (and opened by its own demuxer)."""
+    from extractors.decode import MOV_DEMUXER, _open
+
+    made = {
+        "open_gop": ffmpeg(tmp_path / "og.mp4", "-c:v", "libx264", "-x264-params", "open-gop=1:keyint=10", seconds=1),
+        "intra_refresh": ffmpeg(tmp_path / "ir.mp4", "-c:v", "libx264", "-x264-params", "intra-refresh=1:keyint=10", seconds=1),
+        "mpeg2_mov": ffmpeg(tmp_path / "m2.mov", "-c:v", "mpeg2video", "-bf", "2", "-g", "12", seconds=1),
+    }
+    files = [*made.values(), foreign["av1"], made_videos["bheavy"], made_videos["editlist"], made_videos["rot90"], real_videos[0]]
+
+    def packets(container):
+        return [(p.pts, p.dts, p.is_keyframe, p.is_discard, p.duration, p.size)
+                for p in container.demux(container.streams.video[0])]
+
+    for path in files:
+        with _open(str(path)) as fast, av.open(str(path)) as probed:
+            assert fast.format.name == probed.format.name == MOV_DEMUXER
+            assert packets(fast) == packets(probed), f"{path}: the fast open reads other packets"
+        if path in made.values():  # the others' frames are checked above
+            assert_exact(path, PLANS["uniform"])
+    webm_named_mp4 = tmp_path / "webm.mp4"
+    webm_named_mp4.write_bytes(made_videos["vp9"].read_bytes())
+    with _open(str(webm_named_mp4)) as container:
+        assert container.format.name == "matroska,webm"
+    assert_exact(webm_named_mp4, PLANS["uniform"])
