@@ -32,7 +32,8 @@ import torch
 from train.config import TrainConfig, load_config
 from train.data import load_split
 from train.evaluate import evaluate, split_captions
-from train.trainer import Trainer, text_batch
+from train.text import FrozenTextFeatures, resolve_model_dir
+from train.trainer import Trainer, setup_distributed, text_batch
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +174,23 @@ def selection_score(m: dict[str, float], cfg: TrainConfig) -> float:
     return score + (m.get("moment_R@1_IoU0.7", 0.0) if cfg.loss.loc_weight > 0 else 0.0)
 
 
+_TEXT_FEATURES: dict[tuple, FrozenTextFeatures] = {}
+
+
+def _shared_text_features(cfg: TrainConfig) -> FrozenTextFeatures:
+    """One frozen-MiniLM feature cache per process for all its runs: computing the 600 captions' features
+    again in every run cost ~8 CPU s of each. A caption's features do not depend on the batch or the run
+    (train/text.py), so every run gets the very bits it would compute itself."""
+    model_dir, device = resolve_model_dir(cfg.text.model_dir), setup_distributed(cfg.run.device).device
+    key = (str(model_dir), str(device), cfg.text.cache_size)
+    if key not in _TEXT_FEATURES:
+        _TEXT_FEATURES[key] = FrozenTextFeatures(model_dir, device, cfg.text.cache_size)
+    return _TEXT_FEATURES[key]
+
+
 def train_and_select(cfg: TrainConfig, features: Path, out: Path, every: int) -> tuple[Trainer, dict]:
     """Train, evaluating val every `every` steps; the model keeps the weights of the best val score."""
-    trainer = Trainer(cfg, str(features), out)
+    trainer = Trainer(cfg, str(features), out, text_features=_shared_text_features(cfg))
     val, _ = load_split(str(features), "val", cfg.model.units, cfg.model.max_units, expected=trainer.signature)
     val_text = text_batch(cfg, split_captions(val.captions)[0], trainer.text_features)
     best: dict = {"score": -1.0}
