@@ -88,7 +88,7 @@ bench-pipeline: $(STAMP) ## end-to-end throughput vs the sum-of-stages limit and
 bench-train: $(STAMP) ## training from the cache vs from pixels, loader vs step, RSS vs store size
 	$(PY) -m benchmarks.bench_train $(ARGS)
 
-ablation: $(STAMP) ## objective ablation over 3 seeds on the demo corpus (at most 30 CPU minutes)
+ablation: $(STAMP) ## objective ablation over 3 seeds on the demo corpus, 2 worker processes (at most 30 CPU minutes)
 	$(PY) -m train.ablation $(ARGS)
 
 clean: ## remove generated data and runs (keeps .venv)

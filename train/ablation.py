@@ -13,10 +13,12 @@ cached (runs/ablation/ROW_seedS/result.json), valid only for the same code versi
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
 import hashlib
 import json
 import logging
+import multiprocessing
 import shutil
 import subprocess
 import sys
@@ -30,7 +32,8 @@ import torch
 from train.config import TrainConfig, load_config
 from train.data import load_split
 from train.evaluate import evaluate, split_captions
-from train.trainer import Trainer, text_batch
+from train.text import FrozenTextFeatures, resolve_model_dir
+from train.trainer import Trainer, setup_distributed, text_batch
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
                 "given"),
     "phrase": ("+ region-phrase alignment (demo-grammar clauses), given boxes", ALIGN + ["loss.align_unit=phrase"],
                "given"),
+    "queue": ("+ region-word alignment + a queue of 256 past global embeddings as extra negatives, given boxes",
+              ALIGN + ["loss.queue_size=256"], "given"),
     "locvtp": ("+ region-word alignment + LocVTP clip-word / temporal-aware", ALIGN + LOCVTP, "given"),
     "loc": ("+ localization (TemPVL), variable-length segments", LOC, "given"),
     "all": ("all (alignment + LocVTP + localization), given boxes", ALIGN + LOCVTP + LOC, "given"),
@@ -77,6 +82,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--detector-steps", type=int, default=300, help="optimiser steps of `vlpcache finetune-detector` "
                    "for the detector row (default 300, its own default: ~0.5 CPU s a step with the pretrained "
                    "EfficientNet-Lite0 trunk, mAP@0.5 0.945 on the demo's val split)")
+    p.add_argument("--workers", type=int, default=2, help="runs trained at once, each in its own process with one "
+                   "torch thread (default 2: one per core of the 2-core target machine; 0 = in this process)")
     p.add_argument("--fresh", action="store_true", help="retrain rows that already have a result")
     p.add_argument("--val-only", action="store_true", help="report the val figures of the selected step and never "
                    "evaluate test (for choosing settings; results kept apart, under OUT/val/)")
@@ -167,9 +174,23 @@ def selection_score(m: dict[str, float], cfg: TrainConfig) -> float:
     return score + (m.get("moment_R@1_IoU0.7", 0.0) if cfg.loss.loc_weight > 0 else 0.0)
 
 
+_TEXT_FEATURES: dict[tuple, FrozenTextFeatures] = {}
+
+
+def _shared_text_features(cfg: TrainConfig) -> FrozenTextFeatures:
+    """One frozen-MiniLM feature cache per process for all its runs: computing the 600 captions' features
+    again in every run cost ~8 CPU s of each. A caption's features do not depend on the batch or the run
+    (train/text.py), so every run gets the very bits it would compute itself."""
+    model_dir, device = resolve_model_dir(cfg.text.model_dir), setup_distributed(cfg.run.device).device
+    key = (str(model_dir), str(device), cfg.text.cache_size)
+    if key not in _TEXT_FEATURES:
+        _TEXT_FEATURES[key] = FrozenTextFeatures(model_dir, device, cfg.text.cache_size)
+    return _TEXT_FEATURES[key]
+
+
 def train_and_select(cfg: TrainConfig, features: Path, out: Path, every: int) -> tuple[Trainer, dict]:
     """Train, evaluating val every `every` steps; the model keeps the weights of the best val score."""
-    trainer = Trainer(cfg, str(features), out)
+    trainer = Trainer(cfg, str(features), out, text_features=_shared_text_features(cfg))
     val, _ = load_split(str(features), "val", cfg.model.units, cfg.model.max_units, expected=trainer.signature)
     val_text = text_batch(cfg, split_captions(val.captions)[0], trainer.text_features)
     best: dict = {"score": -1.0}
@@ -186,18 +207,35 @@ def train_and_select(cfg: TrainConfig, features: Path, out: Path, every: int) ->
     return trainer, best
 
 
+def _run_dir(args: argparse.Namespace, row: str, seed: int) -> Path:
+    return Path(args.out) / ("val" if args.val_only else "") / f"{row}_seed{seed}"
+
+
+def _run_config(args: argparse.Namespace, row: str, seed: int) -> TrainConfig:
+    return load_config(args.config, ROWS[row][1] + list(args.set) + [f"run.seed={seed}"]).validate()
+
+
+def cached_result(args: argparse.Namespace, features: Path, row: str, seed: int, code: dict) -> dict | None:
+    """The finished run's result when it was made by the same code version, config, features and selection
+    schedule (and --fresh is not given); else None."""
+    result_path = _run_dir(args, row, seed) / "result.json"
+    if args.fresh or not result_path.is_file():
+        return None
+    cached = json.loads(result_path.read_text())
+    if (cached.get("config") == _run_config(args, row, seed).to_dict() and cached.get("features") == str(features)
+            and cached.get("code") == code and cached.get("select_every") == args.select_every):
+        return cached
+    return None
+
+
 def run_one(args: argparse.Namespace, features: Path, row: str, seed: int, code: dict) -> dict:
-    out = Path(args.out) / ("val" if args.val_only else "") / f"{row}_seed{seed}"
-    cfg = load_config(args.config, ROWS[row][1] + list(args.set) +
-                      [f"run.seed={seed}"]).validate()
-    result_path = out / "result.json"
-    if result_path.is_file() and not args.fresh:
-        cached = json.loads(result_path.read_text())
-        if (cached.get("config") == cfg.to_dict() and cached.get("features") == str(features)
-                and cached.get("code") == code and cached.get("select_every") == args.select_every):
-            return cached
+    """Train one row with one seed, select on val, score test once (or val with --val-only); cached."""
+    cached = cached_result(args, features, row, seed, code)
+    if cached is not None:
+        return cached
+    out, cfg = _run_dir(args, row, seed), _run_config(args, row, seed)
     shutil.rmtree(out, ignore_errors=True)
-    start, cpu = time.time(), cpu_minutes()
+    start, cpu = time.time(), _own_cpu_s()
     trainer, selected = train_and_select(cfg, features, out, args.select_every)
     if args.val_only:
         metrics = selected["val"]
@@ -208,12 +246,54 @@ def run_one(args: argparse.Namespace, features: Path, row: str, seed: int, code:
     result = {"row": row, "seed": seed, "metrics": metrics, "selected_step": selected["step"], "split":
               "val" if args.val_only else "test", "val": selected["val"],
               "train_videos": _count_split(features, cfg.data.split), "steps": cfg.optim.steps,
-              "batch_size": cfg.optim.batch_size, "wall_s": time.time() - start, "cpu_s": (cpu_minutes() - cpu) * 60,
+              "batch_size": cfg.optim.batch_size, "wall_s": time.time() - start, "cpu_s": _own_cpu_s() - cpu,
               "config": cfg.to_dict(), "features": str(features), "code": code, "select_every": args.select_every}
-    result_path.write_text(json.dumps(result, indent=2))
+    (out / "result.json").write_text(json.dumps(result, indent=2))
     log.info("%s seed %d (step %d selected on val): %s %s (%.0f CPU s)", row, seed, selected["step"], result["split"],
              {k: round(metrics.get(k, float("nan")), 1) for k, _ in COLUMNS}, result["cpu_s"])
     return result
+
+
+def _own_cpu_s() -> float:
+    """User + system CPU seconds of this process (a run trains in-process: no children)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_utime + own.ru_stime
+
+
+def _worker_init() -> None:
+    """Each worker process: logging like the parent, one torch thread (two workers fill the two cores)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s[%(process)d]: %(message)s")
+    torch.set_num_threads(1)
+    torch.set_num_interop_threads(1)
+
+
+def run_all(args: argparse.Namespace, features: dict[str, Path], jobs: list[tuple[str, int]], code: dict
+            ) -> dict[tuple[str, int], dict]:
+    """Every (row, seed) job: cached results read here, the rest trained in `--workers` spawned processes
+    (each reads the prepared features itself; its result is cached as soon as it finishes, so a killed
+    run resumes where it stopped). Spawned, not forked or forkserver-started, so every worker is a child
+    of this process and its CPU time is counted in RUSAGE_CHILDREN once it exits."""
+    done = {(row, seed): cached_result(args, features[ROWS[row][2]], row, seed, code) for row, seed in jobs}
+    todo = [job for job, result in done.items() if result is None]
+    if todo:
+        log.info("%d of %d runs cached; training %d with %d worker process(es)", len(jobs) - len(todo), len(jobs),
+                 len(todo), args.workers)
+    if todo and args.workers == 0:
+        for row, seed in todo:
+            done[row, seed] = run_one(args, features[ROWS[row][2]], row, seed, code)
+    elif todo:
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(min(args.workers, len(todo)), mp_context=ctx,
+                                                    initializer=_worker_init) as pool:
+            futures = {pool.submit(run_one, args, features[ROWS[row][2]], row, seed, code): (row, seed)
+                       for row, seed in todo}  # seed-major: an interrupted run leaves every row's first seeds
+            try:
+                for fut in concurrent.futures.as_completed(futures):
+                    done[futures[fut]] = fut.result()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # the running jobs finish; the rest never start
+                raise
+    return done
 
 
 def _cell(vals: np.ndarray) -> str:
@@ -253,7 +333,8 @@ def table(results: dict[str, list[dict]]) -> str:
 
 
 def cpu_minutes() -> float:
-    """User + system CPU time of this process and its finished subprocesses (corpus, extraction)."""
+    """User + system CPU time of this process and its finished children: the corpus, detector and
+    extraction subprocesses and the training workers (counted once they have exited)."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return (own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime) / 60
 
@@ -287,13 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     features = {kind: prepare_features(args, kind) for kind in sorted({ROWS[r][2] for r in args.rows.split(",")})}
     rows = args.rows.split(",")
-    results: dict[str, list[dict]] = {r: [] for r in rows}
-    for seed in seeds:  # seed-major: an interrupted run still leaves every row's first seeds cached
-        for row in rows:
-            results[row].append(run_one(args, features[ROWS[row][2]], row, seed, code))
+    jobs = [(row, seed) for seed in seeds for row in rows]
+    done = run_all(args, features, jobs, code)
+    results = {row: [done[row, seed] for seed in seeds] for row in rows}
     print_table(results, where)
     print(f"\ntotal wall time {((time.time() - start) / 60):.1f} min, CPU time {cpu_minutes():.1f} min "
-          f"(this process and its subprocesses); table in {Path(where) / 'table.md'}")
+          f"(this process, its subprocesses and its training workers); table in {Path(where) / 'table.md'}")
     return 0
 
 

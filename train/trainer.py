@@ -190,7 +190,10 @@ def plot_curves(metrics: Path, png: Path) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, features: str, out: str | Path, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, features: str, out: str | Path, resume: bool = False,
+                 text_features: FrozenTextFeatures | None = None):
+        """text_features: a frozen-MiniLM feature cache to share (train.ablation keeps one per process for
+        its runs: a caption's features never depend on the run); None = a new one."""
         self.cfg, self.features, self.out = cfg.validate(), features, Path(out)
         self.dist = setup_distributed(cfg.run.device)
         if cfg.run.threads:
@@ -210,7 +213,8 @@ class Trainer:
         if self.ckpt is not None:
             check_signature(self.signature, self.ckpt["store"], repr(features))
         model_dir = resolve_model_dir(cfg.text.model_dir)
-        self.text_features = FrozenTextFeatures(model_dir, self.dist.device, cfg.text.cache_size) if cfg.text.frozen else None
+        self.text_features = (text_features or FrozenTextFeatures(model_dir, self.dist.device, cfg.text.cache_size)) \
+            if cfg.text.frozen else None
         self.tokenizer = CaptionTokenizer(model_dir, cfg.text.max_tokens).tokenizer  # content words of batches
         self.eval_split: SplitData | None = None
         if cfg.data.eval_split:
