@@ -102,6 +102,8 @@ class RegionConfig:
     fixed_k: bool = False  # detector: always keep exactly max_boxes (bottom-up "fixed 36")
     score_threshold: float = 0.2  # detector: keep boxes whose best class score is >= this
     nms_threshold: float = 0.3  # detector: per-class NMS IoU threshold
+    agnostic_nms_threshold: float = 1.0  # detector: then NMS across classes at this IoU (1.0 = off, bottom-up's
+    #                                      selection): one object seen as two classes gives two boxes without it
     detector: str = "fasterrcnn_mobilenet_v3_large_320_fpn"  # or fasterrcnn_resnet50_fpn_v2 on clusters
     weights: str = ""  # detector checkpoint with torchvision key names (any class count); "" = random init
     #                    (refused unless extractor.allow_random_weights is true). The detector sees frames at
@@ -136,7 +138,7 @@ class RegionConfig:
             raise ConfigError(f"regions.proposals must be >= 0 (0 = the builder's default), got {self.proposals}")
         if self.kind == "detector" and not 0 <= self.min_boxes <= self.max_boxes:
             raise ConfigError(f"regions.min_boxes must be in [0, max_boxes={self.max_boxes}], got {self.min_boxes}")
-        for name in ("score_threshold", "nms_threshold"):
+        for name in ("score_threshold", "nms_threshold", "agnostic_nms_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"regions.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.kind == "grid" and self.grid_size**2 > self.max_boxes:

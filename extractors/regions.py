@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import batched_nms, roi_align
+from torchvision.ops import batched_nms, nms, roi_align
 
 from extractors.api import Clip, Regions
 from extractors.config import RegionConfig
@@ -344,8 +344,10 @@ class DetectorRegions:
         """Bottom-up attention's selection on one image.
 
         boxes [P, C, 4] class-specific regressed boxes, probs [P, C] (class 0 = background).
-        Per-class NMS; a proposal's confidence is its best class score that survived NMS; keep those
-        >= score_threshold, clamped to min..max boxes (or exactly K), best first.
+        Per-class NMS; a proposal's confidence is its best class score that survived NMS; then, with
+        agnostic_nms_threshold < 1, NMS across classes on those boxes (a proposal whose best class differs
+        from an overlapping one's is otherwise a second box on the same object); keep those >= score_threshold,
+        clamped to min..max boxes (or exactly K), best first.
         """
         cfg = self.cfg
         n_prop, n_cls = probs.shape
@@ -359,6 +361,9 @@ class DetectorRegions:
         prop = keep // (n_cls - 1)
         _, first = np.unique(prop, return_index=True)  # each proposal's best surviving class (first = highest)
         best = keep[first]  # [P'] flat indices
+        if cfg.agnostic_nms_threshold < 1.0:
+            flat = torch.from_numpy(best).to(probs.device)
+            best = best[nms(cls_boxes[flat], cls_scores[flat], cfg.agnostic_nms_threshold).cpu().numpy()]
         conf = cls_scores[torch.from_numpy(best).to(probs.device)].cpu().numpy()
         order = np.argsort(-conf, kind="stable")
         n_above = int((conf >= cfg.score_threshold).sum())

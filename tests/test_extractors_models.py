@@ -104,7 +104,8 @@ def test_detector_boxes_counts_padding_and_final_box_features(frames):
 
 
 def test_detector_selection_is_bottom_up_style():
-    """Per-class NMS, best surviving class per proposal, threshold clamped to min..max boxes."""
+    """Per-class NMS, best surviving class per proposal, optionally NMS across classes, threshold clamped to
+    min..max boxes."""
     from extractors.regions import DetectorRegions
 
     sel = DetectorRegions.__new__(DetectorRegions)
@@ -121,6 +122,11 @@ def test_detector_selection_is_bottom_up_style():
     # then proposal 2 (class 2: 0.4) and proposal 1 (its class 2 survived at 0.2; 3's best is 0.15)
     assert scores.tolist() == pytest.approx([0.8, 0.4, 0.2]) and classes.tolist() == [1, 2, 2]
     assert torch.equal(kept, torch.stack([box, box + 100, box + 1]))
+    # NMS across classes: proposal 1 (class 2) sits on proposal 0's object and goes; proposal 3 fills its slot
+    sel.cfg = RegionConfig(max_boxes=3, min_boxes=3, score_threshold=0.5, nms_threshold=0.3, agnostic_nms_threshold=0.5)
+    kept, scores, classes = sel._select(boxes, probs, (400, 400))
+    assert scores.tolist() == pytest.approx([0.8, 0.4, 0.15]) and classes.tolist() == [1, 2, 1]
+    assert torch.equal(kept, torch.stack([box, box + 100, box + 200]))
 
 
 @pytest.mark.parametrize("backbone, dim", [("detector", 1024), ("frame_encoder", 1432)])
