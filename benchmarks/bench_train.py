@@ -176,6 +176,11 @@ def text_tower_cpu(repeats: int = 3) -> dict[str, float]:
     return {f"text_cpu_s_{k}": statistics.median(v) for k, v in cpu.items()}
 
 
+# Small dims, chosen so that the 1M-video store (3.4 KB a video) is over 3x the trainer's peak RSS, whose
+# floor is torch itself (docs/training.md, "Memory at 1M videos"): at Df=Dr=32 it was 1.9 GB, 2.1x.
+RSS_DIMS = Dims(T=4, K=4, Df=64, Dr=64)
+
+
 def rss_store(work: Path, n: int) -> Path:
     """The synthetic store of the RSS row for n videos; one already complete in --work is reused (writing
     1M videos through the writer takes long)."""
@@ -184,11 +189,12 @@ def rss_store(work: Path, n: int) -> Path:
         from stores import open_store
 
         reader = open_store(path)
-        if len(reader) != n or reader.pending_shards():
-            raise RuntimeError(f"{path} holds an incomplete store ({len(reader)} of {n} videos); remove it")
+        if len(reader) != n or reader.pending_shards() or reader.dims != RSS_DIMS:
+            raise RuntimeError(f"{path} is not a complete store of {n} videos at {RSS_DIMS} ({len(reader)} videos, "
+                               f"{len(reader.pending_shards())} shards pending, {reader.dims}); remove it")
         log.warning("reusing the complete store %s (%d videos)", path, n)
         return path
-    return bench.synthetic_store(path, n, Dims(T=4, K=4, Df=32, Dr=32), shard_size=1000)
+    return bench.synthetic_store(path, n, RSS_DIMS, shard_size=1000)
 
 
 def rss_rows(work: Path, sizes: list[int], steps: int, batch: int) -> list[dict]:
