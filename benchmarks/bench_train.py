@@ -205,7 +205,7 @@ def rss_rows(work: Path, sizes: list[int], steps: int, batch: int) -> list[dict]
     rss = []
     for n in sizes:
         store = rss_store(work, n)
-        r = bench.peak_rss_of_training(store, work / f"run_rss_{n}", steps=steps, batch_size=batch)
+        r = bench.peak_rss_of_training(store, work / f"run_rss_{n}_{time.time_ns()}", steps=steps, batch_size=batch)
         rss.append({"videos": n, "disk_mb": bench.store_bytes(store) / 1e6, **r})
         print(json.dumps(rss[-1]), flush=True)  # progress: the table comes at the end
     return rss
