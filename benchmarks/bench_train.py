@@ -42,8 +42,8 @@ from train import bench
 from train.config import TrainConfig
 from train.data import geom_dim, track_tokens
 from train.model import VideoBatch, VideoTextModel
-from train.objectives import Objectives, TextBatch
-from train.text import CaptionTokenizer, FrozenTextFeatures, resolve_model_dir
+from train.objectives import Objectives
+from train.text import FrozenTextFeatures, resolve_model_dir
 
 log = logging.getLogger("bench_train")
 T, K = 8, 4
@@ -97,7 +97,6 @@ class PixelStep:
         self.objectives = Objectives(self.model, cfg)
         self.opt = torch.optim.AdamW([*self.trunk.parameters(), *self.model.parameters()], lr=1e-4)
         model_dir = resolve_model_dir(cfg.text.model_dir)
-        self.tokenizer = CaptionTokenizer(model_dir, cfg.text.max_tokens)
         self.text = FrozenTextFeatures(model_dir)
         self.gen = torch.Generator().manual_seed(0)
 
@@ -136,8 +135,9 @@ class PixelStep:
 
     def __call__(self, batch: list[dict]) -> None:
         video = self._video(batch)
-        tokens = self.tokenizer([r["caption"] for r in batch])
-        text = TextBatch(self.text(tokens.ids, tokens.mask), tokens.mask, tokens.phrase).rows(torch.arange(len(batch)))
+        from train.trainer import text_batch
+
+        text = text_batch(self.cfg, [r["caption"] for r in batch], self.text).rows(torch.arange(len(batch)))
         loss = sum(self.objectives(video, text, self.gen).values())
         loss.backward()
         self.opt.step()
