@@ -42,8 +42,8 @@ from train import bench
 from train.config import TrainConfig
 from train.data import geom_dim, track_tokens
 from train.model import VideoBatch, VideoTextModel
-from train.objectives import Objectives, TextBatch
-from train.text import CaptionTokenizer, FrozenTextFeatures, resolve_model_dir
+from train.objectives import Objectives
+from train.text import FrozenTextFeatures, resolve_model_dir
 
 log = logging.getLogger("bench_train")
 T, K = 8, 4
@@ -97,7 +97,6 @@ class PixelStep:
         self.objectives = Objectives(self.model, cfg)
         self.opt = torch.optim.AdamW([*self.trunk.parameters(), *self.model.parameters()], lr=1e-4)
         model_dir = resolve_model_dir(cfg.text.model_dir)
-        self.tokenizer = CaptionTokenizer(model_dir, cfg.text.max_tokens)
         self.text = FrozenTextFeatures(model_dir)
         self.gen = torch.Generator().manual_seed(0)
 
@@ -136,8 +135,9 @@ class PixelStep:
 
     def __call__(self, batch: list[dict]) -> None:
         video = self._video(batch)
-        tokens = self.tokenizer([r["caption"] for r in batch])
-        text = TextBatch(self.text(tokens.ids, tokens.mask), tokens.mask, tokens.phrase).rows(torch.arange(len(batch)))
+        from train.trainer import text_batch
+
+        text = text_batch(self.cfg, [r["caption"] for r in batch], self.text).rows(torch.arange(len(batch)))
         loss = sum(self.objectives(video, text, self.gen).values())
         loss.backward()
         self.opt.step()
@@ -176,29 +176,56 @@ def text_tower_cpu(repeats: int = 3) -> dict[str, float]:
     return {f"text_cpu_s_{k}": statistics.median(v) for k, v in cpu.items()}
 
 
+# Small dims, chosen so that the 1M-video store (3.4 KB a video) is over 3x the trainer's peak RSS, whose
+# floor is torch itself (docs/training.md, "Memory at 1M videos"): at Df=Dr=32 it was 1.9 GB, 2.1x.
+RSS_DIMS = Dims(T=4, K=4, Df=64, Dr=64)
+
+
 def rss_store(work: Path, n: int) -> Path:
     """The synthetic store of the RSS row for n videos; one already complete in --work is reused (writing
     1M videos through the writer takes long)."""
     path = work / f"rss_{n}"
     if path.exists():
-        from stores import open_store
+        return _reuse(path, n, RSS_DIMS)
+    return bench.synthetic_store(path, n, RSS_DIMS, shard_size=1000)
 
-        reader = open_store(path)
-        if len(reader) != n or reader.pending_shards():
-            raise RuntimeError(f"{path} holds an incomplete store ({len(reader)} of {n} videos); remove it")
-        log.warning("reusing the complete store %s (%d videos)", path, n)
-        return path
-    return bench.synthetic_store(path, n, Dims(T=4, K=4, Df=32, Dr=32), shard_size=1000)
+
+def _reuse(path: Path, n: int, dims: Dims) -> Path:
+    from stores import open_store
+
+    reader = open_store(path)
+    if len(reader) != n or reader.pending_shards() or reader.dims != dims:
+        raise RuntimeError(f"{path} is not a complete store of {n} videos at {dims} ({len(reader)} videos, "
+                           f"{len(reader.pending_shards())} shards pending, {reader.dims}); remove it")
+    log.warning("reusing the complete store %s (%d videos)", path, n)
+    return path
 
 
 def rss_rows(work: Path, sizes: list[int], steps: int, batch: int) -> list[dict]:
     rss = []
     for n in sizes:
         store = rss_store(work, n)
-        r = bench.peak_rss_of_training(store, work / f"run_rss_{n}", steps=steps, batch_size=batch)
+        r = bench.peak_rss_of_training(store, work / f"run_rss_{n}_{time.time_ns()}", steps=steps, batch_size=batch)
         rss.append({"videos": n, "disk_mb": bench.store_bytes(store) / 1e6, **r})
         print(json.dumps(rss[-1]), flush=True)  # progress: the table comes at the end
     return rss
+
+
+def loader_rows(work: Path, quick: bool) -> dict[str, float]:
+    """Training samples/s of the default trainer from a store of the pixel side's dims, and the loader
+    alone (2 workers) on the same store: first cold (its files evicted from the page cache), then warm."""
+    cache_store, n, dims = work / "cache_store", 64 if quick else 2048, Dims(T=T, K=K, Df=2048, Dr=1024)
+    if cache_store.exists():
+        _reuse(cache_store, n, dims)
+    else:
+        bench.synthetic_store(cache_store, n, dims, shard_size=32 if quick else 256)
+    batch, steps, batches = (8, 1, 2) if quick else (64, 6, 24)
+    step = bench.train_rate(cache_store, work / f"run_cache_{time.time_ns()}", steps, batch, workers=2)["samples_per_s"]
+    cold = bench.loader_rate(cache_store, batches, batch, workers=2, cold=True)
+    warm = bench.loader_rate(cache_store, batches, batch, workers=2)
+    return {"cache_samples_per_s": step, "loader_cold_samples_per_s": cold, "loader_samples_per_s": warm,
+            "loader_cold_vs_step": cold / step, "loader_vs_step": warm / step,
+            "cache_store_mb": bench.store_bytes(cache_store) / 1e6}
 
 
 def flops_per_sample(fn, n: int) -> float:
@@ -216,14 +243,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the figures here")
     p.add_argument("--work", help="scratch folder (default: a temporary one); complete RSS stores in it are reused")
     p.add_argument("--rss-only", action="store_true", help="only the memory rows and the text-tower CPU")
+    p.add_argument("--loader-only", action="store_true", help="only the training step and the loader, cold and warm")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_train_"))
     q = args.quick
     out: dict = {"quick": q}
-    out.update(text_tower_cpu(1 if q else 3))
     sizes = [64] if q else [int(s) for s in args.sizes.split(",")]
+    if args.loader_only:
+        work.mkdir(parents=True, exist_ok=True)
+        out.update(loader_rows(work, q))
+        _print_loader(out)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2))
+        return 0
+    out.update(text_tower_cpu(1 if q else 3))
     if args.rss_only:
         work.mkdir(parents=True, exist_ok=True)
         out["rss"] = rss_rows(work, sizes, 2 if q else 20, 16 if q else 64)
@@ -243,15 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     out["pixel_resnet50_samples_per_s"] = pixel_rate("resnet50", corpus, rows, batch_px, steps_px, size)
     out["pixel_effnet_lite0_samples_per_s"] = pixel_rate("efficientnet_lite0", corpus, rows, batch_px, steps_px, size)
 
-    cache_store = bench.synthetic_store(work / "cache_store", 64 if q else 2048, Dims(T=T, K=K, Df=2048, Dr=1024),
-                                        shard_size=32 if q else 256)
-    batch, steps = (8, 1) if q else (64, 6)
-    cache = bench.train_rate(cache_store, work / "run_cache", steps, batch, workers=2)
-    out["cache_samples_per_s"] = cache["samples_per_s"]
-    out["cache_vs_resnet50"] = cache["samples_per_s"] / out["pixel_resnet50_samples_per_s"]
-    out["cache_vs_effnet_lite0"] = cache["samples_per_s"] / out["pixel_effnet_lite0_samples_per_s"]
-    out["loader_samples_per_s"] = bench.loader_rate(cache_store, 2 if q else 24, batch, workers=2)
-    out["loader_vs_step"] = out["loader_samples_per_s"] / cache["samples_per_s"]
+    out.update(loader_rows(work, q))
+    cache_store, batch = work / "cache_store", 8 if q else 64
+    out["cache_vs_resnet50"] = out["cache_samples_per_s"] / out["pixel_resnet50_samples_per_s"]
+    out["cache_vs_effnet_lite0"] = out["cache_samples_per_s"] / out["pixel_effnet_lite0_samples_per_s"]
 
     # FLOPs per sample, both ways (forward + backward of one step)
     cfg = TrainConfig()
@@ -282,17 +312,25 @@ def _print(o: dict) -> None:
           f"{o['pixel_effnet_lite0_samples_per_s']:.3f} ({o['cache_vs_effnet_lite0']:.0f}x)")
     print(f"FLOPs per sample (fwd+bwd): pixels ResNet-50 {o['flops_pixel_resnet50'] / 1e9:.1f} G | cache "
           f"{o['flops_cache'] / 1e9:.3f} G ({o['flops_pixel_resnet50'] / o['flops_cache']:.0f}x)")
-    print(f"loader (2 workers) {o['loader_samples_per_s']:.0f} samples/s vs step {o['cache_samples_per_s']:.0f} "
-          f"samples/s: {o['loader_vs_step']:.1f}x")
+    _print_loader(o)
     _print_rss(o)
 
 
+def _print_loader(o: dict) -> None:
+    print(f"training step {o['cache_samples_per_s']:.1f} samples/s; loader (2 workers, store "
+          f"{o['cache_store_mb']:.0f} MB): cold {o['loader_cold_samples_per_s']:.0f} samples/s "
+          f"({o['loader_cold_vs_step']:.1f}x the step), warm {o['loader_samples_per_s']:.0f} samples/s "
+          f"({o['loader_vs_step']:.1f}x)")
+
+
 def _print_rss(o: dict) -> None:
-    print("| videos | features on disk MB | trainer peak RSS MB | trainer + 2 workers peak PSS MB | disk / RSS |")
-    print("|---|---|---|---|---|")
+    print("| videos | features on disk MB | trainer RSS MB: import torch / + trainer imports / Trainer built | "
+          "trainer peak RSS MB | trainer + 2 workers peak PSS MB | disk / peak RSS | disk / PSS |")
+    print("|---|---|---|---|---|---|---|")
     for r in o["rss"]:
-        print(f"| {r['videos']} | {r['disk_mb']:.0f} | {r['trainer_mb']:.0f} | {r['with_workers_mb']:.0f} | "
-              f"{r['disk_mb'] / r['with_workers_mb']:.2f} |")
+        print(f"| {r['videos']} | {r['disk_mb']:.0f} | {r['torch_mb']:.0f} / {r['imports_mb']:.0f} / "
+              f"{r['built_mb']:.0f} | {r['trainer_mb']:.0f} | {r['with_workers_mb']:.0f} | "
+              f"{r['disk_mb'] / r['trainer_mb']:.2f} | {r['disk_mb'] / r['with_workers_mb']:.2f} |")
 
 
 if __name__ == "__main__":

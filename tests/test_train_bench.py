@@ -14,10 +14,11 @@ def test_bench_train_runs_on_tiny_inputs(tmp_path, capsys):
     assert main(["--quick", "--json", str(out), "--work", str(tmp_path / "work")]) == 0
     fig = json.loads(out.read_text())
     for key in ("cache_samples_per_s", "pixel_resnet50_samples_per_s", "pixel_effnet_lite0_samples_per_s",
-                "loader_samples_per_s", "flops_cache", "flops_pixel_resnet50"):
+                "loader_samples_per_s", "loader_cold_samples_per_s", "flops_cache", "flops_pixel_resnet50"):
         assert fig[key] > 0, key
     assert fig["flops_pixel_resnet50"] > fig["flops_cache"]  # the trunk's forward + backward dominates
     (row,) = fig["rss"]
     assert row["videos"] == 64 and row["disk_mb"] > 0 and row["trainer_mb"] > 100 and row["with_workers_mb"] > 0
+    assert 100 < row["torch_mb"] <= row["imports_mb"] <= row["built_mb"] <= row["trainer_mb"]
     assert fig["text_cpu_s_minilm_transformers"] > fig["text_cpu_s_torch"] > 0
     assert "training samples/s" in capsys.readouterr().out

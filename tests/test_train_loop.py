@@ -86,6 +86,22 @@ def test_store_not_matching_checkpoint_is_rejected(store, tmp_path, capsys):
     (bumped / "store.json").write_text(json.dumps(meta))
     assert eval_main(["--checkpoint", str(run), "--features", str(bumped), "--split", "test"]) == 2
     assert "format version 99" in capsys.readouterr().err
+    # resuming the run on a store of other dims: the same clear error
+    args = ["--features", str(store), "--out", str(run), "--steps", "2", "--batch-size", "8", "--eval-split", ""]
+    assert train_main(args[2:] + ["--features", str(other), "--resume"]) == 2
+    assert "Df checkpoint=16 store=12" in capsys.readouterr().err
+    # a checkpoint whose parameters differ from this code's model (code changed between save and resume,
+    # config unchanged): a parameter renamed, another reshaped; named before torch's optimizer error
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt["model"]["old_logit_scale"] = ckpt["model"].pop("logit_scale")
+    name = next(k for k, v in ckpt["model"].items() if v.ndim == 2)
+    ckpt["model"][name] = ckpt["model"][name][:, :-1]
+    torch.save(ckpt, run / "checkpoint.pt")
+    assert train_main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot resume {str(run / 'checkpoint.pt')!r}" in err and "Start a new run (another --out)" in err
+    assert "only in the checkpoint (e.g. ['old_logit_scale'])" in err and "only in this code's model (e.g. ['logit_scale'])" in err
+    assert f"1 of another shape (['{name} " in err
 
 
 def test_empty_split_is_a_clear_error(store, tmp_path, capsys):
@@ -124,3 +140,52 @@ def test_config_overrides_are_strict(tmp_path):
 def test_eval_shards_keep_every_item():
     shards = [eval_shard(10, r, 3).tolist() for r in range(3)]
     assert sorted(sum(shards, [])) == list(range(10))
+
+
+def _as_transformers_bert(state: dict, prefix: str = "text.minilm.") -> dict:
+    """A live-MiniLM model state dict under the names transformers' BertModel gave it (the text tower
+    before train.text.MiniLM): what such a run's checkpoint holds (the inverse of text._hf_keys_hook)."""
+    from train.text import _HF_EMBEDDINGS, _HF_LAYER
+
+    out = {}
+    for k, v in state.items():
+        rest = k[len(prefix):]
+        if not k.startswith(prefix):
+            out[k] = v
+        elif rest.startswith("encoder.layers."):
+            i, sub = rest[len("encoder.layers."):].split(".", 1)
+            base = f"{prefix}encoder.layer.{i}."
+            if sub.startswith("self_attn.in_proj_"):
+                for qkv, part in zip(("query", "key", "value"), v.chunk(3)):
+                    out[f"{base}attention.self.{qkv}.{sub.rsplit('_', 1)[1]}"] = part
+            else:
+                old = next(o for o, n in _HF_LAYER.items() if sub.startswith(n))
+                out[base + old + sub[len(_HF_LAYER[old]):]] = v
+        else:
+            old = next(o for o, n in _HF_EMBEDDINGS.items() if rest.startswith(n))
+            out[prefix + old + rest[len(_HF_EMBEDDINGS[old]):]] = v
+    return out
+
+
+@pytest.mark.slow  # a live-MiniLM run, its 270 MB checkpoint written twice, and an evaluation (~20 CPU s)
+def test_resume_of_a_live_minilm_checkpoint_from_transformers_is_a_clear_error(store, tmp_path, capsys):
+    """A live-MiniLM run saved while the text tower was transformers' BertModel (same config, other
+    parameter names and count): resume names the checkpoint and what to do, before torch's optimizer
+    error; evaluation still reads its weights."""
+    run = tmp_path / "run"
+    args = ["--features", str(store), "--out", str(run), "--steps", "1", "--batch-size", "8", "--eval-split", "",
+            "--text-trainable"]
+    assert train_main(args) == 0
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt["model"] = _as_transformers_bert(ckpt["model"])
+    layers = sum(k.endswith("attention.self.query.weight") for k in ckpt["model"])
+    text_group = ckpt["optimizer"]["param_groups"][-1]  # q, k, v were 6 tensors per layer, not 2
+    text_group["params"] = text_group["params"] + [10_000 + i for i in range(4 * layers)]
+    torch.save(ckpt, run / "checkpoint.pt")
+    assert train_main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot resume {str(run / 'checkpoint.pt')!r}" in err and "only in the checkpoint" in err
+    assert "'text.minilm.embeddings." in err and "Start a new run (another --out)" in err
+    assert eval_main(["--checkpoint", str(run), "--features", str(store), "--split", "test"]) == 0
+    # the unchanged check passes a checkpoint of this code: its resume is tested bitwise above
+

@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from torch.utils.data import DataLoader
 
 from _train_helpers import _arrays, _caption, _scene, make_synthetic_store
@@ -94,9 +95,9 @@ def test_several_captions_one_sampled_per_epoch_seeded(tmp_path):
         _take(FeatureStream(StreamSpec(str(old), batch_size=8)), 1, 0)
 
 
-def _corrupt_with_nan(store, row: int) -> None:
-    """Write float16 NaN over the first value of a video's frame features, in place in its uncompressed
-    zarr chunk (the writer refuses non-finite values; a foreign writer or a bad disk does not)."""
+def _corrupt_with_nan(store, row: int, value: float = np.nan) -> None:
+    """Write float16 NaN (or `value`) over the first value of a video's frame features, in place in its
+    uncompressed zarr chunk (the writer refuses non-finite values; a foreign writer or a bad disk does not)."""
     reader = open_store(store)
     shard_size = reader.store_meta.shard_size
     shard_reader = reader._shard(row // shard_size)
@@ -105,7 +106,7 @@ def _corrupt_with_nan(store, row: int) -> None:
     reader.close()
     with open(path, "r+b") as f:
         f.seek(offset)
-        f.write(np.array([np.nan], np.float16).tobytes())
+        f.write(np.array([value], np.float16).tobytes())
 
 
 def test_nonfinite_features_and_empty_captions_are_skipped_and_counted(tmp_path, caplog):
@@ -134,6 +135,32 @@ def test_store_being_written_streams_committed_shards(tmp_path, caplog):
     empty = _store(tmp_path / "e", ["x"] * 8, shards_to_commit=[])
     with pytest.raises(DataError, match="no committed shard yet"):
         FeatureStream(StreamSpec(str(empty), batch_size=4))
+
+
+def test_trainer_skips_bad_videos_counts_them_and_trains_on_committed_shards(tmp_path, caplog):
+    """The bad-input list through the trainer: a NaN and an Inf video, an empty caption, a pending shard."""
+    from train.config import TrainConfig, apply_overrides
+    from train.trainer import Trainer
+
+    captions = [_caption(_scene(np.random.default_rng(i), 1)) for i in range(24)]
+    captions[3] = "   "  # empty after tokenisation
+    store = _store(tmp_path / "s", captions, shards_to_commit=[0, 1])  # shard 2 still being written
+    _corrupt_with_nan(store, 9)
+    _corrupt_with_nan(store, 12, np.inf)
+    cfg = apply_overrides(TrainConfig(), ["optim.steps=3", "optim.batch_size=5", "data.workers=0",
+                                          "data.eval_split=", "run.ckpt_every=0", "run.log_every=1"])
+    with caplog.at_level(logging.WARNING, logger="train.stream"):
+        trainer = Trainer(cfg, str(store), tmp_path / "run")
+        records = [trainer.train_step() for _ in range(3)]  # 3 batches of 5: the epoch's 15 captioned rows
+    trainer.checkpoint()
+    assert "still being written: streaming 2 committed shards, 1 pending" in caplog.text
+    assert "'v009': its features contain NaN or Inf" in caplog.text and "'v012': its features" in caplog.text
+    assert "'v003': its caption '   ' is empty after tokenisation" in caplog.text
+    # the counts the trainer logs to metrics.jsonl with every step
+    assert (records[-1]["skipped_nonfinite"], records[-1]["skipped_empty_caption"]) == (2, 1)
+    assert all(np.isfinite(r["loss"]) for r in records)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["stream_shards"].tolist() == [0, 1]  # a resume streams these, whatever is committed since
 
 
 def _track_tokens_per_video(a, max_units):

@@ -76,12 +76,30 @@ def train_rate(store: Path, out: Path, steps: int, batch_size: int, workers: int
     return {"samples_per_s": steps * batch_size / wall, "step_s": wall / steps}
 
 
-def loader_rate(store: Path, batches: int, batch_size: int, workers: int = 2) -> float:
-    """Samples/s the streaming DataLoader delivers alone (tokens built, captions tokenised)."""
+def drop_page_cache(store: Path) -> None:
+    """Evict the store's files from the page cache (posix_fadvise DONTNEED, per file: no root or
+    /proc/sys/vm/drop_caches needed), so the next reads come from the disk. Pages another process has
+    mapped stay."""
+    import os
+
+    for p in Path(store).rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def loader_rate(store: Path, batches: int, batch_size: int, workers: int = 2, cold: bool = False) -> float:
+    """Samples/s the streaming DataLoader delivers alone (tokens built, captions tokenised); cold: from
+    a page cache without the store's files (`drop_page_cache`), else as the cache happens to be."""
     from torch.utils.data import DataLoader
 
     from train.stream import FeatureStream, StreamSpec
 
+    if cold:
+        drop_page_cache(store)
     stream = FeatureStream(StreamSpec(str(store), batch_size=batch_size, workers=workers))
     it = iter(DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None))
     next(it)
@@ -93,16 +111,27 @@ def loader_rate(store: Path, batches: int, batch_size: int, workers: int = 2) ->
 
 def peak_rss_of_training(store: Path, out: Path, steps: int, batch_size: int, workers: int = 2) -> dict[str, float]:
     """Peak memory (MB) of a training run in a fresh process: the trainer's peak RSS (VmHWM) and the peak
-    PSS of the trainer plus its loader workers (sampled every 50 ms). getrusage is not used: its maximum survives exec, so a
+    PSS of the trainer plus its loader workers (sampled every 50 ms); and the trainer's RSS after
+    `import torch`, after importing the trainer, and once the Trainer is built (its AdamW imports
+    torch._dynamo: optimizer.step does, unconditionally). getrusage is not used: its maximum survives exec, so a
     child of a big benchmark process would report the parent's size."""
-    code = ("import json; from train.bench import bench_config, RssSampler; from train.trainer import Trainer; "
-            "s = RssSampler(); "
-            f"Trainer(bench_config({steps}, {batch_size}, {workers}), {str(store)!r}, {str(out)!r}).fit(); "
-            "print(json.dumps(s.stop()))")
+    code = ("import json, sys; from train.bench import bench_config, RssSampler, rss_mb; import torch; r = [rss_mb()]; "
+            "from train.trainer import Trainer; r.append(rss_mb()); s = RssSampler(); "
+            f"t = Trainer(bench_config({steps}, {batch_size}, {workers}), {str(store)!r}, {str(out)!r}); "
+            "r.append(rss_mb()); t.fit(); "
+            "print(json.dumps({**s.stop(), 'torch_mb': r[0], 'imports_mb': r[1], 'built_mb': r[2], "
+            "'dynamo': 'torch._dynamo' in sys.modules}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"training run on {store} failed: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def rss_mb() -> float:
+    """This process's resident set now (MB)."""
+    import os
+
+    return _status_kb(os.getpid(), "VmRSS") / 1024
 
 
 def _status_kb(pid: int, key: str, file: str = "status") -> int:

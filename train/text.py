@@ -148,10 +148,12 @@ class MiniLM(nn.Module):
         weights = model_dir / "model.safetensors"
         if not weights.is_file():
             raise FileNotFoundError(f"{weights} not found: the text model folder needs its model.safetensors")
-        model = cls(**{k: config[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                                              "intermediate_size", "max_position_embeddings", "type_vocab_size",
-                                              "layer_norm_eps", "hidden_dropout_prob")})
-        model.load_state_dict(load_file(str(weights)))  # HF names, mapped by _hf_keys_hook; strict
+        with torch.device("meta"):  # no random init: the loaded tensors become the parameters (one copy in memory)
+            model = cls(**{k: config[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                  "intermediate_size", "max_position_embeddings", "type_vocab_size",
+                                                  "layer_norm_eps", "hidden_dropout_prob")})
+        weights_fp32 = {k: v.float() for k, v in load_file(str(weights)).items()}  # as load_state_dict would cast
+        model.load_state_dict(weights_fp32, assign=True)  # HF names, mapped by _hf_keys_hook; strict
         return model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -237,8 +239,8 @@ class FrozenTextFeatures:
                 part = rows[s:s + self.group]
                 g_ids = ids[part + [part[0]] * (self.group - len(part)), :n]  # [group, n]
                 out = self._model()(g_ids.to(self.device)).half().cpu()  # [group, n, 384]
-                for j, i in enumerate(part):
-                    self._cache[keys[i]] = out[j]
+                for j, i in enumerate(part):  # a copy: a view would keep the whole group alive after eviction
+                    self._cache[keys[i]] = out[j].clone()
         out = torch.zeros(len(keys), ids.shape[1], MINILM_DIM, dtype=torch.float16)
         for i, (k, n) in enumerate(zip(keys, lengths)):
             self._cache.move_to_end(k)

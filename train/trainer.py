@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from stores import open_store
 from train.config import TrainConfig
 from train.data import DataError, SplitData, check_signature, geom_dim, load_split, store_signature
 from train.evaluate import evaluate, split_captions
@@ -146,6 +147,30 @@ def load_checkpoint(run: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def check_resumable(ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """The checkpoint's parameters (names, shapes, optimizer groups) must be this code's model's, or its
+    optimizer state cannot be restored. A config that matches can still name other parameters: code that
+    changed between save and resume (e.g. a live-MiniLM run saved while the text tower was transformers'
+    BertModel, whose q/k/v are three tensors where train.text.MiniLM packs one)."""
+    saved = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
+    here = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    only_saved, only_here = sorted(saved.keys() - here.keys()), sorted(here.keys() - saved.keys())
+    shapes = [f"{k} {saved[k]} -> {here[k]}" for k in sorted(saved.keys() & here.keys()) if saved[k] != here[k]]
+    groups_saved = [len(g["params"]) for g in ckpt["optimizer"]["param_groups"]]
+    groups_here = [len(g["params"]) for g in optimizer.param_groups]
+    if not (only_saved or only_here or shapes) and groups_saved == groups_here:
+        return
+    what = [f"{len(only_saved)} only in the checkpoint (e.g. {only_saved[:3]})" if only_saved else "",
+            f"{len(only_here)} only in this code's model (e.g. {only_here[:3]})" if only_here else "",
+            f"{len(shapes)} of another shape ({shapes[:3]})" if shapes else "",
+            f"optimizer groups of {groups_saved} parameters, this code's {groups_here}"
+            if groups_saved != groups_here else ""]
+    raise RunError(f"cannot resume {str(path)!r}: it was written by code whose model has other parameters "
+                   f"than this code's with the same config: {'; '.join(w for w in what if w)}. Its optimizer "
+                   "state cannot be restored. Start a new run (another --out); `vlpcache eval --checkpoint` "
+                   "still reads its weights")
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per line; on resume, lines after the checkpoint's step are dropped."""
 
@@ -208,10 +233,12 @@ class Trainer:
         if self.ckpt is not None and self.ckpt["config"] != cfg.to_dict():
             raise RunError(f"--resume with a config that differs from the run's ({ckpt_path}); "
                            "resume with the same config (it is saved in config.json)")
+        if self.ckpt is not None:  # before the stream, whose check of the run's shards would hide other dims
+            reader = open_store(features)
+            check_signature(store_signature(reader.store_meta), self.ckpt["store"], repr(features))
+            reader.close()
         self.stream = self._make_stream(cfg, features)
         self.signature = store_signature(self.stream.meta)
-        if self.ckpt is not None:
-            check_signature(self.signature, self.ckpt["store"], repr(features))
         model_dir = resolve_model_dir(cfg.text.model_dir)
         self.text_features = (text_features or FrozenTextFeatures(model_dir, self.dist.device, cfg.text.cache_size)) \
             if cfg.text.frozen else None
@@ -279,6 +306,7 @@ class Trainer:
         self._resume_point = (self.step, self.stream.state.to_dict(), _rng_state())
 
     def _restore(self, ckpt: dict) -> None:
+        check_resumable(ckpt, self.model, self.optimizer, self.out / CHECKPOINT)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
