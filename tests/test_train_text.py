@@ -39,3 +39,14 @@ def test_minilm_matches_transformers_bert_and_loads_its_state_dict():
     with torch.no_grad():
         again = fresh.minilm.eval()(tokens.ids, tokens.mask)
     assert torch.equal(again, got)
+
+
+def test_loading_minilm_draws_nothing_from_the_global_rng():
+    """The trainer seeds torch before the first batch; the frozen MiniLM loads lazily at that batch. A load
+    that drew from the global RNG (a random init before the weights arrive) would shift every later
+    dropout mask, so a run in a fresh process, and a resumed run, would differ from one whose process had
+    loaded it already (the resume test in a process of its own caught this)."""
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    MiniLM.from_pretrained(default_model_dir())
+    assert torch.equal(before, torch.get_rng_state())
