@@ -131,8 +131,7 @@ def _build(layout: Layout, meta: StoreMeta, staging: Path) -> tuple[int, int]:
             write_id_index(tmp, json_ids(layout.video_ids_json), meta.n_videos)
         except (StoreError, UnicodeDecodeError) as e:
             raise _damaged(layout.video_ids_json, str(e), layout.out) from e
-        os.rename(tmp, new.index)
-        fsync_path(staging)
+        durable_replace(tmp, new.index)
     shards = sorted(committed_shards(layout))
     resumed = 0
     for i, shard in enumerate(shards):
