@@ -114,7 +114,7 @@ def write_format1_copy(src: Path, dst: Path) -> None:
         videos = [{"row": v.row, "video_id": v.video_id, "caption": v.caption, "status": v.status, "error": v.error,
                    "flags": list(v.flags), "meta": v.meta} for v in index.rows(shard).videos]
         files = {k: {"path": f.path, "nbytes": f.nbytes, "crc32c": f.crc32c} for k, f in ledger.files.items()
-                 if k not in ("rows", "row_status")}
+                 if k not in ("rows", "rows_buffers", "row_status")}
         _write_json(dst_layout.ledger(shard), {
             "format_version": 1, "code_version": ledger.code_version, "backend": ledger.backend, "shard": shard,
             "row_start": ledger.row_start, "row_stop": ledger.row_stop, "counts": ledger.counts,

@@ -4,7 +4,9 @@ Both are written once, when the store is created, from an iterable of ids in bou
 of BATCH ids), and read through memory maps: opening costs nothing and a lookup touches a few pages,
 whatever the corpus size.
 
-- `index/video_ids.arrow`: an Arrow IPC file with one utf8 column `video_id`, row i = manifest row i.
+- `index/video_ids.arrow`: an Arrow IPC file with one utf8 column `video_id`, row i = manifest row i,
+  and its buffer sidecar `index/video_ids.buffers.json` (stores/arrow_buffers.py): readers map the ids
+  without pyarrow.
 - `index/id_table.npy`: an open-addressing hash table of M = 2^k >= 4/3 N slots, each (hash uint64,
   row int32; -1 = empty); hash = the first 8 bytes (little-endian uint64) of blake2b(utf-8 id,
   digest_size=8); an id's probe sequence starts at slot hash & (M - 1) and steps by 1 (wrapping) up to
@@ -15,23 +17,27 @@ from __future__ import annotations
 import hashlib
 import math
 import mmap
-from collections.abc import Iterable, Iterator
+import struct
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
 
+from stores.arrow_buffers import open_columns, write_sidecar
 from stores.errors import StoreError
 from stores.io import fsync_path
-from stores.utf8 import Utf8Column
+
+if TYPE_CHECKING:
+    import pyarrow as pa  # writing and verify only: readers map the ids through the sidecar
 
 BATCH = 65536
 INSERT_SLICE = BATCH // 8  # ids inserted between two releases of the table's pages
 IDS_FILE = "video_ids.arrow"
 TABLE_FILE = "id_table.npy"
 SLOT = np.dtype([("hash", "<u8"), ("row", "<i4")])
-_SCHEMA = pa.schema([pa.field("video_id", pa.string(), nullable=False)])
+_SLOT = struct.Struct("<Qi")  # one slot, for single lookups: unpacking costs less than two numpy scalar reads
 
 
 def id_hash(video_id: str) -> int:
@@ -47,16 +53,20 @@ def table_slots(n: int) -> int:
 
 
 def write_id_index(folder: Path, video_ids: Iterable[str], n_videos: int) -> None:
-    """Stream ids into folder/{video_ids.arrow, id_table.npy}; StoreError on a count mismatch or a repeated id."""
+    """Stream ids into folder/{video_ids.arrow, its sidecar, id_table.npy}; StoreError on a count mismatch or
+    a repeated id."""
+    import pyarrow as pa
+
+    schema = pa.schema([pa.field("video_id", pa.string(), nullable=False)])
     folder.mkdir(parents=True)
     with _TableMap(folder / TABLE_FILE, table_slots(n_videos)) as table:
         same_hash: list[tuple[int, int]] = []  # (row, row) pairs with equal hashes: compared as strings below
         n = 0
-        with pa.OSFile(str(folder / IDS_FILE), "wb") as sink, pa.ipc.new_file(sink, _SCHEMA) as ipc:
+        with pa.OSFile(str(folder / IDS_FILE), "wb") as sink, pa.ipc.new_file(sink, schema) as ipc:
             for batch in _batches(video_ids):
                 if n + len(batch) > n_videos:
                     raise StoreError(f"video_ids has more than n_videos={n_videos} entries; pass one id per manifest row")
-                ipc.write_batch(pa.record_batch([pa.array(batch, pa.string())], schema=_SCHEMA))
+                ipc.write_batch(pa.record_batch([pa.array(batch, pa.string())], schema=schema))
                 hashes, rows = _hashes(batch), np.arange(n, n + len(batch), dtype=np.int32)
                 # By home slot, then a slice at a time: each slice writes one stretch of the table.
                 order = np.argsort(hashes & np.uint64(len(table.slots) - 1), kind="stable")
@@ -67,14 +77,15 @@ def write_id_index(folder: Path, video_ids: Iterable[str], n_videos: int) -> Non
                 n += len(batch)
         if n != n_videos:
             raise StoreError(f"video_ids has {n} entries but n_videos={n_videos}; pass one id per manifest row")
+    sidecar = write_sidecar(folder / IDS_FILE)
     ids = IdIndex(folder)
     for a, b in same_hash:
         if ids.video_id(a) == ids.video_id(b):
             raise StoreError(f"video id {ids.video_id(a)!r} appears twice in the manifest (rows {min(a, b)} and "
                              f"{max(a, b)}); video ids must be unique: fix the manifest")
     ids.close()
-    for name in (IDS_FILE, TABLE_FILE):
-        fsync_path(folder / name)
+    for path in (folder / IDS_FILE, sidecar, folder / TABLE_FILE):
+        fsync_path(path)
     fsync_path(folder)
 
 
@@ -162,23 +173,24 @@ def _insert(table: np.ndarray, hashes: np.ndarray, rows: np.ndarray) -> list[tup
 
 
 class IdIndex:
-    """Memory-mapped id -> row lookups and row -> id; opening maps two files and reads nothing."""
+    """Memory-mapped id -> row lookups and row -> id; opening maps two files and reads their small headers
+    (the .npy header, the ids' buffer sidecar)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         try:
-            with pa.memory_map(str(folder / IDS_FILE)) as source:  # buffers keep the mapping, not the fd
-                self._ids = Utf8Column(pa.ipc.open_file(source).read_all().column("video_id"))
-            self._table = np.load(folder / TABLE_FILE, mmap_mode="r")
-        except (OSError, pa.ArrowInvalid, ValueError, KeyError) as e:
+            self._ids = open_columns(folder / IDS_FILE).strings("video_id")  # [N] utf8
+            self._table = np.load(folder / TABLE_FILE, mmap_mode="r")  # [M] (hash, row)
+        except (OSError, ValueError) as e:
             raise StoreError(f"{folder}: the store's id index is unreadable ({e}); it is written once, when the "
                              f"store is created: restore it from a backup, or re-extract into a new --out") from e
+        if self._ids.null_count:
+            raise StoreError(f"{folder / IDS_FILE}: {self._ids.null_count} null video id(s); the index is damaged")
         if self._table.dtype != SLOT or len(self._table) & (len(self._table) - 1):
             raise StoreError(f"{folder / TABLE_FILE}: not a vlpcache id table (dtype {self._table.dtype}, "
                              f"{len(self._table)} slots); the index is damaged")
         self._mask = len(self._table) - 1
-        # Plain ndarray views of the fields: np.memmap's Python-level __getitem__ would cost µs per probe.
-        self._slot_hash, self._slot_row = (self._table[f].view(np.ndarray) for f in ("hash", "row"))
+        self._bytes = memoryview(self._table.view(np.ndarray).view(np.uint8))  # [12 M] the slots' bytes, for _SLOT
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -187,16 +199,54 @@ class IdIndex:
         return self._ids[row]
 
     def row(self, video_id: str) -> int | None:
-        h = id_hash(video_id)
-        slot = h & self._mask
-        for _ in range(len(self._table)):
-            row = int(self._slot_row[slot])
-            if row < 0:
-                return None
-            if int(self._slot_hash[slot]) == h and self.video_id(row) == video_id:
+        key = video_id.encode()
+        for row in self.matches(key):
+            if self._ids.equals(row, key):
                 return row
-            slot = (slot + 1) & self._mask
         return None
 
+    def matches(self, key: bytes) -> list[int]:
+        """Rows whose slot holds key's hash, in probe order (nearly always one, or none): the candidates
+        for key, to be confirmed by comparing ids (`has_id`, or another copy of the id at that row)."""
+        h = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+        slot, mask, unpack, table = h & self._mask, self._mask, _SLOT.unpack_from, self._bytes
+        found = []
+        for _ in range(mask + 1):
+            slot_hash, row = unpack(table, 12 * slot)
+            if row < 0:
+                break
+            if slot_hash == h:
+                found.append(row)
+            slot = (slot + 1) & mask
+        return found
+
+    def has_id(self, row: int, key: bytes) -> bool:
+        """Whether the id at row is the one whose utf-8 bytes are key."""
+        return self._ids.equals(row, key)
+
+    def rows(self, video_ids: Sequence[str]) -> np.ndarray:
+        """[B] int64 rows of many ids at once, -1 for an id not in the index: the probes run in numpy,
+        all ids a round (one slot step) at a time; only ids whose hash matches a slot's are compared."""
+        keys = [v.encode() for v in video_ids]
+        hashes = np.frombuffer(b"".join(hashlib.blake2b(k, digest_size=8).digest() for k in keys), dtype="<u8")  # [B]
+        out = np.full(len(keys), -1, dtype=np.int64)  # [B]
+        slot = (hashes & np.uint64(self._mask)).astype(np.int64)  # [B]
+        todo = np.arange(len(keys))  # ids still probing
+        table = self._table.view(np.ndarray)
+        slot_hash, slot_row = table["hash"], table["row"]  # [M] each
+        for _ in range(self._mask + 1):
+            if not len(todo):
+                break
+            row = slot_row[slot[todo]]  # [T]
+            live = row >= 0  # an empty slot ends an id's probe: not in the index
+            cand = np.flatnonzero(live & (slot_hash[slot[todo]] == hashes[todo]))
+            for c in cand.tolist():
+                i, r = int(todo[c]), int(row[c])
+                if out[i] < 0 and self._ids.equals(r, keys[i]):
+                    out[i] = r
+            todo = todo[live & (out[todo] < 0)]
+            slot[todo] = (slot[todo] + 1) & self._mask
+        return out
+
     def close(self) -> None:
-        self._ids = self._table = self._slot_hash = self._slot_row = None
+        self._ids = self._table = self._bytes = None

@@ -19,7 +19,12 @@ from stores.ledger import FileRecord, Layout, ShardLedger, StoreMeta, StoreStatu
 from stores.rows import ShardRows
 
 MAX_CACHED_SHARDS = 64  # ledgers
-MAX_CACHED_ROWS = 1024  # rows parts: a few KB each (maps, statuses), for random lookups over many shards
+# Rows parts kept open (LRU): each costs ~22 KB of Python objects plus the pages of its map that were
+# touched (file-backed and shared between processes; a lookup touches ~100 KB with the kernel's fault-around,
+# a record or caption read most of the file: ~250 KB with WebVid-like metadata). 1,024 covers every shard
+# of a 1M-video store at 1,000 videos per shard, so random lookups there open each part once; the bound
+# is then ~23 MB private and at most ~250 MB of shared page cache, whatever the corpus size.
+MAX_CACHED_ROWS = 1024
 
 
 class IndexV2:
@@ -101,25 +106,71 @@ class IndexV2:
     # ---- lookups
 
     def find(self, video_id: str) -> tuple[int, str] | None:
-        """(row, "ok" | "failed" | "pending") of a manifest id; None when the store does not know it."""
-        row = self._row(video_id)
-        if row is None:
-            return None
-        shard = self.meta.shard_of(row)
+        """(row, "ok" | "failed" | "pending") of a manifest id; None when the store does not know it.
+
+        A row whose slot holds the id's hash is confirmed against one copy of the id: the shard's rows
+        part when the shard is committed (the part is needed for the status anyway), else video_ids.arrow.
+        Only when the rows part disagrees is video_ids.arrow asked too: a hash collision, or damage."""
+        if not self._has_ids:
+            row = self._scanned_row(video_id)
+            return None if row is None else self._status(video_id, row, video_id.encode())
+        if self._ids is None:
+            self._ids = IdIndex(self.layout.index)
+        key = video_id.encode()
+        for row in self._ids.matches(key):
+            if row // self.meta.shard_size not in self.committed:
+                if self._ids.has_id(row, key):
+                    return row, "pending"
+                continue
+            found = self._status(video_id, row, key)
+            if found is not None:
+                return found
+        return None
+
+    def _status(self, video_id: str, row: int, key: bytes) -> tuple[int, str] | None:
+        shard = row // self.meta.shard_size
         if shard not in self.committed:
             return row, "pending"
         part = self.rows(shard)
         local = row - part.row_start
-        if part.video_id(local) != video_id:
+        if part.has_id(local, key):
+            return row, "ok" if part.status[local] == 1 else "failed"
+        if self._ids is None or self._ids.has_id(row, key):  # the index (or the scan of the parts) put the id here
             raise StoreError(f"{self.layout.out}: the id index puts video {video_id!r} at row {row}, but shard {shard}'s "
                              f"rows part holds {part.video_id(local)!r} there; the store is damaged: run `vlpcache verify`")
-        return row, "ok" if part.status[local] == 1 else "failed"
+        return None  # another id with the same hash
 
-    def _row(self, video_id: str) -> int | None:
+    def find_many(self, video_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """find() for many ids at once: [B] rows (-1: unknown) and [B] int8 status (0 pending or unknown,
+        1 ok, 2 failed). The id table is probed in numpy (IdIndex.rows); then each shard's rows part is
+        taken from the cache once, its statuses gathered at once, and each id checked against it."""
+        rows = self._rows_of(video_ids)  # [B]
+        status = np.zeros(len(rows), dtype=np.int8)  # [B]
+        shards = np.where(rows >= 0, rows // self.meta.shard_size, -1)  # [B]
+        order = np.argsort(shards, kind="stable")
+        cut = np.flatnonzero(np.diff(shards[order])) + 1
+        for group in np.split(order, cut):  # the asked ids of one shard
+            shard = int(shards[group[0]]) if len(group) else -1
+            if shard < 0 or shard not in self.committed:
+                continue
+            part = self.rows(shard)
+            local = rows[group] - part.row_start  # [G]
+            for i, at in zip(group.tolist(), local.tolist()):
+                if not part.has_id(at, video_ids[i].encode()):
+                    raise StoreError(f"{self.layout.out}: the id index puts video {video_ids[i]!r} at row {rows[i]}, but "
+                                     f"shard {shard}'s rows part holds {part.video_id(at)!r} there; the store is damaged: "
+                                     f"run `vlpcache verify`")
+            status[group] = part.status[local]
+        return rows, status
+
+    def _rows_of(self, video_ids: Sequence[str]) -> np.ndarray:  # [B] rows, -1 where unknown
         if self._has_ids:
             if self._ids is None:
                 self._ids = IdIndex(self.layout.index)
-            return self._ids.row(video_id)
+            return self._ids.rows(video_ids)
+        return np.array([-1 if (r := self._scanned_row(v)) is None else r for v in video_ids], dtype=np.int64)
+
+    def _scanned_row(self, video_id: str) -> int | None:
         if self._scanned is None:  # no id list was given at creation: only committed ids are known
             self._scanned = {}
             for s in self._order:

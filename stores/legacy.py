@@ -10,9 +10,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from stores.errors import StoreError
 from stores.ledger import (FileRecord, Layout, StoreMeta, StoreStatus, VideoRecord, checked_relpath, committed_shards,
                            load_ledger, read_ledger_json)
+from stores.schema import STATUS_CODES
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,12 @@ class IndexV1:
         if self._all_ids is not None and video_id in self._all_ids:
             return self._all_ids.index(video_id), "pending"
         return None
+
+    def find_many(self, video_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """[B] rows (-1: unknown) and [B] status (0 pending or unknown, 1 ok, 2 failed), as IndexV2.find_many."""
+        found = [self.find(v) for v in video_ids]
+        return (np.array([-1 if f is None else f[0] for f in found], dtype=np.int64),
+                np.array([0 if f is None else STATUS_CODES.get(f[1], 0) for f in found], dtype=np.int8))
 
     def record(self, row: int) -> VideoRecord:
         return self.ledgers[self.meta.shard_of(row)].record(row)

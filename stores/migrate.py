@@ -35,6 +35,7 @@ from pathlib import Path
 import crc32c
 import numpy as np
 
+from stores.arrow_buffers import sidecar_path
 from stores.backends import BACKENDS
 from stores.errors import StoreError
 from stores.idindex import write_id_index
@@ -196,7 +197,7 @@ def _convert_shard(layout: Layout, meta: StoreMeta, new: Layout, new_meta: Store
         files["row_status"] = _write_row_status(new, new_meta, shard, status)
     else:
         files = {"shard": _copy_h5_shard(layout, new, new_meta, shard, old.files, status)}
-    files["rows"] = _write_rows_part(new, shard, old)
+    files["rows_buffers"], files["rows"] = _write_rows_part(new, shard, old)
     ledger = ShardLedger(shard=shard, row_start=old.row_start, row_stop=old.row_stop, counts=old.counts, files=files,
                          provenance_hash=meta.provenance_hash, backend=meta.backend, code_version=old.code_version,
                          failures=tuple((v.video_id, v.error or "") for v in old.videos if v.status == "failed"))
@@ -238,11 +239,16 @@ def _write_row_status(new: Layout, meta: StoreMeta, shard: int, status: np.ndarr
     return FileRecord(str(path.relative_to(new.out)), len(data), crc32c.crc32c(data))
 
 
-def _write_rows_part(new: Layout, shard: int, old: LedgerV1) -> FileRecord:
+def _write_rows_part(new: Layout, shard: int, old: LedgerV1) -> tuple[FileRecord, FileRecord]:
+    """The rows part and its buffer sidecar, each put into place; their records (sidecar, part)."""
     final = new.rows_part(shard)
     makedirs_durable(final.parent)
     partial = final.with_name(final.name + ".partial")
-    write_rows(partial, shard, old.videos)  # fsynced
+    sidecar = write_rows(partial, shard, old.videos, final.name)  # both fsynced
+    return _put(sidecar, sidecar_path(final), new), _put(partial, final, new)
+
+
+def _put(partial: Path, final: Path, new: Layout) -> FileRecord:
     data = partial.read_bytes()
     durable_replace(partial, final)
     return FileRecord(str(final.relative_to(new.out)), len(data), crc32c.crc32c(data))

@@ -96,6 +96,20 @@ class StoreReader:
                                   f"video {video_id!r} is not in {self.layout.out} (ok: {len(self)}, pending shards: "
                                   f"{len(pending)}, e.g. {pending[:10]}); check the id, or resume extract")
 
+    def rows_of(self, video_ids: Sequence[str]) -> np.ndarray:
+        """[B] int64 manifest rows of many ok videos, in the order asked: row_of for a batch, with the id
+        table probed in numpy and each shard's statuses gathered once. The first id not stored ok raises
+        what row_of raises for it."""
+        video_ids = list(video_ids)
+        rows, status = self.index.find_many(video_ids)
+        bad = np.flatnonzero(status != 1)
+        if len(bad):
+            v = video_ids[int(bad[0])]
+            self.row_of(v)  # raises VideoNotStoredError naming it
+            raise StoreError(f"{self.layout.out}: video {v!r} is stored ok by a single lookup but not by a batched one; "
+                             f"the store is damaged: run `vlpcache verify`")
+        return rows
+
     def record(self, row: int) -> VideoRecord:
         """The ledger record (video_id, caption, status, error, flags, meta) of any committed row."""
         self._check_row(row)
@@ -126,7 +140,7 @@ class StoreReader:
 
     def read_many(self, video_ids: Sequence[str]) -> dict[str, Any]:
         """Batched read: name -> [B, ...] arrays in the order asked, caption -> list[str]."""
-        return self.read_rows([self.row_of(v) for v in video_ids])
+        return self.read_rows(self.rows_of(video_ids))
 
     def read_rows(self, rows: Sequence[int]) -> dict[str, Any]:
         rows = [int(r) for r in rows]

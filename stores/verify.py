@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import pyarrow as pa
 
+from stores.arrow_buffers import check_sidecar, sidecar_path
 from stores.backends import BACKENDS
 from stores.errors import StoreError
 from stores.hdf5_backend import shard_path
@@ -135,6 +136,10 @@ def _check_ids(layout: Layout, meta: StoreMeta) -> pa.ChunkedArray | list[str] |
         raise StoreError(f"{folder / TABLE_FILE} is missing; {fix}") from e
     except Exception as e:  # noqa: BLE001 - numpy parses the header with ast: a damaged one raises anything
         raise StoreError(f"{folder / TABLE_FILE} is damaged ({type(e).__name__}: {e}); {fix}") from e
+    if sidecar_path(folder / IDS_FILE).exists():  # readers locate the ids through it: it must be pyarrow's view
+        problems = check_sidecar(folder / IDS_FILE)
+        if problems:
+            raise StoreError(problems[0])
     # The table is a function of the ids (idindex.rebuild_table builds it as the writer does): rebuilt, it
     # must equal the stored one, which catches damage in either file (a changed id hashes elsewhere).
     table = rebuild_table(ids, meta.n_videos)  # [M] (hash, row)
@@ -178,6 +183,11 @@ def _verify_shard(layout: Layout, meta: StoreMeta, shard: int, ids: pa.ChunkedAr
         return problems
     try:
         if meta.format_version >= 2:
+            rows_path = layout.out / ledger.files["rows"].path
+            if "rows_buffers" in ledger.files or sidecar_path(rows_path).exists():
+                problems += check_sidecar(rows_path)
+                if problems:
+                    return problems
             part = ShardRows(layout.out / ledger.files["rows"].path, ledger.row_start, ledger.row_stop - ledger.row_start)
             status = part.status  # [rows] int8
             if part.counts != ledger.counts or part.failures() != list(ledger.failures):

@@ -15,6 +15,7 @@ from typing import Any
 import crc32c
 import numpy as np
 
+from stores.arrow_buffers import sidecar_path
 from stores.backends import BACKENDS
 from stores.errors import StoreError
 from stores.idindex import write_id_index
@@ -297,7 +298,9 @@ class ShardWriter:
         try:
             files = self._sink.finish(status)
             rows_partial, rows_final = self.partial_dir / "rows.arrow", self.layout.rows_part(self.shard)
-            write_rows(rows_partial, self.shard, records)
+            buffers_partial = write_rows(rows_partial, self.shard, records, rows_final.name)
+            buffers_final = sidecar_path(rows_final)
+            files.append((buffers_partial, buffers_final, "rows_buffers", _file_record(buffers_partial, buffers_final, self.layout)))
             files.append((rows_partial, rows_final, "rows", _file_record(rows_partial, rows_final, self.layout)))
             self._mark_pending()
             for partial, final, _, _ in files:
