@@ -16,8 +16,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Convert a format-1 store to format 2 in place (docs/store-format.md, 'Migrating a format-1 "
                     "store'). Feature data is not re-encoded: Zarr chunk files are kept as they are, HDF5 shard files "
                     "are copied once to their format-2 names. Safe to kill at any moment: OUT is a complete store of "
-                    "one format or the other throughout, and rerunning finishes the job. A store that is already "
-                    "format 2 is left as is (exit 0). Exit 1: not a store, pending shards, or damaged files (each "
+                    "one format or the other throughout, and rerunning finishes the job. A format-2 store written "
+                    "before buffer sidecars gets them (its Arrow files are not touched); otherwise it is left as is (exit 0). Exit 1: not a store, pending shards, or damaged files (each "
                     "named; `vlpcache verify OUT` lists them all).")
     parser.add_argument("out", metavar="OUT", help="the store folder (the --out of extract)")
     parser.add_argument("--allow-pending", action="store_true",
@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if result.action == "already":
         print(f"{result.out} is already a format-2 store: nothing to do")
+    elif result.action == "sidecars":
+        print(f"{result.out} is a format-2 store: added buffer sidecars for {result.shards} Arrow file(s), so that its "
+              f"readers need no pyarrow")
     elif result.action == "finished":
         print(f"{result.out}: finished a killed migration (removed the format-1 files); it is a format-2 store")
     else:

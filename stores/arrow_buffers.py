@@ -85,11 +85,15 @@ def describe(arrow: Path, name: str | None = None) -> dict:
     return {**body, "crc32": _crc(body)}
 
 
+def sidecar_bytes(arrow: Path, name: str | None = None) -> bytes:
+    return json.dumps(describe(arrow, name), separators=(",", ":")).encode()
+
+
 def write_sidecar(arrow: Path, name: str | None = None) -> Path:
     """Write and fsync `arrow`'s sidecar next to it (the caller renames both into place)."""
     path = sidecar_path(arrow)
     with open(path, "wb") as f:
-        f.write(json.dumps(describe(arrow, name), separators=(",", ":")).encode())
+        f.write(sidecar_bytes(arrow, name))
         f.flush()
         os.fsync(f.fileno())
     return path
@@ -210,7 +214,8 @@ def _from_pyarrow(path: Path) -> ArrowColumns:
     except pa.ArrowException as e:
         raise StoreError(f"{path}: unreadable Arrow IPC file ({e}); run `vlpcache verify`") from e
     types = {f.name: str(f.type) for f in table.schema}
-    batches = {name: [(len(c), c.null_count, [None if b is None else memoryview(b) for b in c.buffers()])
+    # Unsigned bytes, as the map's: a memoryview compares with bytes element by element, format included.
+    batches = {name: [(len(c), c.null_count, [None if b is None else memoryview(b).cast("B") for b in c.buffers()])
                       for c in table.column(name).chunks] for name in table.column_names if types[name] in TYPES}
     return ArrowColumns(path, {n: t for n, t in types.items() if n in batches}, batches)
 
@@ -234,7 +239,7 @@ class Utf8Column:
         self._data: list[memoryview] = []
         self.null_count = 0
         for length, nulls, (valid, offsets, data) in batches:
-            offsets = _need(offsets, 4 * (length + 1), where)[: 4 * (length + 1)].cast("B").cast("i")
+            offsets = _need(offsets, 4 * (length + 1), where)[: 4 * (length + 1)].cast("i")
             data = data if data is not None else memoryview(b"")
             if offsets[0] != 0 or not 0 <= offsets[length] <= len(data):
                 raise StoreError(f"{where}: offsets [{offsets[0]}, {offsets[length]}] do not fit its {len(data)}-byte "
@@ -281,7 +286,7 @@ class StringListColumn:
         self.where = where
         self._starts, self._valid, self._offsets, self._values = [0], [], [], []
         for length, nulls, (valid, offsets, *child) in batches:
-            offsets = _need(offsets, 4 * (length + 1), where)[: 4 * (length + 1)].cast("B").cast("i")
+            offsets = _need(offsets, 4 * (length + 1), where)[: 4 * (length + 1)].cast("i")
             n_child = offsets[length] - offsets[0]
             # The child's null count is not recorded by Array.buffers(); a validity buffer means it may have nulls.
             self._values.append(Utf8Column([(n_child, 1 if child[0] is not None else 0, child)], where))

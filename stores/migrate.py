@@ -28,17 +28,17 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from collections.abc import Iterator
 from pathlib import Path
 
 import crc32c
 import numpy as np
 
-from stores.arrow_buffers import sidecar_path
+from stores.arrow_buffers import check_sidecar, sidecar_bytes, sidecar_path
 from stores.backends import BACKENDS
 from stores.errors import StoreError
-from stores.idindex import write_id_index
+from stores.idindex import IDS_FILE, write_id_index
 from stores.io import atomic_write_bytes, atomic_write_json, durable_replace, fsync_path, makedirs_durable
 from stores.ledger import FileRecord, Layout, ShardLedger, StoreMeta, committed_shards, load_ledger, load_store_meta
 from stores.legacy import LedgerV1
@@ -58,7 +58,7 @@ _COPY_BLOCK = 1 << 22
 @dataclass(frozen=True)
 class MigrateResult:
     out: Path
-    action: str  # "migrated" | "finished" (a killed migration's cleanup) | "already"
+    action: str  # "migrated" | "finished" (a killed migration's cleanup) | "sidecars" (added to format 2) | "already"
     shards: int = 0  # committed shards converted
     resumed: int = 0  # of them, found already done in staging (a re-run after a kill)
 
@@ -79,13 +79,42 @@ def migrate_store(out: str | Path, *, allow_pending: bool = False) -> MigrateRes
         if (out / MARKER).exists():
             _finish(out, staging)
             return MigrateResult(out, "finished")
-        return MigrateResult(out, "already")
+        added = add_sidecars(layout, meta)
+        return MigrateResult(out, "sidecars", shards=added) if added else MigrateResult(out, "already")
     _check_migratable(layout, meta, staging, allow_pending)
     shards, resumed = _build(layout, meta, staging)
     _exchange(out, staging)
     log.info("%s is now a format-2 store; removing the format-1 files (%s)", out, staging)
     _finish(out, staging)
     return MigrateResult(out, "migrated", shards, resumed)
+
+
+def add_sidecars(layout: Layout, meta: StoreMeta) -> int:
+    """A format-2 store written before buffer sidecars (stores/arrow_buffers.py) gets them, so that its
+    readers need no pyarrow: the id index's, then each committed shard's, recorded in a rewritten ledger.
+    Each sidecar is put in place before its ledger names it: a kill leaves a correct sidecar that a re-run
+    records. A sidecar that is missing or does not match its file is (re)written; returns how many files
+    got one. The Arrow files themselves are not touched, and each rows part is first checked against its
+    ledger's crc32c (a sidecar must describe the committed bytes)."""
+    done = 0
+    ids = layout.index / IDS_FILE
+    if ids.exists() and (not sidecar_path(ids).exists() or check_sidecar(ids)):
+        atomic_write_bytes(sidecar_path(ids), sidecar_bytes(ids))
+        done += 1
+    for shard in sorted(committed_shards(layout)):
+        ledger = load_ledger(layout, meta, shard)
+        rows = layout.out / ledger.files["rows"].path
+        if "rows_buffers" in ledger.files and not check_sidecar(rows):
+            continue
+        data = rows.read_bytes() if rows.exists() else b""
+        if (len(data), crc32c.crc32c(data)) != (ledger.files["rows"].nbytes, ledger.files["rows"].crc32c):
+            raise _damaged(rows, "missing, or not the bytes its shard's ledger recorded", layout.out)
+        sidecar = sidecar_bytes(rows)
+        atomic_write_bytes(sidecar_path(rows), sidecar)
+        record = FileRecord(str(sidecar_path(rows).relative_to(layout.out)), len(sidecar), crc32c.crc32c(sidecar))
+        atomic_write_json(layout.ledger(shard), replace(ledger, files={**ledger.files, "rows_buffers": record}).to_json())
+        done += 1
+    return done
 
 
 def _check_migratable(layout: Layout, meta: StoreMeta, staging: Path, allow_pending: bool) -> None:
