@@ -1,12 +1,11 @@
-"""A reading process stays small: the store's Arrow files are read through the buffer sidecars the writer
-records (stores/arrow_buffers.py), never through pyarrow; stores written before sidecars still read; a
-damaged or foreign sidecar is an error naming it; batched id lookups give what single lookups give."""
+"""The store's Arrow files are read through the buffer sidecars the writer records (stores/arrow_buffers.py),
+so a reading process never imports pyarrow (tested in test_stores_index.py, test_a_reader_loads_only_...);
+stores written before sidecars still read; a damaged or foreign sidecar is an error naming it; batched
+id lookups give what single lookups give."""
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -22,23 +21,6 @@ from stores.verify import verify_store
 from _stores_helpers import assert_row_equal, make_store, video_id
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def test_reading_a_store_never_imports_pyarrow(tmp_path):
-    """Open, len, ids, status, single and batched lookups, a row with its caption, meta and flags, a failed
-    video's record: in a fresh interpreter, which must not have imported pyarrow (28 MB of RSS)."""
-    make_store(tmp_path / "s", "zarr", shards=(0, 2), failed=(7,))
-    code = (f"import json, sys; from stores import open_store; r = open_store({str(tmp_path / 's')!r}); "
-            f"out = [len(r), list(r.video_ids), r.status.failed, r.row_of({video_id(6)!r}), "
-            f"r.rows_of({[video_id(6), video_id(0)]!r}).tolist(), r.read_row(1)['caption'], r.meta({video_id(7)!r}), "
-            f"list(r.record(1).flags), r.record(7).error, r.read_many([{video_id(2)!r}])['caption']]; "
-            f"print(json.dumps([out, [m for m in sys.modules if m.split('.')[0] == 'pyarrow']]))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
-    assert done.returncode == 0, done.stderr[-3000:]
-    out, loaded = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out == [4, [video_id(i) for i in (0, 1, 2, 6)], 1, 6, [6, 0], "caption 1", {"split": "val"}, ["short"],
-                   "DecodeError: bad video 7", ["caption 2"]]
-    assert loaded == [], f"reading a store imported {loaded}"
 
 
 def test_sidecar_and_pyarrow_paths_agree_with_pyarrow(tmp_path):

@@ -148,22 +148,26 @@ def test_bench_scale_runs_its_code_on_a_tiny_store(tmp_path):
     assert v1.store_meta.format_version == 1 and len(v1) == len(open_store(tmp_path / "v2-2500")) == 2475
 
 
-@pytest.mark.parametrize("backend,unused", [("zarr", ["h5py", "numcodecs", "stores.writer", "zarr"]),
-                                            ("hdf5", ["numcodecs", "stores.writer", "stores.zarr_backend", "zarr"])])
+@pytest.mark.parametrize("backend,unused", [("zarr", ["h5py", "numcodecs", "pyarrow", "stores.writer", "zarr"]),
+                                            ("hdf5", ["numcodecs", "pyarrow", "stores.writer", "stores.zarr_backend", "zarr"])])
 def test_a_reader_loads_only_what_its_store_needs(backend, unused, tmp_path):
     """Every reading process (DataLoader workers, status) pays for what it imports: a Zarr store's reader
-    never loads h5py, an HDF5 store's never loads Zarr code, neither loads the writer."""
+    never loads h5py, an HDF5 store's never loads Zarr code, neither loads the writer nor pyarrow."""
     import subprocess
     import sys
 
     make_store(tmp_path / "s", backend, shards=(0, 2), failed=(7,))
     code = (f"import json, sys; from stores import open_store; r = open_store({str(tmp_path / 's')!r}); "
             f"print(json.dumps([len(r), r.row_of({video_id(6)!r}), float(r.read_row(1)['frame_features'].sum()), "
-            f"r.status.failed, [m for m in {unused!r} if m in sys.modules]]))")
+            f"r.status.failed, [list(r.video_ids), r.rows_of({[video_id(6), video_id(0)]!r}).tolist(), "
+            f"r.read_row(1)['caption'], r.meta({video_id(7)!r}), list(r.record(1).flags), r.record(7).error, "
+            f"r.read_many([{video_id(2)!r}])['caption']], [m for m in {unused!r} if m in sys.modules]]))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr[-3000:]
-    n, row, total, failed, loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    n, row, total, failed, answers, loaded = json.loads(done.stdout.strip().splitlines()[-1])
     assert (n, row, failed) == (4, 6, 1) and total != 0
+    assert answers == [[video_id(i) for i in (0, 1, 2, 6)], [6, 0], "caption 1", {"split": "val"}, ["short"],
+                       "DecodeError: bad video 7", ["caption 2"]]
     assert loaded == [], f"reading a {backend} store imported {loaded}"
 
 
