@@ -112,12 +112,9 @@ def check_sidecar(arrow: Path) -> list[str]:
 
 
 def fix(arrow: Path) -> str:
-    return (f"rewrite it from the Arrow file with `vlpcache migrate {_store_of(arrow)}`, or re-extract the shard "
-            f"(readers must not use it: it locates the bytes they read)")
-
-
-def _store_of(arrow: Path) -> Path:
-    return arrow.parent.parent  # OUT/rows/x.arrow, OUT/index/x.arrow
+    out = arrow.parent.parent  # OUT/rows/x.arrow, OUT/index/x.arrow
+    return (f"readers must not use it (it locates the bytes they read): rewrite it from the Arrow file with "
+            f"`vlpcache migrate {out}`{', or re-extract the shard' if arrow.parent.name == 'rows' else ''}")
 
 
 def _crc(body: dict) -> int:
@@ -183,25 +180,28 @@ def _from_sidecar(path: Path, sidecar: Path, text: bytes) -> ArrowColumns:
         raise bad(f"not a buffer sidecar ({e})") from None
     if side.get("format") != FORMAT or side.get("crc32") != _crc(body):
         raise bad(f"damaged (its format or checksum is wrong: {side.get('format')!r})")
-    if side["file"] != path.name:
-        raise bad(f"it describes {side['file']!r}, not {path.name!r}")
+    if side.get("file") != path.name:
+        raise bad(f"it describes {side.get('file')!r}, not {path.name!r}")
     with open(path, "rb") as f:
         nbytes = os.fstat(f.fileno()).st_size
-        if nbytes != side["nbytes"]:
-            raise bad(f"it describes a file of {side['nbytes']} bytes, {path.name} has {nbytes}")
-        if zlib.crc32(os.pread(f.fileno(), TAIL, max(0, nbytes - TAIL))) != side["tail_crc32"]:
+        if nbytes != side.get("nbytes"):
+            raise bad(f"it describes a file of {side.get('nbytes')} bytes, {path.name} has {nbytes}")
+        if zlib.crc32(os.pread(f.fileno(), TAIL, max(0, nbytes - TAIL))) != side.get("tail_crc32"):
             raise bad(f"it describes another version of {path.name} (the file's footer differs)")
         view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)) if nbytes else memoryview(b"")
     types, batches = {}, {}
-    for name, type_, column in side["columns"]:
-        if type_ not in TYPES:
-            raise bad(f"column {name!r} has type {type_}; readers know {', '.join(TYPES)}")
-        types[name] = type_
-        out = batches[name] = []
-        for length, nulls, ranges in column:
-            if any(r is not None and not 0 <= r[0] <= r[0] + r[1] <= nbytes for r in ranges):
-                raise bad(f"column {name!r} has a buffer outside the file's {nbytes} bytes")
-            out.append((length, nulls, [None if r is None else view[r[0]:r[0] + r[1]] for r in ranges]))
+    try:
+        for name, type_, column in side["columns"]:
+            if type_ not in TYPES:
+                raise bad(f"column {name!r} has type {type_}; readers know {', '.join(TYPES)}")
+            types[name] = type_
+            out = batches[name] = []
+            for length, nulls, ranges in column:
+                if any(r is not None and not 0 <= r[0] <= r[0] + r[1] <= nbytes for r in ranges):
+                    raise bad(f"column {name!r} has a buffer outside the file's {nbytes} bytes")
+                out.append((int(length), int(nulls), [None if r is None else view[r[0]:r[0] + r[1]] for r in ranges]))
+    except (KeyError, TypeError, ValueError) as e:  # a checksum that holds over a malformed body: not ours
+        raise bad(f"malformed ({type(e).__name__}: {e})") from None
     return ArrowColumns(path, types, batches)
 
 
