@@ -152,14 +152,19 @@ def _delete(path: Path) -> None:
 
 
 # Damage that verify does not see (kind, damage) -> why; strict: a gap verify starts to report fails the test.
-KNOWN_GAPS: dict[tuple[str, str], str] = {}
+KNOWN_GAPS: dict[tuple[str, str], str] = {
+    ("id list sidecar", "delete"): "stores written before buffer sidecars have none, so verify cannot require it; "
+                                   "readers then read video_ids.arrow through pyarrow, with the same answers",
+}
 
 
 def _store_files(out: Path, backend: str) -> list[tuple[str, Path, int | None]]:
     """(kind, file, shard it belongs to or None for store-wide files): every file of a format-2 store but
     the run records (runs/, extract_config.yaml) and the creation lock (empty), shard 1's for per-shard files."""
     files = [("ledger", out / "ledgers" / "shard-000001.json", 1), ("rows part", out / "rows" / "shard-000001.arrow", 1),
+             ("rows part sidecar", out / "rows" / "shard-000001.buffers.json", 1),
              ("store.json", out / "store.json", None), ("id list", out / "index" / "video_ids.arrow", None),
+             ("id list sidecar", out / "index" / "video_ids.buffers.json", None),
              ("id table", out / "index" / "id_table.npy", None)]
     if backend == "zarr":
         files += [(f"zarr shard file {name}", next(p for p in (out / "features.zarr" / name / "c" / "1").rglob("*")
