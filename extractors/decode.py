@@ -384,7 +384,7 @@ def _index(container: av.container.InputContainer, stream, path: str, buffer_mb:
         raise DecodeError(f"{path}: the edit list hides every frame of the video stream")
     order = shown[np.argsort(pts[shown], kind="stable")]  # [N] display index -> packet position
     sorted_pts = pts[order]
-    if len(np.unique(sorted_pts)) != len(sorted_pts):
+    if (sorted_pts[1:] == sorted_pts[:-1]).any():  # sorted: a duplicate is an equal neighbour (np.unique: 3x the cost)
         raise DecodeError(f"{path}: duplicate frame timestamps in the video stream; remux or re-encode it")
     tb = float(stream.time_base)
     times = (sorted_pts - sorted_pts[0]) * tb  # [N] seconds from the first shown frame
@@ -538,16 +538,15 @@ def _groups(index: StreamIndex, targets: list[int]) -> list[tuple[int, int, list
     The first packet is the keyframe before the target in decode order whose time is not after the
     target's (an open-GOP leading frame needs the keyframe before that).
     """
-    key_pos = index.key_positions
-    key_pts = index.pts[key_pos]
+    key_pos = index.key_positions  # [nK] (never empty: _index flags the first packet if nothing is)
+    pos = index.order[targets]  # [n] packet position of each target
+    ok = (key_pos <= pos[:, None]) & (index.pts[key_pos] <= index.pts[pos][:, None])  # [n, nK]
+    last = len(key_pos) - 1 - ok[:, ::-1].argmax(axis=1)  # [n] the last usable keyframe of each target
+    starts = np.where(ok.any(axis=1), key_pos[last], 0).tolist()  # [n]
     runs: dict[int, list[int]] = {}
-    for i in targets:
-        pos = int(index.order[i])
-        pts = index.pts[pos]
-        ok = np.flatnonzero((key_pos <= pos) & (key_pts <= pts))
-        start = int(key_pos[ok[-1]]) if len(ok) else 0
+    for start, i in zip(starts, targets):
         runs.setdefault(start, []).append(i)
-    return [(s, max(int(index.order[i]) for i in w), w) for s, w in sorted(runs.items())]
+    return [(s, int(index.order[w].max()), w) for s, w in sorted(runs.items())]
 
 
 def _feed(cc, packets, target_pts: set[int], skip: str = "NONREF"):

@@ -148,6 +148,13 @@ def test_bench_decode_runs_every_method_and_reports_every_goal(tmp_path, capsys)
         assert goal in out
     assert out.count("webvid_") >= 4 and sorted(p.name for p in tmp_path.iterdir()) == [
         "webvid_bheavy_0s.mp4", "webvid_pheavy_0s.mp4"]
+    with pytest.raises(SystemExit):  # --only names a clip that is not there: refused, naming the clips
+        bench.main(["--only", "webvid_bheavy,nope", "--seconds", "0.5", "--clips", str(tmp_path), "--no-real"])
+    assert "no clip named nope; the clips are webvid_bheavy, webvid_pheavy" in capsys.readouterr().err
+    assert bench.main(["--fixed-costs", "--only", "webvid_pheavy", "--frames", "2", "--repeats", "1", "--seconds", "0.5",
+                       "--clips", str(tmp_path), "--no-real"]) == 0
+    out = capsys.readouterr().out.splitlines()[-1]
+    assert out.startswith("webvid_pheavy") and all(part in out for part in ("open+close", "demux", "fresh decoder", "ours"))
 
 
 def test_open_gop_stream_is_exact_in_torchcodec_and_refused_by_decord(tmp_path):
