@@ -325,11 +325,13 @@ def _print_loader(o: dict) -> None:
 
 def _print_rss(o: dict) -> None:
     print("| videos | features on disk MB | trainer RSS MB: import torch / + trainer imports / Trainer built | "
-          "trainer peak RSS MB | trainer + 2 workers peak PSS MB | disk / peak RSS | disk / PSS |")
-    print("|---|---|---|---|---|---|---|")
+          "trainer peak RSS MB | trainer + 2 workers peak PSS MB | of it, peaks: anonymous / store files mapped / "
+          "other files | disk / peak RSS | disk / PSS |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in o["rss"]:
         print(f"| {r['videos']} | {r['disk_mb']:.0f} | {r['torch_mb']:.0f} / {r['imports_mb']:.0f} / "
-              f"{r['built_mb']:.0f} | {r['trainer_mb']:.0f} | {r['with_workers_mb']:.0f} | "
+              f"{r['built_mb']:.0f} | {r['trainer_mb']:.0f} | {r['with_workers_mb']:.0f} | {r['anon_pss_mb']:.0f} / "
+              f"{r['store_pss_mb']:.0f} / {r['file_pss_mb'] - r['store_pss_mb']:.0f} | "
               f"{r['disk_mb'] / r['trainer_mb']:.2f} | {r['disk_mb'] / r['with_workers_mb']:.2f} |")
 
 

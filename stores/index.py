@@ -28,8 +28,8 @@ MAX_CACHED_ROWS = 1024
 
 
 class IndexV2:
-    def __init__(self, layout: Layout, meta: StoreMeta) -> None:
-        self.layout, self.meta = layout, meta
+    def __init__(self, layout: Layout, meta: StoreMeta, max_cached_rows: int = MAX_CACHED_ROWS) -> None:
+        self.layout, self.meta, self.max_cached_rows = layout, meta, max_cached_rows
         self.committed = frozenset(committed_shards(layout))
         self._order = np.array(sorted(self.committed), dtype=np.int64)  # [C] committed shards, ascending
         self._counts: np.ndarray | None = None  # [C, 2] (ok, failed) per committed shard, from the ledgers
@@ -46,7 +46,7 @@ class IndexV2:
     def __getstate__(self) -> dict[str, Any]:
         # Small whatever the corpus: shard numbers and counts; maps are reopened lazily by each process.
         return {"layout": self.layout, "meta": self.meta, "committed": self.committed, "_order": self._order,
-                "_counts": self._counts, "_has_ids": self._has_ids}
+                "_counts": self._counts, "_has_ids": self._has_ids, "max_cached_rows": self.max_cached_rows}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -65,7 +65,7 @@ class IndexV2:
         # At its fixed path: no ledger read on this hot path (verify checks the ledger's record of it).
         rows = self.meta.shard_rows(shard)
         return _cached(self._rows, shard, lambda: ShardRows(self.layout.rows_part(shard), rows.start, len(rows)),
-                       MAX_CACHED_ROWS)
+                       self.max_cached_rows)
 
     def files(self, shard: int) -> dict[str, FileRecord]:
         return self.ledger(shard).files

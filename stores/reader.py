@@ -10,20 +10,23 @@ import numpy as np
 
 from stores.backends import BACKENDS
 from stores.errors import StoreError, VideoNotStoredError
-from stores.index import IndexV2
+from stores.index import MAX_CACHED_ROWS, IndexV2
 from stores.ledger import Layout, StoreMeta, StoreStatus, VideoRecord, load_store_meta
 from stores.legacy import IndexV1
 from stores.schema import ARRAYS, Dims
 
 
-def open_store(out: str | Path, *, verify_checksums: bool = False, max_open_shards: int = 64) -> StoreReader:
+def open_store(out: str | Path, *, verify_checksums: bool = False, max_open_shards: int = 64,
+               max_cached_rows: int = MAX_CACHED_ROWS) -> StoreReader:
     """Open a store for reading.
 
     verify_checksums: check each chunk's checksum on every read (crc32c for Zarr, fletcher32 for HDF5).
     Off by default: the hot path reads chunk bytes straight from the shard files; `vlpcache verify`
-    checks everything. Shard files are opened lazily, at most max_open_shards at a time.
+    checks everything. Shard files are opened lazily, at most max_open_shards at a time; at most
+    max_cached_rows shards' rows parts (records) stay mapped (format 2).
     """
-    return StoreReader(out, verify_checksums=verify_checksums, max_open_shards=max_open_shards)
+    return StoreReader(out, verify_checksums=verify_checksums, max_open_shards=max_open_shards,
+                       max_cached_rows=max_cached_rows)
 
 
 class StoreReader:
@@ -34,14 +37,16 @@ class StoreReader:
     memory-mapped on demand; the pickled reader holds no maps.
     """
 
-    def __init__(self, out: str | Path, *, verify_checksums: bool = False, max_open_shards: int = 64) -> None:
+    def __init__(self, out: str | Path, *, verify_checksums: bool = False, max_open_shards: int = 64,
+                 max_cached_rows: int = MAX_CACHED_ROWS) -> None:
         self.layout = Layout(out)
         self.store_meta: StoreMeta = load_store_meta(self.layout)
         self.backend = BACKENDS[self.store_meta.backend]
         self.backend.validate_layout(self.layout, self.store_meta)  # shallow: a few small files at most
         self.verify_checksums = verify_checksums
         self.max_open_shards = max_open_shards
-        self.index = (IndexV2 if self.store_meta.format_version >= 2 else IndexV1)(self.layout, self.store_meta)
+        self.index = IndexV2(self.layout, self.store_meta, max_cached_rows) if self.store_meta.format_version >= 2 \
+            else IndexV1(self.layout, self.store_meta)
         self._open: OrderedDict[int, Any] = OrderedDict()
 
     # ---- what is in the store

@@ -20,5 +20,6 @@ def test_bench_train_runs_on_tiny_inputs(tmp_path, capsys):
     (row,) = fig["rss"]
     assert row["videos"] == 64 and row["disk_mb"] > 0 and row["trainer_mb"] > 100 and row["with_workers_mb"] > 0
     assert 100 < row["torch_mb"] <= row["imports_mb"] <= row["built_mb"] <= row["trainer_mb"]
+    assert 0 < row["anon_pss_mb"] <= row["with_workers_mb"] and 0 <= row["store_pss_mb"] <= row["file_pss_mb"]
     assert fig["text_cpu_s_minilm_transformers"] > fig["text_cpu_s_torch"] > 0
     assert "training samples/s" in capsys.readouterr().out

@@ -13,7 +13,7 @@ from _train_helpers import _arrays, _caption, _scene, make_synthetic_store
 from stores import create_store, open_store
 from stores.schema import Dims
 from train.data import DataError, track_tokens
-from train.stream import FeatureStream, StreamPlan, StreamSpec, StreamState
+from train.stream import FeatureStream, StreamPlan, StreamSpec, StreamState, _RankReader
 
 DIMS = Dims(T=4, K=3, Df=16, Dr=24)
 
@@ -49,11 +49,28 @@ def _take(stream, n, workers):
 def test_slots_are_disjoint_and_cover_every_row_each_epoch():
     plan = StreamPlan(shards=[0, 1, 2, 4], shard_size=10, n_videos=50, slots=6, seed=3, buffer=7)
     for epoch in range(3):
-        parts = [plan.rows(epoch, s).tolist() for s in range(6)]
+        parts = [plan.order(epoch, s).take(0, 50) for s in range(6)]
         flat = sum(parts, [])
         assert len(flat) == len(set(flat)) == 40 and set(flat) == set(range(30)) | set(range(40, 50))
         assert all(parts)  # every slot has rows to read
-    assert plan.rows(0, 0).tolist() != plan.rows(1, 0).tolist()  # reshuffled per epoch
+    assert plan.order(0, 0).take(0, 50) != plan.order(1, 0).take(0, 50)  # reshuffled per epoch
+    order = plan.order(2, 1)
+    assert sum((order.take(p, 3) for p in range(0, len(order), 3)), []) == order.take(0, 50)  # across windows
+
+
+def test_a_worker_holds_one_window_of_rows_and_a_bounded_number_of_shards(tmp_path):
+    """A worker walks every shard in an epoch; it keeps the rows order of one shuffle window and the maps
+    (shard files, rows parts) of the shards of two windows, not the epoch's rows or every shard's maps."""
+    store = _store(tmp_path / "s", ["a red circle moves left"] * 48, shard_size=4)  # 12 shards
+    stream = FeatureStream(StreamSpec(str(store), batch_size=4, shuffle_buffer=8))  # windows of 2 shards
+    worker = _RankReader(stream, 0)
+    reader, seen, held_rows, held_shards = worker.source.reader, set(), 0, 0
+    for _, batch in zip(range(24), worker.batches()):  # two epochs
+        seen |= {int(r) // 4 for r in batch["rows"]}
+        held_rows = max(held_rows, len(worker._order._rows))
+        held_shards = max(held_shards, len(reader._open), len(reader.index._rows))
+    assert seen == set(range(12)) and (worker.epoch, worker.pos) == (1, 48)
+    assert held_rows == 8 and held_shards <= 4  # unbounded: 48 rows, 12 shards
 
 
 def test_resume_through_dataloader_workers_sees_the_same_batches(tmp_path):

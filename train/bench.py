@@ -111,12 +111,13 @@ def loader_rate(store: Path, batches: int, batch_size: int, workers: int = 2, co
 
 def peak_rss_of_training(store: Path, out: Path, steps: int, batch_size: int, workers: int = 2) -> dict[str, float]:
     """Peak memory (MB) of a training run in a fresh process: the trainer's peak RSS (VmHWM) and the peak
-    PSS of the trainer plus its loader workers (sampled every 50 ms); and the trainer's RSS after
+    PSS of the trainer plus its loader workers (sampled every 50 ms) and the peaks of its parts
+    (`RssSampler`: anonymous, file-backed, the store's mapped files); and the trainer's RSS after
     `import torch`, after importing the trainer, and once the Trainer is built (its AdamW imports
     torch._dynamo: optimizer.step does, unconditionally). getrusage is not used: its maximum survives exec, so a
     child of a big benchmark process would report the parent's size."""
     code = ("import json, sys; from train.bench import bench_config, RssSampler, rss_mb; import torch; r = [rss_mb()]; "
-            "from train.trainer import Trainer; r.append(rss_mb()); s = RssSampler(); "
+            f"from train.trainer import Trainer; r.append(rss_mb()); s = RssSampler({str(store)!r}); "
             f"t = Trainer(bench_config({steps}, {batch_size}, {workers}), {str(store)!r}, {str(out)!r}); "
             "r.append(rss_mb()); t.fit(); "
             "print(json.dumps({**s.stop(), 'torch_mb': r[0], 'imports_mb': r[1], 'built_mb': r[2], "
@@ -156,27 +157,58 @@ def _children(pid: int) -> list[int]:
 
 class RssSampler:
     """Samples the proportional set size (PSS: pages shared after fork counted once) of this process and
-    its descendants (Linux /proc) in a thread until stop()."""
+    its descendants (Linux /proc) in a thread until stop(): the peak of the total, and the peaks of its
+    parts. Anonymous pages (heap, tensors) are shared only within this process tree, so their PSS sum is
+    exact. File-backed pages are page cache: the store's files (`store`, mapped by the loader workers;
+    read from /proc/PID/smaps every `store_every` samples) and the rest (libraries, model weights), whose
+    PSS also shrinks as other processes on the machine map the same files."""
 
-    def __init__(self, every_s: float = 0.05):
+    def __init__(self, store: str | Path | None = None, every_s: float = 0.05, store_every: int = 10):
         import os
         import threading
 
-        self.pid, self.every_s, self.peak_tree_kb = os.getpid(), every_s, 0
+        self.pid, self.every_s, self.store_every = os.getpid(), every_s, store_every
+        self.store = str(Path(store).resolve()) + "/" if store is not None else None
+        self.peak_kb = {"tree": 0, "anon": 0, "file": 0, "store": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        n = 0
         while not self._stop.wait(self.every_s):
-            pids, total = [self.pid], 0
+            pids, tree = [self.pid], []
             while pids:
-                pid = pids.pop()
-                total += _status_kb(pid, "Pss", "smaps_rollup")  # shared pages counted once over the tree
-                pids += _children(pid)
-            self.peak_tree_kb = max(self.peak_tree_kb, total)
+                tree.append(pids.pop())
+                pids += _children(tree[-1])
+            kb = {"tree": 0, "anon": 0, "file": 0}
+            for pid in tree:
+                for key, field in (("tree", "Pss"), ("anon", "Pss_Anon"), ("file", "Pss_File")):
+                    kb[key] += _status_kb(pid, field, "smaps_rollup")
+            if self.store is not None and n % self.store_every == 0:
+                kb["store"] = sum(_mapped_pss_kb(pid, self.store) for pid in tree)
+            for key, v in kb.items():
+                self.peak_kb[key] = max(self.peak_kb[key], v)
+            n += 1
 
     def stop(self) -> dict[str, float]:
         self._stop.set()
         self._thread.join()
-        return {"trainer_mb": _status_kb(self.pid, "VmHWM") / 1024, "with_workers_mb": self.peak_tree_kb / 1024}
+        p = {k: v / 1024 for k, v in self.peak_kb.items()}
+        return {"trainer_mb": _status_kb(self.pid, "VmHWM") / 1024, "with_workers_mb": p["tree"],
+                "anon_pss_mb": p["anon"], "file_pss_mb": p["file"], "store_pss_mb": p["store"]}
+
+
+def _mapped_pss_kb(pid: int, prefix: str) -> int:
+    """PSS (kB) of a process's mappings of files under prefix (/proc/PID/smaps)."""
+    total, inside = 0, False
+    try:
+        for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+            head = line.split(maxsplit=5)
+            if head and "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line
+                inside = len(head) == 6 and head[5].startswith(prefix)
+            elif inside and head[0] == "Pss:":
+                total += int(head[1])
+    except OSError:  # the process ended
+        pass
+    return total

@@ -86,10 +86,13 @@ class StreamState:
 class ShardSource:
     """Per-process access to a store by rows, through the public reader (`stores.open_store`): with the
     store index, opening is O(1) and a row's record / a shard's data are read on demand, so no worker
-    holds every ledger."""
+    holds every ledger. open_shards: how many shards' files and rows parts at most stay mapped (no more
+    than the reader's defaults; the defaults when 0)."""
 
-    def __init__(self, features: str):
-        self.reader = open_store(features)
+    def __init__(self, features: str, open_shards: int = 0):
+        bounds = {"max_open_shards": min(64, open_shards), "max_cached_rows": min(1024, open_shards)} \
+            if open_shards else {}
+        self.reader = open_store(features, **bounds)
         self.meta = self.reader.store_meta
 
     def committed(self) -> list[int]:
@@ -123,18 +126,54 @@ class StreamPlan:
         if len(self.pieces) < slots:
             raise DataError(f"{len(self.pieces)} rows to stream cannot feed {slots} stream slots "
                             "(ranks x DataLoader workers); use fewer workers or ranks")
+        self.sizes = np.array([b - a for a, b in self.pieces], dtype=np.int64)  # [pieces] rows in each
+        # A window closes once it holds >= buffer rows, so it has at most this many pieces (each of one
+        # shard); a batch can straddle two windows.
+        self.window_pieces = min(len(self.pieces), math.ceil(self.buffer / int(self.sizes.min())))
 
-    def rows(self, epoch: int, slot: int) -> np.ndarray:
-        """[n] the rows slot `slot` reads in `epoch`, in order."""
-        order = _rng(self.seed, epoch).permutation(len(self.pieces))[slot::self.slots]
-        out, window = [], []
-        for i, p in enumerate(order):
-            window.append(np.arange(*self.pieces[p]))
-            if sum(len(w) for w in window) >= self.buffer or i == len(order) - 1:
-                rows = np.concatenate(window)
-                out.append(rows[_rng(self.seed, epoch, slot, len(out)).permutation(len(rows))])
-                window = []
-        return np.concatenate(out) if out else np.zeros(0, np.int64)
+    def order(self, epoch: int, slot: int) -> EpochOrder:
+        """The rows slot `slot` reads in `epoch`, in order (made one shuffle window at a time)."""
+        return EpochOrder(self, epoch, slot)
+
+
+class EpochOrder:
+    """One slot's row order in one epoch: its pieces (a seeded permutation of all pieces, dealt to the
+    slots) in windows of >= buffer rows, each window's rows permuted. Only the window being read is
+    materialised: a reader holds ~buffer rows, never the epoch's rows (8 MB a worker at 1M videos)."""
+
+    def __init__(self, plan: StreamPlan, epoch: int, slot: int):
+        self.plan, self.key = plan, (plan.seed, epoch, slot)
+        pieces = _rng(plan.seed, epoch).permutation(len(plan.pieces))[slot::plan.slots]  # [P] piece numbers
+        filled = np.cumsum(plan.sizes[pieces])  # [P] rows up to and including each piece
+        self.windows: list[np.ndarray] = []  # piece numbers of each window, in order
+        start = 0
+        for i, rows in enumerate(filled):
+            if rows - (filled[start - 1] if start else 0) >= plan.buffer or i == len(pieces) - 1:
+                self.windows.append(pieces[start:i + 1])
+                start = i + 1
+        self.ends = np.cumsum([plan.sizes[w].sum() for w in self.windows], dtype=np.int64)  # [windows]
+        self._window, self._rows = -1, np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def window(self, w: int) -> np.ndarray:
+        """[rows of window w] permuted; the last one asked for is kept."""
+        if w != self._window:
+            rows = np.concatenate([np.arange(*self.plan.pieces[p]) for p in self.windows[w]])
+            self._window, self._rows = w, rows[_rng(*self.key, w).permutation(len(rows))]
+        return self._rows
+
+    def take(self, pos: int, n: int) -> list[int]:
+        """Rows pos .. pos + n - 1 of the order (fewer at its end)."""
+        out: list[int] = []
+        while len(out) < n and pos < len(self):
+            w = int(np.searchsorted(self.ends, pos, side="right"))
+            start = int(self.ends[w - 1]) if w else 0
+            part = self.window(w)[pos - start:pos - start + n - len(out)].tolist()
+            out += part
+            pos += len(part)
+        return out
 
 
 class FeatureStream(IterableDataset):
@@ -182,17 +221,20 @@ class _RankReader:
     def __init__(self, stream: FeatureStream, worker: int):
         s = stream.spec
         self.stream, self.spec, self.worker, self.n_workers = stream, s, worker, stream.n_workers
-        self.source = ShardSource(s.features)
+        # The shards of the window being read and of the next (a batch can straddle two): a worker walks
+        # every shard of the corpus in an epoch, and the reader's defaults (64 shards' files, 1,024 rows
+        # parts) would keep ~90 MB of rows parts and up to 64 shard files mapped per worker at 1M videos.
+        self.source = ShardSource(s.features, 2 * stream.plan.window_pieces)
         self.tokenizer = CaptionTokenizer(resolve_model_dir(s.text_model_dir), s.max_tokens, s.long_captions)
         self.epoch, self.pos = stream.state.cursor
         self.skipped = {"nonfinite": 0, "empty_caption": 0}
-        self._rows = None
+        self._order: EpochOrder | None = None
         self.splits_seen: set[str] = set()
 
-    def _epoch_rows(self) -> np.ndarray:
-        if self._rows is None:
-            self._rows = self.stream.plan.rows(self.epoch, self.spec.rank)
-        return self._rows
+    def _epoch_order(self) -> EpochOrder:
+        if self._order is None:
+            self._order = self.stream.plan.order(self.epoch, self.spec.rank)
+        return self._order
 
     def _caption(self, record) -> str:
         captions = video_captions(record.video_id, record.caption, record.meta)
@@ -217,9 +259,9 @@ class _RankReader:
         never holds a video twice); moves the position past them."""
         B, empty_epochs = self.spec.batch_size, 0
         while True:
-            items, rows, whole_epoch = [], self._epoch_rows(), self.pos == 0
-            while len(items) < B and self.pos < len(rows):
-                take = rows[self.pos:self.pos + B - len(items)].tolist()
+            items, order, whole_epoch = [], self._epoch_order(), self.pos == 0
+            while len(items) < B and self.pos < len(order):
+                take = order.take(self.pos, B - len(items))
                 self.pos += len(take)
                 items += self._usable(take)
             if len(items) == B:
@@ -230,7 +272,7 @@ class _RankReader:
                                 f"{B} usable {self.spec.split!r} videos in whole epochs (split values seen: "
                                 f"{sorted(self.splits_seen)}); check the split name, or lower the batch size or "
                                 "the number of ranks")
-            self.epoch, self.pos, self._rows = self.epoch + 1, 0, None
+            self.epoch, self.pos, self._order = self.epoch + 1, 0, None
 
     def batches(self) -> Iterator[dict[str, Any]]:
         k = 0
