@@ -55,6 +55,9 @@ def test_runs_train_in_workers_whose_cpu_is_counted_and_are_cached(tmp_path):
         assert (r["row"], r["seed"], r["split"]) == (row, seed, "test")
         assert r["selected_step"] in (2, 4) and r["metrics"]["videos"] == 8.0
         assert (tmp_path / "runs" / f"{row}_seed{seed}" / "result.json").is_file()
+        # per-step means of the weighted terms and the pre-clip grad norm (how the objectives share a step)
+        terms = {"loss_global"} | ({"loss_align"} if row == "align" else set())
+        assert terms | {"grad_norm", "clipped"} <= set(r["train_means"]) and r["train_means"]["grad_norm"] > 0
     # the workers exited inside run_all: their CPU (torch imports + training) is the parent's children time
     assert spent >= sum(r["cpu_s"] for r in done.values())
     again_before = _children_cpu()
