@@ -49,6 +49,7 @@ DEMO_RUN := runs/demo
 demo: $(STAMP) ## corpus, fine-tuned detector, extraction, training, test figures, a show PNG (goal: 8 min, 2 cores)
 	@$(call demo_step,corpus) $(PY) -m pipeline demo-data $(DEMO_CORPUS) --videos 400 --val-videos 100 --test-videos 100 --seed 0
 	@$(call demo_step,detector) $(PY) -m pipeline finetune-detector $(DEMO_CORPUS) --out $(DEMO_DETECTOR) --reuse
+	rm -rf $(DEMO_FEATURES)  # extract resumes an existing store whatever config made it: a stale store would be kept
 	@$(call demo_step,extract) $(PY) -m pipeline extract --dataset demo_detector --no-progress
 	rm -rf $(DEMO_RUN)
 	@$(call demo_step,train) $(PY) -m pipeline train --features $(DEMO_FEATURES) --out $(DEMO_RUN) --config configs/train/demo.yaml
