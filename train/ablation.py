@@ -99,10 +99,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+# Runs argv[1:] as a child subreaper and reaps every descendant before it exits. The extraction's model
+# processes are forked by a multiprocessing forkserver that the extract process never waits for, so
+# without this their CPU time reaches no parent's RUSAGE_CHILDREN and cpu_minutes() misses it.
+_REAPED = """
+import ctypes, os, subprocess, sys
+if ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0):  # PR_SET_CHILD_SUBREAPER
+    raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+rc = subprocess.run(sys.argv[1:]).returncode
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        sys.exit(rc)
+"""
+
+
 def _vlpcache(*args: str) -> None:
     cmd = [sys.executable, "-m", "pipeline", *args]
     log.info("running %s", " ".join(cmd))
-    subprocess.run(cmd, check=True)
+    subprocess.run([sys.executable, "-c", _REAPED, *cmd], check=True)
 
 
 def code_version() -> dict:
