@@ -254,14 +254,10 @@ class Utf8Column:
         return self._starts[-1]
 
     def _at(self, i: int) -> tuple[int, int]:
-        if not 0 <= i < self._starts[-1]:
-            raise IndexError(f"position {i} out of range for {self._starts[-1]} values of {self.where}")
-        k = bisect_right(self._starts, i) - 1 if len(self._offsets) > 1 else 0
-        return k, i - self._starts[k]
+        return _locate(self._starts, i, self.where)
 
     def _bytes(self, k: int, local: int) -> memoryview | None:
-        valid = self._valid[k]
-        if valid is not None and not (valid[local >> 3] >> (local & 7)) & 1:
+        if _is_null(self._valid[k], local):
             return None
         offsets = self._offsets[k]
         return self._data[k][offsets[local]:offsets[local + 1]]
@@ -298,11 +294,22 @@ class StringListColumn:
         return self._starts[-1]
 
     def __getitem__(self, i: int) -> tuple[str | None, ...] | None:
-        if not 0 <= i < self._starts[-1]:
-            raise IndexError(f"position {i} out of range for {self._starts[-1]} values of {self.where}")
-        k = bisect_right(self._starts, i) - 1 if len(self._offsets) > 1 else 0
-        local, valid, offsets = i - self._starts[k], self._valid[k], self._offsets[k]
-        if valid is not None and not (valid[local >> 3] >> (local & 7)) & 1:
+        k, local = _locate(self._starts, i, self.where)
+        if _is_null(self._valid[k], local):
             return None
+        offsets = self._offsets[k]
         values = self._values[k]
         return tuple(values[j] for j in range(offsets[local], offsets[local + 1]))
+
+
+def _locate(starts: list[int], i: int, where: str) -> tuple[int, int]:
+    """(batch, position in it) of value i; starts: each batch's first position, then the total."""
+    if not 0 <= i < starts[-1]:
+        raise IndexError(f"position {i} out of range for {starts[-1]} values of {where}")
+    k = bisect_right(starts, i) - 1 if len(starts) > 2 else 0
+    return k, i - starts[k]
+
+
+def _is_null(valid: memoryview | None, local: int) -> bool:
+    """Whether bit `local` of an Arrow validity bitmap is clear (None: the batch has no nulls)."""
+    return valid is not None and not (valid[local >> 3] >> (local & 7)) & 1

@@ -41,11 +41,19 @@ _SLOT = struct.Struct("<Qi")  # one slot, for single lookups: unpacking costs le
 
 
 def id_hash(video_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(video_id.encode(), digest_size=8).digest(), "little")
+    return _key_hash(video_id.encode())
+
+
+def _key_hash(key: bytes) -> int:  # key: an id's utf-8 bytes
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
 
 
 def _hashes(ids: list[str]) -> np.ndarray:  # [B] uint64
-    return np.frombuffer(b"".join(hashlib.blake2b(v.encode(), digest_size=8).digest() for v in ids), dtype="<u8")
+    return _key_hashes([v.encode() for v in ids])
+
+
+def _key_hashes(keys: list[bytes]) -> np.ndarray:  # [B] uint64
+    return np.frombuffer(b"".join(hashlib.blake2b(k, digest_size=8).digest() for k in keys), dtype="<u8")
 
 
 def table_slots(n: int) -> int:
@@ -208,7 +216,7 @@ class IdIndex:
     def matches(self, key: bytes) -> list[int]:
         """Rows whose slot holds key's hash, in probe order (nearly always one, or none): the candidates
         for key, to be confirmed by comparing ids (`has_id`, or another copy of the id at that row)."""
-        h = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+        h = _key_hash(key)
         slot, mask, unpack, table = h & self._mask, self._mask, _SLOT.unpack_from, self._bytes
         found = []
         for _ in range(mask + 1):
@@ -228,7 +236,7 @@ class IdIndex:
         """[B] int64 rows of many ids at once, -1 for an id not in the index: the probes run in numpy,
         all ids a round (one slot step) at a time; only ids whose hash matches a slot's are compared."""
         keys = [v.encode() for v in video_ids]
-        hashes = np.frombuffer(b"".join(hashlib.blake2b(k, digest_size=8).digest() for k in keys), dtype="<u8")  # [B]
+        hashes = _key_hashes(keys)  # [B]
         out = np.full(len(keys), -1, dtype=np.int64)  # [B]
         slot = (hashes & np.uint64(self._mask)).astype(np.int64)  # [B]
         todo = np.arange(len(keys))  # ids still probing

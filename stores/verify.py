@@ -188,7 +188,7 @@ def _verify_shard(layout: Layout, meta: StoreMeta, shard: int, ids: pa.ChunkedAr
                 problems += check_sidecar(rows_path)
                 if problems:
                     return problems
-            part = ShardRows(layout.out / ledger.files["rows"].path, ledger.row_start, ledger.row_stop - ledger.row_start)
+            part = ShardRows(rows_path, ledger.row_start, ledger.row_stop - ledger.row_start)
             status = part.status  # [rows] int8
             if part.counts != ledger.counts or part.failures() != list(ledger.failures):
                 return [f"shard {shard}: the rows part's statuses or failures disagree with the ledger ({ledger.counts})"]
