@@ -4,6 +4,7 @@ localization head reading the per-position region match (the regions visible at 
 import itertools
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -114,3 +115,72 @@ def test_span_scores_end_a_span_where_the_membership_changes():
            "end": torch.zeros(1, M, S).masked_fill(pad, float("-inf")), "member": member.masked_fill(pad, float("-inf"))}
     spans = best_window(span_scores(out)[0]).tolist()
     assert spans == [[0, 3], [3, 5], [5, 9]]
+
+
+def _moving_split(units: str, N=8, T=4, K=2, Df=6, Dr=5):
+    """N videos of K moving boxes (one absent in frame 0), tokens built by the real data path
+    (train.data.video_batch: linking, then track or region tokens)."""
+    from train.data import video_batch
+
+    rng = np.random.default_rng(0)
+    start = rng.uniform(0.2, 0.6, (N, 1, K, 2)) + 0.05 * np.arange(T)[None, :, None, None] * rng.choice([-1, 1], (N, 1, K, 2))
+    boxes = np.concatenate([start - 0.1, start + 0.1], -1).astype(np.float32)  # [N, T, K, 4]
+    classes = np.broadcast_to(np.arange(K, dtype=np.int16), (N, T, K)).copy()
+    classes[:, 0, 1] = -1  # the second object enters at frame 1
+    feats = np.repeat(rng.standard_normal((N, 1, K, Dr)), T, 1) + 0.05 * rng.standard_normal((N, T, K, Dr))
+    a = {"frame_features": rng.standard_normal((N, T, Df)).astype(np.float16),
+         "region_features": feats.astype(np.float16), "region_boxes": boxes * (classes >= 0)[..., None],
+         "region_classes": classes, "region_scores": (classes >= 0).astype(np.float16)}
+    ids = [f"v{i}" for i in range(N)]
+    return SplitData(ids, [[f"caption {i}"] for i in ids], [f"v{i ^ 1}" for i in range(N)], np.zeros((N, T)),
+                     video_batch(a, units, max_units=K))
+
+
+def _clip_model(units: str, T=4, Df=6, Dr=5):
+    from train.data import geom_dim
+
+    cfg = load_config(None, [f"model.units={units}", "loss.loc_videos=4", f"loss.loc_min_frames={T}",
+                             "model.dim=16", "model.embed_dim=8", "model.heads=2", "model.dropout=0.0"])
+    torch.manual_seed(0)
+    return VideoTextModel(cfg, Df=Df, Dr=Dr, G=geom_dim(units, T), T=T).eval(), cfg
+
+
+@pytest.mark.parametrize("units", ["track", "region"])
+def test_a_window_on_a_whole_crop_is_encoded_as_the_clip_itself(units):
+    """Crops of all T frames (loc_min_frames = T): the window on a video's crop is that video, so its clip
+    (frames, tokens of what is visible, geometry and displacements rebuilt from the window) must encode to
+    the retrieval embedding of the video, through the real encoder."""
+    from train.moments import plan_merge, window_clips
+
+    split = _moving_split(units)
+    model, cfg = _clip_model(units)
+    groups = torch.randperm(8, generator=torch.Generator().manual_seed(0)).reshape(2, 4)
+    plan = plan_merge(groups, 4, 4, torch.Generator().manual_seed(1))
+    spans = plan.spans.reshape(-1, 2)
+    windows = torch.stack([torch.arange(2).repeat_interleave(4), spans[:, 0], spans[:, 1] - spans[:, 0]], 1)
+    with torch.no_grad():
+        got = model.global_video(model.encode_video(window_clips(split.video, groups, plan, windows, units).float()))
+        want = model.global_video(model.encode_video(split.batch(groups.reshape(-1))))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_clip_window_baseline_finds_each_caption_and_is_scored_by_moment_metrics():
+    """A caption whose embedding is its video's retrieval embedding: the clip-encoded window baseline must
+    put it on exactly its video's crop (every other candidate window mixes two videos), decoded by
+    best_window and scored by moment_metrics like the frame-sum baseline, on the same queries."""
+    from train.evaluate import embed_split
+    from train.metrics import moment_metrics
+    from train.objectives import TextBatch
+
+    split = _moving_split("track")
+    model, cfg = _clip_model("track")
+    mask = torch.ones(8, 5, dtype=torch.bool)
+    text = TextBatch(torch.randn(8, 5, 384, generator=torch.Generator().manual_seed(3)), mask,
+                     torch.zeros(8, 5, dtype=torch.long), mask.clone())
+    emb = embed_split(model, cfg, split, text, torch.device("cpu"))
+    emb.text = emb.video.clone()
+    out = moment_retrieval(model, cfg, emb, split, seed=0, device=torch.device("cpu"))
+    clip = {k: v for k, v in out.items() if k.startswith("window_clip_")}
+    assert set(clip) == {k.replace("moment_", "window_clip_", 1) for k in moment_metrics(np.zeros((1, 2)), np.ones((1, 2)))}
+    assert clip["window_clip_exact"] == 100.0 and out["moment_queries"] == 8
+    assert "moment_R@1_IoU0.7" in out  # the frame-sum baseline, on the same plan

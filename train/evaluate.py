@@ -15,7 +15,7 @@ from train.data import SplitData, eval_shard
 from train.losses import alignment_similarity, span_scores
 from train.metrics import binding_accuracy, moment_metrics, retrieval_metrics
 from train.model import VideoTextModel
-from train.moments import MergePlan, plan_merge
+from train.moments import MergePlan, plan_merge, plan_windows, window_clips
 from train.objectives import TextBatch, align_inputs, localize
 
 log = logging.getLogger(__name__)
@@ -115,12 +115,20 @@ TEXT_KEYS = ("text", "text_cls", "units", "unit_mask")
 
 
 @torch.no_grad()
-def score_matrix(emb: Embeddings, cfg: TrainConfig, chunk: int = 16) -> torch.Tensor:
+def score_matrix(emb: Embeddings, cfg: TrainConfig) -> torch.Tensor:
     """[n_text, n_video] retrieval scores: global cosine, plus w * S_loc in "global+align" mode."""
-    sims = emb.text @ emb.video.t()
+    return retrieval_scores(cfg, emb.text, emb.units, emb.unit_mask, emb.video, emb.regions, emb.region_mask)
+
+
+def retrieval_scores(cfg: TrainConfig, text: torch.Tensor, units: torch.Tensor, unit_mask: torch.Tensor,
+                     video: torch.Tensor, regions: torch.Tensor, region_mask: torch.Tensor, chunk: int = 16
+                     ) -> torch.Tensor:
+    """The retrieval score of every text against every clip: text [Q, E], units [Q, P, E] + mask, video [V, E],
+    regions [V, R, E] + mask -> [Q, V]. Retrieval and the clip-window baseline both score through here."""
+    sims = text @ video.t()
     if cfg.score_mode == "global+align":
-        rows = [alignment_similarity(emb.units[s:s + chunk], emb.unit_mask[s:s + chunk], emb.regions,
-                                     emb.region_mask, cfg.loss.align_lambda) for s in range(0, len(sims), chunk)]
+        rows = [alignment_similarity(units[s:s + chunk], unit_mask[s:s + chunk], regions, region_mask,
+                                     cfg.loss.align_lambda) for s in range(0, len(sims), chunk)]
         sims = sims + cfg.run.align_score_weight * torch.cat(rows)
     return sims
 
@@ -169,12 +177,49 @@ def window_scores(model: VideoTextModel, emb: Embeddings, groups: torch.Tensor, 
 
 
 @torch.no_grad()
+def clip_window_scores(model: VideoTextModel, cfg: TrainConfig, emb: Embeddings, split: SplitData,
+                       groups: torch.Tensor, plan: MergePlan, device: torch.device, chunk: int = 256) -> torch.Tensor:
+    """Training-free baseline that reads the model as retrieval does: each candidate window of a merged
+    sequence encoded as one clip by the video encoder (train/moments.py window_clips) and scored against
+    each text of its group with the retrieval score (retrieval_scores). -> [G, M, S, S], -inf off the
+    candidates. Candidates are the windows of loc_min_frames..T positions: plan_merge crops every segment
+    to that range, so no longer or shorter window can be a segment (the head learns the same range from
+    training on the same construction), and a clip holds T frames (the encoder has T frame indices)."""
+    (G, M), S, T = groups.shape, plan.valid.shape[1], split.video.frames.shape[1]
+    windows = plan_windows(plan, max(1, min(cfg.loss.loc_min_frames, T)), T)  # [W, 3] (group, start, length)
+    score = torch.full((G, M, S, S), float("-inf"))
+    model.eval()
+    for g in range(G):
+        texts = groups[g]  # [M] the group's captions
+        text = (emb.text[texts].to(device), emb.units[texts].to(device), emb.unit_mask[texts].to(device))
+        mine = windows[windows[:, 0] == g]
+        for c in range(0, len(mine), chunk):
+            w = mine[c:c + chunk]
+            vb = window_clips(split.video, groups, plan, w, cfg.model.units).float().to(device)
+            vo = model.encode_video(vb)
+            regions = F.normalize(model.align_video(vo.units), dim=-1)  # [w, R, E], as align_inputs
+            rmask = vb.unit_mask if model.video.use_regions else torch.zeros_like(vb.unit_mask)
+            sims = retrieval_scores(cfg, text[0], text[1], text[2], model.global_video(vo), regions, rmask)  # [M, w]
+            score[g][:, w[:, 1], w[:, 1] + w[:, 2] - 1] = sims.float().cpu()  # [M, w] at (start, end)
+    return score
+
+
+def _decode(score: torch.Tensor, plan: MergePlan, prefix: str) -> dict[str, float]:
+    """Best window per query (best_window) scored against the plan's spans (moment_metrics)."""
+    S = score.shape[-1]
+    pred = best_window(score.reshape(-1, S, S)).numpy()
+    return moment_metrics(pred, plan.spans.reshape(-1, 2).numpy(), prefix)
+
+
+@torch.no_grad()
 def moment_retrieval(model: VideoTextModel, cfg: TrainConfig, emb: Embeddings, split: SplitData, seed: int,
                      device: torch.device) -> dict[str, float]:
     """Random groups of M held-out videos (a seeded permutation, not neighbours in the manifest), each
     merged into one sequence of random crops (train/moments.py), and each caption's segment predicted by
-    the localization head (best span score, losses.span_scores) or, for a model trained without it, the window
-    baseline. Both are scored by the same code on the same queries."""
+    the localization head (best span score, losses.span_scores; `moment_*`) or, for a model trained without
+    it, by two training-free window baselines: the frame sum (window_scores; `moment_*`) and the
+    clip-encoded window (clip_window_scores; `window_clip_*`). All are decoded by best_window and scored by
+    moment_metrics on the same queries."""
     M, N, T = cfg.loss.loc_videos, len(split), split.video.frames.shape[1]
     G = N // M
     if G == 0 or emb.q != 1:
@@ -187,23 +232,22 @@ def moment_retrieval(model: VideoTextModel, cfg: TrainConfig, emb: Embeddings, s
         video = split.video.float().to(device)
         aligned = (emb.units.to(device), emb.unit_mask.to(device), emb.regions.to(device), emb.region_mask.to(device))
         out = localize(model, cfg, video, emb.text_cls.to(device), aligned, groups, plan)
-        score = span_scores({k: v.cpu() for k, v in out.items()})  # [G, M, S, S]
+        out = _decode(span_scores({k: v.cpu() for k, v in out.items()}), plan, "moment")  # [G, M, S, S] scores
     else:
-        score = window_scores(model, emb, groups, plan)
-    S = score.shape[-1]
-    pred = best_window(score.reshape(G * M, S, S)).numpy()
-    out = moment_metrics(pred, plan.spans.reshape(G * M, 2).numpy())
+        out = _decode(window_scores(model, emb, groups, plan), plan, "moment")
+        out.update(_decode(clip_window_scores(model, cfg, emb, split, groups, plan, device), plan, "window_clip"))
     out["moment_queries"] = float(G * M)
     return out
 
 
 def evaluate(model: VideoTextModel, cfg: TrainConfig, split: SplitData, text: TextBatch, device: torch.device,
-             rank: int = 0, world_size: int = 1) -> dict[str, float]:
+             rank: int = 0, world_size: int = 1, moments: bool = True) -> dict[str, float]:
+    """Retrieval, binding and (moments=True, where the split has moments) moment retrieval."""
     emb = embed_split(model, cfg, split, text, device, rank, world_size)
     sims = score_matrix(emb, cfg).numpy()
     out = retrieval_metrics(sims)
     out.update(binding(sims, split))
-    if has_moments(split):
+    if moments and has_moments(split):
         out.update(moment_retrieval(model, cfg, emb, split, cfg.run.seed, device))
     out["videos"] = float(len(split))
     out["captions_per_video"] = float(emb.q)

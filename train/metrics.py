@@ -116,12 +116,13 @@ def temporal_iou(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
-def moment_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
-    """R@1 at IoU >= 0.3/0.5/0.7, mean IoU and exact-segment accuracy (percent) of top-1 segments."""
+def moment_metrics(pred: np.ndarray, gt: np.ndarray, prefix: str = "moment") -> dict[str, float]:
+    """R@1 at IoU >= 0.3/0.5/0.7, mean IoU and exact-segment accuracy (percent) of top-1 segments, keyed
+    `{prefix}_R@1_IoU0.7` etc. (one metric code for the head and every baseline)."""
     if len(pred) == 0:
         raise ValueError("moment_metrics needs at least one query")
     iou = temporal_iou(pred, gt)
-    out = {f"moment_R@1_IoU{t}": float(100.0 * np.mean(iou >= t)) for t in (0.3, 0.5, 0.7)}
-    out["moment_mIoU"] = float(100.0 * iou.mean())
-    out["moment_exact"] = float(100.0 * np.mean(np.all(np.asarray(pred) == np.asarray(gt), axis=1)))
+    out = {f"{prefix}_R@1_IoU{t}": float(100.0 * np.mean(iou >= t)) for t in (0.3, 0.5, 0.7)}
+    out[f"{prefix}_mIoU"] = float(100.0 * iou.mean())
+    out[f"{prefix}_exact"] = float(100.0 * np.mean(np.all(np.asarray(pred) == np.asarray(gt), axis=1)))
     return out
