@@ -136,7 +136,8 @@ def build_detector(cfg: FinetuneConfig) -> nn.Module:
     if cfg.detector == EFFICIENTNET_DETECTOR:
         for stage in list(model.backbone.body.children())[:cfg.frozen_stages]:
             stage.requires_grad_(False)
-    return single_scale(model)  # frames at their own size, in training as in extraction
+    # NHWC convolutions: a CPU step is ~1.3x cheaper (oneDNN's depthwise and strided convs, forward and backward)
+    return single_scale(model).to(memory_format=torch.channels_last)  # frames at their own size, as in extraction
 
 
 def _float(image: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from _extractors_helpers import made_videos, real_videos  # noqa: F401 (fixtures
 from extractors import build_extraction_stage, build_frame_encoder, build_region_source, extractor_provenance
 from extractors.config import ExtractorConfig, FrameEncoderConfig, RegionConfig, SamplingConfig
 from extractors.decode import decode_clip
-from extractors.encoders import map_by_order, to_batch
+from extractors.encoders import build_trunk, map_by_order, to_batch
 from extractors.regions import DetectorRoIFeatures, given_boxes_for_clip
 from extractors.weights import PKG_EFFICIENTNET_LITE0, read_weights, resolve_weights
 
@@ -46,12 +46,13 @@ def test_efficientnet_lite0_loads_the_shipped_imagenet_file(frames):
     cfg = FrameEncoderConfig(weights=PKG_EFFICIENTNET_LITE0, input_size=96)
     enc = build_frame_encoder(cfg)
     assert np.array_equal(enc(frames), build_frame_encoder(cfg)(frames))
-    loaded = {k: v for k, v in enc.net.state_dict().items()}
+    loaded = build_trunk("efficientnet_lite0", 96, PKG_EFFICIENTNET_LITE0, seed=0)[0].state_dict()  # before BN folding
     source = read_weights(path)
     assert torch.equal(loaded["conv_stem.weight"], source["_conv_stem.weight"])
     assert torch.equal(loaded["conv_head.weight"], source["_conv_head.weight"])
-    seeded = build_frame_encoder(FrameEncoderConfig(input_size=96), allow_random=True)
-    assert not torch.equal(seeded.net.state_dict()["conv_stem.weight"], source["_conv_stem.weight"])
+    assert torch.equal(loaded["bn1.running_var"], source["_bn0.running_var"])
+    seeded = build_trunk("efficientnet_lite0", 96, "", seed=0, allow_random=True)[0]
+    assert not torch.equal(seeded.state_dict()["conv_stem.weight"], source["_conv_stem.weight"])
 
 
 def test_weight_mapping_checks_every_pair():

@@ -15,7 +15,7 @@ from _pipeline_helpers import job_config
 from extractors import build_extraction_stage, build_region_source, extractor_provenance
 from extractors.config import ExtractorConfig, RegionConfig, SamplingConfig
 from extractors.decode import decode_clip
-from extractors.regions import CLS_SCORE_KEY
+from extractors.regions import CLS_SCORE_KEY, build_detector
 from extractors.weights import WeightsError, published_file
 from pipeline.config import ConfigError
 from pipeline.job import Job
@@ -104,9 +104,9 @@ def test_detector_checkpoint_loads_by_published_key_names(frames, tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="extractors.weights"):
         stage = build_extraction_stage(ExtractorConfig.from_dict(detector_config(str(path))))
     assert f"named as the published {DETECTOR} checkpoint but its sha256" in caplog.text
-    loaded = stage.regions.backbone.model.state_dict()
+    loaded = build_detector(DETECTOR, str(path), seed=0).state_dict()  # the stage's model before BN folding
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
-    in_memory = build_region_source(stage.cfg.regions, detector=model)(frames)
+    in_memory = build_region_source(stage.cfg.regions, detector=model)(frames)  # so the stage runs these weights
     out = stage(frames).regions
     assert out.counts.min() >= 2
     for name in ("boxes", "scores", "classes", "counts", "features"):

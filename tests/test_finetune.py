@@ -14,7 +14,8 @@ import yaml
 
 from extractors.config import ExtractorConfig, RegionConfig, SamplingConfig
 from extractors.decode import decode_clip
-from extractors.regions import EFFICIENTNET_DETECTOR, build_region_source, fasterrcnn_efficientnet_lite0_fpn
+from extractors.regions import (EFFICIENTNET_DETECTOR, build_detector, build_region_source,
+                                fasterrcnn_efficientnet_lite0_fpn)
 from extractors.stage import build_extraction_stage
 from extractors.weights import WeightsError
 from pipeline import demo, finetune
@@ -55,10 +56,10 @@ def test_checkpoint_loads_through_the_extractor_config(tuned, demo_corpus):
     section = yaml.safe_load((ROOT / "configs/datasets/demo_detector.yaml").read_text())["extractor"]
     section["regions"].update(weights=str(tuned), region_input_size=64, min_boxes=1)  # 2 steps: low scores
     stage = build_extraction_stage(ExtractorConfig.from_dict(section))
-    detector = stage.regions.backbone.model
+    loaded = build_detector(EFFICIENTNET_DETECTOR, str(tuned), seed=0).state_dict()  # the stage's, before BN folding
     state = torch.load(tuned, weights_only=True)
-    assert all(torch.equal(detector.state_dict()[k], v) for k, v in state.items())
-    assert detector.rpn.post_nms_top_n() == 32
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert stage.regions.backbone.model.rpn.post_nms_top_n() == 32
     out = stage(clip.frames).regions
     real = out.classes[out.classes >= 0]
     assert len(real) and set(real.tolist()) <= set(range(1, len(demo.SHAPES) + 1))  # shapes, not COCO's 90
