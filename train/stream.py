@@ -109,7 +109,7 @@ class ShardSource:
         return {name: a[name] for name in ARRAYS}
 
 
-@dataclass
+@dataclass(slots=True)
 class _Row:
     """What the stream needs of a row's record."""
 
@@ -118,7 +118,7 @@ class _Row:
     captions: list[str]  # every caption (train.data.video_captions); [] = not an ok video of the split
 
 
-ROW_CACHE = 100_000  # records kept per worker (a few hundred bytes each) when the stream has no more rows
+ROW_CACHE = 20_000  # records kept per worker (~300 bytes each) when the stream has no more rows
 
 
 def _rng(*keys: int) -> np.random.Generator:
