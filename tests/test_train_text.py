@@ -50,3 +50,26 @@ def test_loading_minilm_draws_nothing_from_the_global_rng():
     before = torch.get_rng_state()
     MiniLM.from_pretrained(default_model_dir())
     assert torch.equal(before, torch.get_rng_state())
+
+
+def test_cached_tokenisation_equals_a_fresh_tokenizer_batch_after_batch():
+    """Captions repeat, are evicted (cache of 4) and come back; long ones are cut with [SEP] kept last."""
+    import numpy as np
+
+    model_dir = default_model_dir()
+    pool = ["a red circle moves left", "two dogs", "a green triangle leaves the frame while a blue square waits",
+            "a yellow diamond, then a red circle and a blue square move up and down across the whole frame",
+            "   ", "the cat"]
+    cached = CaptionTokenizer(model_dir, 12, cache_size=4)
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        batch = [str(c) for c in rng.choice(pool, 5)]
+        fresh = CaptionTokenizer(model_dir, 12)
+        assert cached.word_counts(batch) == fresh.word_counts(batch)
+        batch = [c for c in batch if c.strip()]
+        got, want = cached(batch), fresh(batch)
+        for f in ("ids", "mask", "phrase"):
+            assert torch.equal(getattr(got, f), getattr(want, f)), f
+        assert got.truncated == want.truncated
+    assert len(cached._cache) == 4 and cached(pool[3:4]).truncated == 1
+    assert cached(pool[:2]).phrase[0].max() == 0 and fresh(pool[2:3]).phrase[0].max() == 1  # clauses

@@ -89,11 +89,13 @@ def _centre_size(boxes: np.ndarray) -> np.ndarray:
                      boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]], axis=-1)
 
 
-def track_tokens(a: dict[str, np.ndarray], max_units: int) -> tuple[np.ndarray, ...]:
+def track_tokens(a: dict[str, np.ndarray], max_units: int, width: int = 0) -> tuple[np.ndarray, ...]:
     """One token per region class per video (video_batch passes track ids from `linked` as the class),
     built for the whole batch at once. A video keeps its max_units classes of highest total score (ties:
     lower class), ordered by first appearance; where a class has several boxes in a frame, the
-    best-scoring one is its box there.
+    best-scoring one is its box there. R = the most tracks of a video in the batch (>= 1), or `width` if
+    larger: a padded slot's values come from its own video only, so the tokens of a video padded to
+    width are those of any batch cut to its R (VideoTokenCache relies on it).
     -> features [N, R, Dr], geometry [N, R, 7T], frame index [N, R] (= T), mask [N, R], class [N, R]."""
     feats, boxes, classes, scores = (a["region_features"], a["region_boxes"], a["region_classes"].astype(np.int64),
                                      a["region_scores"].astype(np.float32))
@@ -110,7 +112,7 @@ def track_tokens(a: dict[str, np.ndarray], max_units: int) -> tuple[np.ndarray, 
     keep = by_score[_rank_in_group(vid[by_score]) < max_units]
     keep = keep[np.lexsort((cls[keep], first[keep], vid[keep]))]  # per video: order of first appearance
     slot = _rank_in_group(vid[keep])
-    R = max(1, int(slot.max()) + 1 if len(keep) else 1)
+    R = max(1, width, int(slot.max()) + 1 if len(keep) else 1)
     out_c = np.full((N, R), -1, np.int64)  # [N, R] region class of each track
     out_c[vid[keep], slot] = cls[keep]
     out_m = out_c >= 0  # [N, R]
@@ -207,15 +209,61 @@ def linked(a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {**a, "region_classes": ids}
 
 
-def video_batch(a: dict[str, np.ndarray], units: str, max_units: int) -> VideoBatch:
+def video_batch(a: dict[str, np.ndarray], units: str, max_units: int, width: int = 0) -> VideoBatch:
     """Store arrays of N videos -> video tokens (features kept in float16); regions linked into tracks
-    by geometry and appearance first (`linked`)."""
+    by geometry and appearance first (`linked`). width: track tokens padded to at least this many."""
     a = linked(a)
-    tokens = track_tokens(a, max_units)[:4] if units == "track" else region_tokens(a)
+    tokens = track_tokens(a, max_units, width)[:4] if units == "track" else region_tokens(a)
     unit_f, unit_g, unit_t, unit_m = (torch.from_numpy(np.ascontiguousarray(x)) for x in tokens)
     frames = torch.from_numpy(np.ascontiguousarray(a["frame_features"].astype(np.float16)))  # [N, T, Df]
     return VideoBatch(frames, torch.ones(frames.shape[:2], dtype=torch.bool), unit_f.half(), unit_g.float(),
                       unit_t, unit_m)
+
+
+class VideoTokenCache:
+    """The video tokens of each stored row, so that a video streamed again in a later epoch is not read,
+    checked for NaN/Inf, linked and tokenised again (~1/4 of an ablation run's CPU time before). A
+    video's tokens depend on its own arrays only, padded track slots included (track_tokens), so the
+    batch stacked from cached videos with its unit axis cut to the batch's most tracks is bitwise
+    video_batch's (tests/test_ablation_cache.py). Keyed by row: one cache serves one store. keep=False
+    (a corpus whose tokens would not fit in memory; an epoch reads each video once, so a partial cache
+    would never be hit) drops the entries after each batch."""
+
+    def __init__(self, units: str, max_units: int, keep: bool = True):
+        self.units, self.max_units, self.keep = units, max_units, keep
+        self._rows: dict[int, tuple[torch.Tensor, ...] | None] = {}  # row -> VideoBatch fields; None = NaN/Inf
+
+    @staticmethod
+    def video_bytes(units: str, max_units: int, T: int, K: int, Df: int, Dr: int) -> int:
+        """Memory of one video's entry: frames float16 + frame mask, then per unit token its float16
+        feature, float32 geometry, int64 frame index and mask."""
+        U = max_units if units == "track" else T * K
+        return T * (2 * Df + 1) + U * (2 * Dr + 4 * geom_dim(units, T) + 9)
+
+    def finite(self, rows: list[int], read) -> np.ndarray:
+        """[n] True where the row's features are all finite. Rows not cached are read (read(rows) -> store
+        arrays [n, ...], as ShardSource.read) and tokenised."""
+        missing = [r for r in rows if r not in self._rows]
+        if missing:
+            a = read(missing)
+            ok = check_finite(a)  # [n]
+            video = video_batch({k: v[ok] for k, v in a.items()}, self.units, self.max_units, self.max_units) \
+                if ok.any() else None
+            fields = [getattr(video, f) for f in VideoBatch.__dataclass_fields__] if video is not None else []
+            for r, good, j in zip(missing, ok, np.cumsum(ok) - 1):  # j: the row's index among the finite ones
+                # a copy: a view would keep the whole batch alive
+                self._rows[r] = tuple(x[j].clone() for x in fields) if good else None
+        return np.array([self._rows[r] is not None for r in rows], dtype=bool)
+
+    def batch(self, rows: list[int]) -> VideoBatch:
+        """The VideoBatch of finite rows (after `finite`), as video_batch would build it from their arrays."""
+        fields = [torch.stack(x) for x in zip(*(self._rows[r] for r in rows))]
+        if self.units == "track":  # unit axis: the batch's most tracks, as track_tokens sizes it
+            R = max(1, int(fields[-1].sum(1).max()))
+            fields[2:] = [x[:, :R] for x in fields[2:]]
+        if not self.keep:
+            self._rows.clear()
+        return VideoBatch(*fields)
 
 
 def load_split(features: str, split: str, units: str, max_units: int, expected: dict | None = None) -> tuple[SplitData, dict]:

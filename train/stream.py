@@ -39,7 +39,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from stores import open_store
 from stores.schema import ARRAYS
-from train.data import DataError, check_finite, video_batch, video_captions
+from train.data import DataError, VideoTokenCache, video_captions
 from train.model import VideoBatch
 from train.text import CaptionTokenizer, resolve_model_dir
 
@@ -63,6 +63,7 @@ class StreamSpec:
     max_tokens: int = 40
     long_captions: str = "truncate"
     shards: tuple[int, ...] = ()  # committed shards streamed; () = those committed at start
+    cache_mb: int = 256  # each worker keeps every video's tokens when all the streamed rows' fit in this
 
 
 @dataclass
@@ -106,6 +107,18 @@ class ShardSource:
         """Arrays [n, ...] of the given ok rows (whole chunks, each shard file opened once), in order."""
         a = self.reader.read_rows(rows)
         return {name: a[name] for name in ARRAYS}
+
+
+@dataclass(slots=True)
+class _Row:
+    """What the stream needs of a row's record."""
+
+    video_id: str
+    split: str
+    captions: list[str]  # every caption (train.data.video_captions); [] = not an ok video of the split
+
+
+ROW_CACHE = 20_000  # records kept per worker (~300 bytes each) when the stream has no more rows
 
 
 def _rng(*keys: int) -> np.random.Generator:
@@ -226,6 +239,12 @@ class _RankReader:
         # parts) would keep ~90 MB of rows parts and up to 64 shard files mapped per worker at 1M videos.
         self.source = ShardSource(s.features, 2 * stream.plan.window_pieces)
         self.tokenizer = CaptionTokenizer(resolve_model_dir(s.text_model_dir), s.max_tokens, s.long_captions)
+        # Every epoch reads the same rows again (a rank's pieces change, the rows do not), so per-row work
+        # is kept where the whole stream fits; at corpus scale an epoch reads a video once: nothing kept.
+        rows, d = int(stream.plan.sizes.sum()), stream.meta.dims
+        self.videos = VideoTokenCache(s.units, s.max_units, keep=rows * VideoTokenCache.video_bytes(
+            s.units, s.max_units, d.T, d.K, d.Df, d.Dr) <= s.cache_mb << 20)
+        self._rows: dict[int, _Row] | None = {} if rows <= ROW_CACHE else None
         self.epoch, self.pos = stream.state.cursor
         self.skipped = {"nonfinite": 0, "empty_caption": 0}
         self._order: EpochOrder | None = None
@@ -236,25 +255,38 @@ class _RankReader:
             self._order = self.stream.plan.order(self.epoch, self.spec.rank)
         return self._order
 
-    def _caption(self, record) -> str:
-        captions = video_captions(record.video_id, record.caption, record.meta)
-        return captions[int(_rng(self.spec.seed, self.epoch, record.row).integers(len(captions)))]
+    def _row(self, row: int) -> _Row:
+        got = self._rows.get(row) if self._rows is not None else None
+        if got is None:
+            record = self.source.record(row)
+            split = record.meta.get("split", "")
+            usable = record.status == "ok" and (not self.spec.split or split == self.spec.split)
+            got = _Row(record.video_id, split, video_captions(record.video_id, record.caption, record.meta)
+                       if usable else [])
+            if self._rows is not None:
+                self._rows[row] = got
+        return got
 
-    def _usable(self, rows: list[int]) -> list[tuple[int, Any, str]]:
-        """(row, record, caption) of the rows that are ok videos of the split with a non-empty caption."""
+    def _caption(self, row: int, captions: list[str]) -> str:
+        if len(captions) == 1:  # the draw below could only give 0
+            return captions[0]
+        return captions[int(_rng(self.spec.seed, self.epoch, row).integers(len(captions)))]
+
+    def _usable(self, rows: list[int]) -> list[tuple[int, str, str]]:
+        """(row, video id, caption) of the rows that are ok videos of the split with a non-empty caption."""
         picked = []
         for row in rows:
-            record = self.source.record(row)
-            self.splits_seen.add(record.meta.get("split", ""))
-            if record.status == "ok" and (not self.spec.split or record.meta.get("split", "") == self.spec.split):
-                picked.append((row, record, self._caption(record)))
+            r = self._row(row)
+            self.splits_seen.add(r.split)
+            if r.captions:
+                picked.append((row, r.video_id, self._caption(row, r.captions)))
         words = self.tokenizer.word_counts([c for _, _, c in picked])
-        for (row, record, caption), n in zip(picked, words):
+        for (row, video_id, caption), n in zip(picked, words):
             if n == 0 and row % self.n_workers == self.worker:  # one worker reports each
-                self._skip("empty_caption", record.video_id, f"its caption {caption!r} is empty after tokenisation")
+                self._skip("empty_caption", video_id, f"its caption {caption!r} is empty after tokenisation")
         return [p for p, n in zip(picked, words) if n > 0]
 
-    def _next_batch_rows(self) -> list[tuple[int, Any, str]]:
+    def _next_batch_rows(self) -> list[tuple[int, str, str]]:
         """The next batch's rows within one epoch (an epoch's incomplete last batch is dropped, so a batch
         never holds a video twice); moves the position past them."""
         B, empty_epochs = self.spec.batch_size, 0
@@ -282,23 +314,22 @@ class _RankReader:
                 yield self._batch(items)
             k += 1
 
-    def _batch(self, items: list[tuple[int, Any, str]]) -> dict[str, Any]:
-        a = self.source.read([row for row, _, _ in items])  # grouped by shard, whole chunks
-        finite = check_finite(a)  # [n] bool
-        for (_, record, _), ok in zip(items, finite):
+    def _batch(self, items: list[tuple[int, str, str]]) -> dict[str, Any]:
+        # rows not cached are read grouped by shard, whole chunks
+        finite = self.videos.finite([row for row, _, _ in items], self.source.read)  # [n] bool
+        for (_, video_id, _), ok in zip(items, finite):
             if not ok:
-                self._skip("nonfinite", record.video_id, "its features contain NaN or Inf")
+                self._skip("nonfinite", video_id, "its features contain NaN or Inf")
         if not finite.any():
             raise DataError(f"every video of a batch of {self.spec.features!r} has NaN/Inf features: "
-                            f"{[r.video_id for _, r, _ in items][:10]}; run `vlpcache verify` and re-extract")
+                            f"{[v for _, v, _ in items][:10]}; run `vlpcache verify` and re-extract")
         items = [it for it, ok in zip(items, finite) if ok]
-        a = {k: v[finite] for k, v in a.items()}
-        video = video_batch(a, self.spec.units, self.spec.max_units)
+        video = self.videos.batch([row for row, _, _ in items])
         captions = [c for _, _, c in items]
         tokens = self.tokenizer(captions)
         return {"video": {f: getattr(video, f) for f in VideoBatch.__dataclass_fields__},
                 "ids": tokens.ids, "mask": tokens.mask, "phrase": tokens.phrase, "truncated": tokens.truncated,
-                "rows": torch.tensor([row for row, _, _ in items]), "video_ids": [r.video_id for _, r, _ in items],
+                "rows": torch.tensor([row for row, _, _ in items]), "video_ids": [v for _, v, _ in items],
                 "captions": captions, "worker": self.worker, "cursor": (self.epoch, self.pos),
                 "skipped": dict(self.skipped)}
 

@@ -64,20 +64,72 @@ class TokenBatch:
     truncated: int  # captions cut at max_tokens
 
 
-class CaptionTokenizer:
-    """Captions -> padded token ids with a clause index per token."""
+class CaptionCache:
+    """make(caption, encoding) for each caption, kept for at most `size` captions (least recently used
+    out first); the captions not kept are tokenised together (`tokenizer.encode_batch`)."""
 
-    def __init__(self, model_dir: Path, max_tokens: int, long_captions: str = "truncate", max_phrases: int = 8):
+    def __init__(self, tokenizer, make, size: int):
+        self.tokenizer, self.make, self.size = tokenizer, make, size
+        self._kept: OrderedDict[str, object] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def __call__(self, captions: list[str]) -> list:
+        missing = [c for c in dict.fromkeys(captions) if c not in self._kept]
+        for text, enc in zip(missing, self.tokenizer.encode_batch(missing) if missing else []):
+            self._kept[text] = self.make(text, enc)
+        out = []
+        for c in captions:
+            self._kept.move_to_end(c)
+            out.append(self._kept[c])
+        while len(self._kept) > self.size:
+            self._kept.popitem(last=False)
+        return out
+
+
+@dataclass
+class _Encoded:
+    """One caption's tokenisation, as a batch uses it."""
+
+    n_tokens: int  # tokens of the whole caption, [CLS] and [SEP] included
+    ids: np.ndarray  # [n] int64 the kept tokens (cut at max_tokens, [SEP] kept last)
+    phrase: np.ndarray  # [n] int64 clause index of each kept token, -1 = special / outside every clause
+
+
+class CaptionTokenizer:
+    """Captions -> padded token ids with a clause index per token. Each caption's tokenisation is kept
+    (at most `cache_size` captions): training samples the same captions every epoch, and a caption's ids
+    and clauses never depend on the batch it comes in."""
+
+    def __init__(self, model_dir: Path, max_tokens: int, long_captions: str = "truncate", max_phrases: int = 8,
+                 cache_size: int = 16384):
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.max_tokens, self.long_captions, self.max_phrases = max_tokens, long_captions, max_phrases
+        self._cache = CaptionCache(self.tokenizer, self._encode, cache_size)
+
+    def _encode(self, text: str, enc) -> _Encoded:
+        L, ids = self.max_tokens, enc.ids
+        keep = ids[:L - 1] + [ids[-1]] if len(ids) > L else ids  # keep [SEP] last
+        offsets = enc.offsets[:L - 1] + [(0, 0)] if len(ids) > L else enc.offsets
+        phrase = np.full(len(keep), -1, np.int64)
+        spans = clause_spans(text)
+        for j, (a, b) in enumerate(offsets):
+            if b <= a:  # special token
+                continue
+            for p, (s, e) in enumerate(spans):
+                if s <= a < e:
+                    phrase[j] = min(p, self.max_phrases - 1)
+                    break
+        return _Encoded(len(ids), np.array(keep, np.int64), phrase)
 
     def word_counts(self, captions: list[str]) -> list[int]:
         """Tokens per caption besides [CLS]/[SEP] (0 = empty after tokenisation)."""
-        return [max(0, len(enc.ids) - 2) for enc in self.tokenizer.encode_batch(captions)]
+        return [max(0, e.n_tokens - 2) for e in self._cache(captions)]
 
     def __call__(self, captions: list[str]) -> TokenBatch:
         n, L = len(captions), self.max_tokens
@@ -85,26 +137,17 @@ class CaptionTokenizer:
         phrase = np.full((n, L), -1, np.int64)
         lengths = np.zeros(n, np.int64)
         truncated = 0
-        for i, (text, enc) in enumerate(zip(captions, self.tokenizer.encode_batch(captions))):
-            if len(enc.ids) <= 2:
+        for i, (text, enc) in enumerate(zip(captions, self._cache(captions))):
+            if enc.n_tokens <= 2:
                 raise CaptionError(f"caption {i} ({text!r}) is empty after tokenisation; every video needs a caption")
-            if len(enc.ids) > L:
+            if enc.n_tokens > L:
                 if self.long_captions == "error":
-                    raise CaptionError(f"caption {text[:80]!r}... has {len(enc.ids)} tokens, over text.max_tokens={L}; "
+                    raise CaptionError(f"caption {text[:80]!r}... has {enc.n_tokens} tokens, over text.max_tokens={L}; "
                                        "raise text.max_tokens (<= 512) or set text.long_captions=truncate")
                 truncated += 1
-            keep = enc.ids[:L - 1] + [enc.ids[-1]] if len(enc.ids) > L else enc.ids  # keep [SEP] last
-            offsets = enc.offsets[:L - 1] + [(0, 0)] if len(enc.ids) > L else enc.offsets
-            ids[i, :len(keep)] = keep
-            lengths[i] = len(keep)
-            spans = clause_spans(text)
-            for j, (a, b) in enumerate(offsets):
-                if b <= a:  # special token
-                    continue
-                for p, (s, e) in enumerate(spans):
-                    if s <= a < e:
-                        phrase[i, j] = min(p, self.max_phrases - 1)
-                        break
+            ids[i, :len(enc.ids)] = enc.ids
+            phrase[i, :len(enc.ids)] = enc.phrase
+            lengths[i] = len(enc.ids)
         if truncated:
             log.warning("%d of %d captions were longer than text.max_tokens=%d and were truncated at the right",
                         truncated, n, L)

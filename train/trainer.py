@@ -27,7 +27,7 @@ from train.objectives import Objectives, TextBatch
 from train.queue import FeatureQueue
 from train.stream import FeatureStream, StreamSpec, StreamState, batch_video
 from train.text import CaptionTokenizer, FrozenTextFeatures, load_minilm, resolve_model_dir
-from train.words import content_mask
+from train.words import ContentWords, content_mask
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -242,7 +242,8 @@ class Trainer:
         model_dir = resolve_model_dir(cfg.text.model_dir)
         self.text_features = (text_features or FrozenTextFeatures(model_dir, self.dist.device, cfg.text.cache_size)) \
             if cfg.text.frozen else None
-        self.tokenizer = CaptionTokenizer(model_dir, cfg.text.max_tokens).tokenizer  # content words of batches
+        self.content = ContentWords(CaptionTokenizer(model_dir, cfg.text.max_tokens).tokenizer,
+                                    cfg.loss.content_max_df)  # content words of batches
         self.eval_split: SplitData | None = None
         if cfg.data.eval_split:
             self.eval_split, _ = load_split(features, cfg.data.eval_split, cfg.model.units, cfg.model.max_units,
@@ -294,7 +295,7 @@ class Trainer:
         return batch
 
     def _text(self, batch: dict) -> TextBatch:
-        content = content_mask(self.tokenizer, batch["captions"], batch["ids"].shape[1], self.cfg.loss.content_max_df)
+        content = self.content(batch["captions"], batch["ids"].shape[1])
         tb = TextBatch(batch["ids"], batch["mask"], batch["phrase"], content)
         if self.text_features is not None:
             tb.inputs = self.text_features(batch["ids"], batch["mask"])

@@ -10,9 +10,12 @@ content word is a content token. No part-of-speech tagger, no phrase regex.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from train.text import CaptionCache
 
 # General English function words (closed classes) plus the commonest light verbs. Directional particles
 # (up, down, left...) are deliberately absent: in video captions they carry the motion.
@@ -54,16 +57,51 @@ def content_mask(tokenizer, captions: list[str], length: int, max_df: float = 0.
     """[N, length] bool: token j of caption i belongs to a content word. `tokenizer` is a `tokenizers`
     Tokenizer whose encodings match the ids the captions were padded to (same truncation at `length`).
     The frequency filter needs at least MIN_CAPTIONS_FOR_DF captions; below, function words only."""
-    df = document_frequency(captions) if len(captions) >= MIN_CAPTIONS_FOR_DF else {}
-    out = np.zeros((len(captions), length), bool)
-    for i, (text, enc) in enumerate(zip(captions, tokenizer.encode_batch(captions))):
+    return ContentWords(tokenizer, max_df)(captions, length)
+
+
+@dataclass
+class _CaptionWords:
+    """What content_mask needs of one caption, whatever the batch."""
+
+    vocab: frozenset[str]  # its words as document_frequency counts them
+    position: list[int]  # token index of each word token (specials and empty tokens left out)
+    word: list[str]  # the lower-cased word that token belongs to
+    candidate: list[bool]  # the word is content unless too frequent (alphabetic, not a function word)
+
+
+class ContentWords:
+    """content_mask for batch after batch: the frequencies are the batch's, but each caption's words,
+    their tokens and the function-word test are kept (at most `cache_size` captions, least recently used
+    out first), so a caption is tokenised once, not every time it is sampled."""
+
+    def __init__(self, tokenizer, max_df: float = 0.8, cache_size: int = 16384):
+        self.max_df = max_df
+        self._cache = CaptionCache(tokenizer, self._caption_words, cache_size)
+
+    def __call__(self, captions: list[str], length: int) -> torch.Tensor:
+        """-> [N, length] bool, as content_mask."""
+        words = self._cache(captions)
+        frequent: set[str] = set()  # words over max_df (document_frequency of the batch)
+        if len(captions) >= MIN_CAPTIONS_FOR_DF:
+            count = Counter(w for cw in words for w in cw.vocab)
+            frequent = {w for w, n in count.items() if not n / max(1, len(captions)) <= self.max_df}
+        out = np.zeros((len(captions), length), bool)
+        for i, cw in enumerate(words):
+            for j, word, candidate in zip(cw.position, cw.word, cw.candidate):
+                if j < length - 1 and candidate and word not in frequent:  # the last slot is [SEP] when truncated
+                    out[i, j] = True
+        return torch.from_numpy(out)
+
+    def _caption_words(self, text: str, enc) -> _CaptionWords:
+        position, word = [], []
         for j, (word_id, (a, b)) in enumerate(zip(enc.word_ids, enc.offsets)):
-            if j >= length - 1 or word_id is None or b <= a:  # the last slot is [SEP] when truncated
+            if word_id is None or b <= a:
                 continue
             a0, b0 = enc.word_to_chars(word_id)
-            word = text[a0:b0].lower()
-            out[i, j] = content_words([word], df, max_df)[0]
-    return torch.from_numpy(out)
+            position.append(j)
+            word.append(text[a0:b0].lower())
+        return _CaptionWords(frozenset(_split(text)), position, word, content_words(word, {}, self.max_df))
 
 
 def content_chunks(content: torch.Tensor) -> torch.Tensor:
