@@ -153,7 +153,7 @@ def detector_weights(args: argparse.Namespace, corpus: Path) -> Path:
     out = Path(args.data) / f"detector_{corpus.name}_steps{args.detector_steps}.pt"
     if not out.is_file():
         _vlpcache("finetune-detector", str(corpus), "--out", str(out), "--steps", str(args.detector_steps),
-                  "--warmup", str(min(50, args.detector_steps // 4)))
+                  "--warmup", str(min(50, args.detector_steps // 4)), "--threads", "1")  # beside the given-box extraction
     return out
 
 
