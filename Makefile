@@ -41,20 +41,20 @@ sysdeps: ## h5dump and ffprobe for the foreign-reader tests (apt, skipped when p
 	fi
 
 # make demo: the first run (configs/datasets/demo_detector.yaml; docs/demo.md)
-DEMO_CORPUS := data/demo400
+DEMO_CORPUS := data/demo600
 DEMO_DETECTOR := data/detector/demo_shapes.pt
 DEMO_FEATURES := data/features/demo_detector
 DEMO_RUN := runs/demo
 
 demo: $(STAMP) ## corpus, fine-tuned detector, extraction, training, test figures, a show PNG (goal: 8 min, 2 cores)
-	@$(call demo_step,corpus) $(PY) -m pipeline demo-data $(DEMO_CORPUS) --videos 400 --val-videos 100 --test-videos 100 --seed 0
+	@$(call demo_step,corpus) $(PY) -m pipeline demo-data $(DEMO_CORPUS) --videos 600 --val-videos 100 --test-videos 100 --seed 0
 	@$(call demo_step,detector) $(PY) -m pipeline finetune-detector $(DEMO_CORPUS) --out $(DEMO_DETECTOR) --reuse
 	rm -rf $(DEMO_FEATURES)  # extract resumes an existing store whatever config made it: a stale store would be kept
 	@$(call demo_step,extract) $(PY) -m pipeline extract --dataset demo_detector --no-progress
 	rm -rf $(DEMO_RUN)
 	@$(call demo_step,train) $(PY) -m pipeline train --features $(DEMO_FEATURES) --out $(DEMO_RUN) --config configs/train/demo.yaml
 	@$(call demo_step,eval) $(PY) -m pipeline eval --checkpoint $(DEMO_RUN) --features $(DEMO_FEATURES) --split test
-	@$(call demo_step,show) $(PY) -m pipeline show $(DEMO_FEATURES) demo000300 --checkpoint $(DEMO_RUN) --png $(DEMO_RUN)/show.png
+	@$(call demo_step,show) $(PY) -m pipeline show $(DEMO_FEATURES) demo000500 --checkpoint $(DEMO_RUN) --png $(DEMO_RUN)/show.png
 	@echo "figures: $(DEMO_RUN)/eval_test.json; boxes and attention: $(DEMO_RUN)/show.png"
 
 # bash's `time` per step: wall, and CPU (user + sys, child processes included) that docs/demo.md budgets

@@ -140,6 +140,6 @@ def test_bad_input_is_refused(tmp_path, demo_corpus):
 def test_finetuned_detector_reaches_map_09_on_test(tmp_path):
     """The demo's detector as `make demo` trains it: mAP@0.5 >= 0.9 on >= 100 test clips (a few CPU minutes)."""
     root = tmp_path / "corpus"
-    demo.make_demo_corpus(root, videos=400, seed=0, val_videos=100, test_videos=100)  # as `make demo`
+    demo.make_demo_corpus(root, videos=600, seed=0, val_videos=100, test_videos=100)  # as `make demo`
     result = finetune.finetune(root, tmp_path / "detector.pt", finetune.FinetuneConfig())
     assert result.test_map50 >= 0.9, result
