@@ -193,22 +193,18 @@ class Runtime:
             raise ValueError(f"device {str(self.device)!r} requested but torch.cuda.is_available() is False (no GPU or "
                              "driver visible to torch): run on a GPU node, or set run.device: cpu")
 
-    @property
-    def nhwc(self) -> bool:
-        return self.channels_last
-
     def prepare(self, module: nn.Module) -> nn.Module:
         """Takes `module` over (changed in place): device, eval mode, BatchNorm folded (CPU), memory format."""
         module = module.to(self.device).eval()
         if self.device.type == "cpu":
             n = fold_batchnorm(module)
             log.debug("%s: %d BatchNorm layers folded into their convolutions", type(module).__name__, n)
-        if self.nhwc:
+        if self.channels_last:
             module = module.to(memory_format=torch.channels_last)
         return module
 
     def input(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.nhwc else x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def context(self) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()

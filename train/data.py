@@ -89,6 +89,13 @@ def _centre_size(boxes: np.ndarray) -> np.ndarray:
                      boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]], axis=-1)
 
 
+def displacement(centre, present):
+    """Centres [..., T, 2] and presence [..., T] (numpy or torch) -> [..., T-1, 2]: 10 x the move to the next
+    frame where the unit is present in both, else 0 (TRACK_GEOM's 10*dx, 10*dy)."""
+    both = present[..., 1:] & present[..., :-1]
+    return (centre[..., 1:, :] - centre[..., :-1, :]) * both[..., None] * 10.0
+
+
 def track_tokens(a: dict[str, np.ndarray], max_units: int, width: int = 0) -> tuple[np.ndarray, ...]:
     """One token per region class per video (video_batch passes track ids from `linked` as the class),
     built for the whole batch at once. A video keeps its max_units classes of highest total score (ties:
@@ -125,8 +132,7 @@ def track_tokens(a: dict[str, np.ndarray], max_units: int, width: int = 0) -> tu
     out_f = ((f * here[..., None]).sum(2) / np.maximum(here.sum(2), 1)[..., None]).astype(np.float16)
     cs = _centre_size(boxes[n_ix, t_ix, best]) * here[..., None]  # [N, R, T, 4]
     step = np.zeros((N, R, T, 2), np.float32)
-    both = here[..., 1:] & here[..., :-1]
-    step[:, :, :-1] = (cs[:, :, 1:, :2] - cs[:, :, :-1, :2]) * both[..., None] * 10.0  # displacement to the next frame
+    step[:, :, :-1] = displacement(cs[..., :2], here)
     geom = np.concatenate([cs, here[..., None], step], axis=-1).astype(np.float32)  # [N, R, T, 7]
     unit_frame = np.full((N, R), T, np.int64)
     return out_f, geom.reshape(N, R, T * TRACK_GEOM), unit_frame, out_m, out_c

@@ -16,7 +16,7 @@ from train.losses import alignment_similarity, span_scores
 from train.metrics import binding_accuracy, moment_metrics, retrieval_metrics
 from train.model import VideoTextModel
 from train.moments import MergePlan, plan_merge, plan_windows, window_clips
-from train.objectives import TextBatch, align_inputs, localize
+from train.objectives import TextBatch, align_inputs, align_regions, localize
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +197,7 @@ def clip_window_scores(model: VideoTextModel, cfg: TrainConfig, emb: Embeddings,
             w = mine[c:c + chunk]
             vb = window_clips(split.video, groups, plan, w, cfg.model.units).float().to(device)
             vo = model.encode_video(vb)
-            regions = F.normalize(model.align_video(vo.units), dim=-1)  # [w, R, E], as align_inputs
-            rmask = vb.unit_mask if model.video.use_regions else torch.zeros_like(vb.unit_mask)
+            regions, rmask = align_regions(model, vo, vb)  # [w, R, E] + mask
             sims = retrieval_scores(cfg, text[0], text[1], text[2], model.global_video(vo), regions, rmask)  # [M, w]
             score[g][:, w[:, 1], w[:, 1] + w[:, 2] - 1] = sims.float().cpu()  # [M, w] at (start, end)
     return score

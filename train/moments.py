@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from train.data import displacement
 from train.losses import alignment_similarity
 from train.model import VideoBatch
 
@@ -84,8 +85,7 @@ def _window_tracks(video: VideoBatch, vids: torch.Tensor, src_v: torch.Tensor, s
     box = geom[(*ix, src_f[:, None, None, :])][..., :5] * shown[..., None]  # [W, M, R, T, 5]
     present = box[..., 4] > 0.5
     step = torch.zeros(W, M, R, T, 2)
-    both = present[..., 1:] & present[..., :-1]
-    step[..., :-1, :] = (box[..., 1:, :2] - box[..., :-1, :2]) * both[..., None] * 10.0
+    step[..., :-1, :] = displacement(box[..., :2], present)
     feats = video.units[vids].reshape(W, M * R, -1)  # [W, M*R, Dr]
     return (feats, torch.cat([box, step], -1).reshape(W, M * R, -1), torch.full((W, M * R), T),
             present.any(-1).reshape(W, M * R))

@@ -152,6 +152,10 @@ def align_inputs(m: VideoTextModel, vo: VideoOut, to: TextOut, video: VideoBatch
                  P: int = 0):
     """Normalised text units [B, P, E] + mask and region/track tokens [B, R, E] + mask for S_loc."""
     units, umask = text_units(to.tokens, text, unit, P)
+    return (F.normalize(m.align_text(units), dim=-1), umask, *align_regions(m, vo, video))
+
+
+def align_regions(m: VideoTextModel, vo: VideoOut, video: VideoBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised region/track tokens [B, R, E] + mask for S_loc (no mask where the model ignores regions)."""
     regions = F.normalize(m.align_video(vo.units), dim=-1)  # [B, R, E]
-    rmask = video.unit_mask if m.video.use_regions else torch.zeros_like(video.unit_mask)
-    return F.normalize(m.align_text(units), dim=-1), umask, regions, rmask
+    return regions, video.unit_mask if m.video.use_regions else torch.zeros_like(video.unit_mask)

@@ -40,10 +40,13 @@ def content_words(words: list[str], doc_freq: dict[str, float], max_df: float) -
 
 def document_frequency(captions: list[str]) -> dict[str, float]:
     """Fraction of the captions holding each lower-cased alphabetic word."""
-    count: Counter[str] = Counter()
-    for c in captions:
-        count.update({w for w in _split(c)})
-    return {w: n / max(1, len(captions)) for w, n in count.items()}
+    return _frequency([frozenset(_split(c)) for c in captions])
+
+
+def _frequency(vocabs: list[frozenset[str]]) -> dict[str, float]:
+    """Fraction of the captions (each as its set of words) holding each word."""
+    count = Counter(w for vocab in vocabs for w in vocab)
+    return {w: n / max(1, len(vocabs)) for w, n in count.items()}
 
 
 def _split(caption: str) -> list[str]:
@@ -82,14 +85,11 @@ class ContentWords:
     def __call__(self, captions: list[str], length: int) -> torch.Tensor:
         """-> [N, length] bool, as content_mask."""
         words = self._cache(captions)
-        frequent: set[str] = set()  # words over max_df (document_frequency of the batch)
-        if len(captions) >= MIN_CAPTIONS_FOR_DF:
-            count = Counter(w for cw in words for w in cw.vocab)
-            frequent = {w for w, n in count.items() if not n / max(1, len(captions)) <= self.max_df}
+        df = _frequency([cw.vocab for cw in words]) if len(captions) >= MIN_CAPTIONS_FOR_DF else {}
         out = np.zeros((len(captions), length), bool)
         for i, cw in enumerate(words):
             for j, word, candidate in zip(cw.position, cw.word, cw.candidate):
-                if j < length - 1 and candidate and word not in frequent:  # the last slot is [SEP] when truncated
+                if j < length - 1 and candidate and df.get(word, 0.0) <= self.max_df:  # last slot: [SEP] if truncated
                     out[i, j] = True
         return torch.from_numpy(out)
 
