@@ -588,11 +588,11 @@ def frame_to_rgb(frame: av.VideoFrame, size: tuple[int, int], threads: int) -> n
     """[h, w, 3] uint8 for size (w, h): the frame as FFmpeg's scale filter makes it, which is what the ffmpeg
     CLI (`-f rawvideo -pix_fmt rgb24`, `-vf scale=w:h:flags=area`), torchcodec and decord give.
 
-    PyAV's VideoReformatter (swscale's frame API, called directly) differs from the scale filter on
-    10-bit 4:2:0, yuv410p/411p/440p, nv12 and interlaced 4:2:0 frames at the native size (chroma siting
-    and field handling: up to 255 per channel) and on every scaled frame, so those go through a
-    `scale,format=rgb24` filter graph; the reformatter stays where it equals the filter bitwise (the
-    common case, 25% less CPU than the graph at 176x144; tests/test_extractors_pixels.py checks both).
+    PyAV's VideoReformatter (swscale called without the scale filter's flags and chroma positions) gives
+    other pixels on 10-bit 4:2:0, yuv410p/411p/440p, nv12 and interlaced 4:2:0 frames at the native size
+    (up to 255 per channel) and on every scaled frame, so those go through a `scale,format=rgb24` filter
+    graph; the reformatter stays where it gives the same bytes (the common case: 32 against 41 us of CPU
+    for a 176x144 frame; tests/test_extractors_pixels.py checks each format against the CLI).
     """
     if size == (frame.width, frame.height) and frame.format.name in REFORMAT_EXACT and not frame.interlaced_frame:
         if not hasattr(_local, "reformatter"):
@@ -613,7 +613,7 @@ GRAPH_CACHE = 16  # filter graphs kept per thread (one per input format, size an
 
 def _rgb_graph(frame: av.VideoFrame, size: tuple[int, int], threads: int) -> av.filter.Graph:
     """A configured buffer -> scale -> format=rgb24 -> buffersink graph for frames like `frame`, kept per
-    thread and per input (a graph holds state and is not thread-safe; building one costs ~0.3 ms)."""
+    thread and per input (a graph holds state and is not thread-safe; building one costs 0.18 ms)."""
     fmt = frame.format
     key = (fmt.name, frame.width, frame.height, int(frame.colorspace), int(frame.color_range), size, threads)
     graphs = _local.__dict__.setdefault("graphs", {})
@@ -624,15 +624,11 @@ def _rgb_graph(frame: av.VideoFrame, size: tuple[int, int], threads: int) -> av.
         graph = av.filter.Graph()
         graph.threads = threads
         args = {"video_size": f"{frame.width}x{frame.height}", "pix_fmt": fmt.name, "time_base": "1/90000",
-                "pixel_aspect": "1/1"}
-        if int(frame.colorspace) != 2:  # AVCOL_SPC_UNSPECIFIED: the buffer's default
-            args["colorspace"] = str(int(frame.colorspace))
-        if int(frame.color_range):
-            args["range"] = str(int(frame.color_range))
+                "pixel_aspect": "1/1", "colorspace": str(int(frame.colorspace)), "range": str(int(frame.color_range))}
         scale = "" if size == (frame.width, frame.height) else f"{size[0]}:{size[1]}:flags=area"
         # FFmpeg 5.1 (the ffmpeg CLI here, torchcodec's libraries) places 4:2:0 chroma half a line lower than
         # the FFmpeg in PyAV's wheel when only the width is scaled (an anamorphic stretch): this matches it
-        # (yuv410p has no such setting: it stays up to 2.8 off on average there)
+        # (stretched yuv410p has no such setting and stays off: mean |diff| 2.8)
         if scale and size[1] == frame.height and fmt.chroma_height(2) == 1 and fmt.chroma_height(4) == 2:
             scale += ":in_v_chr_pos=256"
         nodes = [graph.add("buffer", **args), graph.add("scale", scale or None), graph.add("format", "rgb24"),
