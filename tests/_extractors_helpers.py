@@ -65,6 +65,14 @@ def ffmpeg_frames(path: Path, stretch: bool = True, flagged: bool = False):
     assert proc.returncode == 0, f"{path}: ffmpeg failed: {error}"
 
 
+def ffmpeg_scaled(path: Path, width: int, height: int) -> list[np.ndarray]:
+    """Every frame as `ffmpeg -vf scale=width:height:flags=area` gives it in RGB: [height, width, 3] each."""
+    out = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-fps_mode", "passthrough", "-vf",
+                          f"scale={width}:{height}:flags=area", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                         capture_output=True, check=True).stdout
+    return list(np.frombuffer(out, np.uint8).reshape(-1, height, width, 3))
+
+
 def digest(frame: np.ndarray) -> str:
     frame = np.ascontiguousarray(frame)
     return hashlib.sha1(frame.tobytes() + str(frame.shape).encode()).hexdigest()

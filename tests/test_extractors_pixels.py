@@ -7,7 +7,7 @@ import subprocess
 import av
 import numpy as np
 import pytest
-from _extractors_helpers import ffmpeg, ffmpeg_frames
+from _extractors_helpers import ffmpeg, ffmpeg_frames, ffmpeg_scaled
 
 from extractors.config import SamplingConfig
 from extractors.decode import REFORMAT_EXACT, decode_clip
@@ -77,18 +77,12 @@ def test_the_reformatter_shortcut_is_covered():
     assert REFORMAT_EXACT <= {fmt for _, fmt in FORMATS.values()}
 
 
-def cli_scaled(path, width: int, height: int) -> list[np.ndarray]:
-    out = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-vf", f"scale={width}:{height}:flags=area",
-                          "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], capture_output=True, check=True).stdout
-    return list(np.frombuffer(out, np.uint8).reshape(-1, height, width, 3))
-
-
 @pytest.mark.parametrize("name", ["x264.mp4", "x264_420_10.mkv", "interlaced.mkv", "svq1.mov", "png.mov"])
 def test_resized_frames_equal_the_cli_scale_filter(pixel_files, name):
     """short_side: scaled from YUV with the AREA filter, as `ffmpeg -vf scale=W:H:flags=area`."""
     path = pixel_files[name]
     clip = decode_clip(str(path), SamplingConfig(num_frames=2, short_side=24))
-    cli = cli_scaled(path, 32, 24)
+    cli = ffmpeg_scaled(path, 32, 24)
     for i, frame in zip(clip.indices, clip.frames):
         assert np.array_equal(frame, cli[i]), f"{name} frame {i}: {np.abs(frame.astype(int) - cli[i]).mean():.3f}"
 
