@@ -589,12 +589,13 @@ def frame_to_rgb(frame: av.VideoFrame, size: tuple[int, int], threads: int) -> n
     CLI (`-f rawvideo -pix_fmt rgb24`, `-vf scale=w:h:flags=area`), torchcodec and decord give.
 
     PyAV's VideoReformatter (swscale called without the scale filter's flags and chroma positions) gives
-    other pixels on 10-bit 4:2:0, yuv410p/411p/440p, nv12 and interlaced 4:2:0 frames at the native size
-    (up to 255 per channel) and on every scaled frame, so those go through a `scale,format=rgb24` filter
+    other pixels on 10-bit 4:2:0, yuv410p/411p/440p, nv12, interlaced 4:2:0 and odd-sized 4:2:0 / 4:2:2
+    frames at the native size (up to 255 per channel) and on every scaled frame, so those go through a `scale,format=rgb24` filter
     graph; the reformatter stays where it gives the same bytes (the common case: 32 against 41 us of CPU
     for a 176x144 frame; tests/test_extractors_pixels.py checks each format against the CLI).
     """
-    if size == (frame.width, frame.height) and frame.format.name in REFORMAT_EXACT and not frame.interlaced_frame:
+    if (size == (frame.width, frame.height) and frame.format.name in REFORMAT_EXACT and not frame.interlaced_frame
+            and not (frame.width | frame.height) & 1):
         if not hasattr(_local, "reformatter"):
             # one reformatter per thread keeps its swscale context between frames (0.7 -> 0.14 ms at 176x144);
             # threads as the decoder's: swscale's default (one per core) costs more CPU for the same pixels
@@ -606,7 +607,8 @@ def frame_to_rgb(frame: av.VideoFrame, size: tuple[int, int], threads: int) -> n
 
 
 # Formats the VideoReformatter turns into the scale filter's RGB bitwise at the native size when the frame
-# is progressive (swscale's unscaled YUV->RGB path): tested per format against the ffmpeg CLI
+# is progressive and its width and height are even (odd 4:2:0 / 4:2:2 frames differ by up to 49): tested
+# per format against the ffmpeg CLI
 REFORMAT_EXACT = frozenset({"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "rgb24"})
 GRAPH_CACHE = 16  # filter graphs kept per thread (one per input format, size and colour tags)
 

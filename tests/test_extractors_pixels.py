@@ -16,6 +16,8 @@ X264_ILACE = ["-flags", "+ildct+ilme", "-x264-params", "interlaced=1"]
 # file -> (output options, the pixel format the decoder hands over)
 FORMATS = {
     "x264.mp4": (["-c:v", "libx264"], "yuv420p"),
+    "odd_97x61.nut": (["-map", "1", "-c:v", "rawvideo", "-pix_fmt", "yuv420p"], "yuv420p"),  # chroma rounds up
+    "odd_422_97x61.nut": (["-map", "1", "-c:v", "rawvideo", "-pix_fmt", "yuv422p"], "yuv422p"),
     "x264_422.mkv": (["-c:v", "libx264", "-pix_fmt", "yuv422p"], "yuv422p"),
     "x264_444.mkv": (["-c:v", "libx264", "-pix_fmt", "yuv444p"], "yuv444p"),
     "x264_420_10.mkv": (["-c:v", "libx264", "-pix_fmt", "yuv420p10le"], "yuv420p10le"),
@@ -44,11 +46,15 @@ BACKENDS = ("pyav", "torchcodec", "decord")
 
 @pytest.fixture(scope="module")
 def pixel_files(tmp_path_factory) -> dict:
-    """Every file of FORMATS, 64x48, 5 frames, made by one ffmpeg run (a process start costs ~0.1 s)."""
+    """Every file of FORMATS, 5 frames of 64x48 (input 0) or 97x61 (input 1), made by one ffmpeg run (a
+    process start costs ~0.1 s)."""
     root = tmp_path_factory.mktemp("pixels")
-    outputs = [arg for name, (args, _) in FORMATS.items() for arg in (*args, str(root / name))]
-    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=64x48:rate=25:duration=0.2",
-                    *outputs], check=True)
+    outputs = [arg for name, (args, _) in FORMATS.items()
+               for arg in (*([] if "-map" in args else ["-map", "0"]), *args, str(root / name))]
+    # testsrc2 rounds sizes down to even; testsrc keeps odd ones
+    inputs = [arg for source in ("testsrc2=size=64x48", "testsrc=size=97x61")
+              for arg in ("-f", "lavfi", "-i", f"{source}:rate=25:duration=0.2")]
+    subprocess.run(["ffmpeg", "-v", "error", *inputs, *outputs], check=True)
     return {name: root / name for name in FORMATS}
 
 
@@ -67,6 +73,7 @@ def test_every_backend_equals_the_ffmpeg_cli_on_each_pixel_format(pixel_files, n
     for backend in BACKENDS:
         clip = decode_clip(str(path), SamplingConfig(num_frames=3, backend=backend))
         assert clip.indices.tolist() == [0, 2, 4]
+        assert (clip.width, clip.height) == ((97, 61) if name.startswith("odd") else (64, 48))
         for i, frame in zip(clip.indices, clip.frames):
             assert np.array_equal(frame, cli[i]), \
                 f"{backend}: {name} ({pix_fmt}) frame {i}: mean |diff| {np.abs(frame.astype(int) - cli[i]).mean():.3f}"
