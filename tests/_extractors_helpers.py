@@ -6,7 +6,6 @@ import hashlib
 import shutil
 import struct
 import subprocess
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -43,14 +42,10 @@ def ffmpeg_frames(path: Path, stretch: bool = True, flagged: bool = False):
     oracle independent of our decoder: `-f rawvideo -pix_fmt rgb24`, every frame (passthrough), not turned
     upright, and stretched by the sample aspect ratio with FFmpeg's scale filter (scale=iw*sar:ih, AREA).
     flagged: yield (frame, stretched) pairs."""
-    with av.open(str(path)) as container:  # the stream FFmpeg rates best, as decode_clip picks it
-        index = container.streams.best("video").index
-    probe = subprocess.run(["ffprobe", "-v", "error", "-select_streams", str(index), "-show_entries",
-                            "stream=width,height,sample_aspect_ratio", "-of", "csv=p=0", str(path)],
-                           capture_output=True, text=True, check=True).stdout.split()[0].split(",")
-    width, height = int(probe[0]), int(probe[1])
-    num, _, den = probe[2].partition(":")
-    sar = Fraction(int(num), int(den)) if num.isdigit() and den.isdigit() and int(num) and int(den) else 1
+    with av.open(str(path)) as container:  # metadata only: the stream FFmpeg rates best, its size and SAR
+        stream = container.streams.best("video")
+        index, width, height = stream.index, stream.codec_context.width, stream.codec_context.height
+        sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio or 1
     shown = max(1, round(width * sar)) if stretch else width
     scale = ["-vf", f"scale={shown}:{height}:flags=area"] if shown != width else []
     cmd = ["ffmpeg", "-v", "error", "-noautorotate", "-i", str(path), "-map", f"0:{index}", "-fps_mode",
