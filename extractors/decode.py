@@ -628,9 +628,10 @@ def _rgb_graph(frame: av.VideoFrame, size: tuple[int, int], threads: int) -> av.
         args = {"video_size": f"{frame.width}x{frame.height}", "pix_fmt": fmt.name, "time_base": "1/90000",
                 "pixel_aspect": "1/1", "colorspace": str(int(frame.colorspace)), "range": str(int(frame.color_range))}
         scale = "" if size == (frame.width, frame.height) else f"{size[0]}:{size[1]}:flags=area"
-        # FFmpeg 5.1 (the ffmpeg CLI here, torchcodec's libraries) places 4:2:0 chroma half a line lower than
-        # the FFmpeg in PyAV's wheel when only the width is scaled (an anamorphic stretch): this matches it
-        # (stretched yuv410p has no such setting and stays off: mean |diff| 2.8)
+        # when only the width is scaled (an anamorphic stretch), FFmpeg 5.1 (the ffmpeg CLI here, torchcodec's
+        # libraries) puts 4:2:0 chroma half a luma line from where PyAV's FFmpeg 8 does: this matches 5.1 but
+        # for the last row (a pairing of versions: tests/test_extractors_pixels.py fails if it changes;
+        # stretched yuv410p has no such setting and stays off, mean |diff| 2.8)
         if scale and size[1] == frame.height and fmt.chroma_height(2) == 1 and fmt.chroma_height(4) == 2:
             scale += ":in_v_chr_pos=256"
         nodes = [graph.add("buffer", **args), graph.add("scale", scale or None), graph.add("format", "rgb24"),
