@@ -28,7 +28,7 @@ each clip and method it reports the median CPU seconds (user + sys of this proce
   the limit and decoding the keyframes cost nothing: (limit + setup) / limit and setup / full. A goal
   below its floor cannot be met without opening, reading and closing the file for less.
 full and limit make the RGB frames the Clip contract asks for: stretched by the sample aspect ratio
-(carphone: 193x144 from 176x144), with one swscale context kept (as decode.py does), and held until the
+(carphone: 193x144 from 176x144), converted as decode.py converts them, and held until the
 end as a Clip holds them; the torchcodec and decord peers give coded-size frames.
 
 Goals (issue 13): exact <= 1.0x torchcodec on every clip and <= 0.6x on webvid_bheavy; exact <= 1.1x
@@ -46,7 +46,6 @@ from pathlib import Path
 
 import av
 import numpy as np
-from av.video.reformatter import VideoReformatter
 
 from extractors.config import SamplingConfig
 from extractors import decode
@@ -90,17 +89,10 @@ def shown_width(stream) -> int:
     return max(1, round(stream.codec_context.width * sar))
 
 
-# One reformatter for full and limit, as decode.py keeps one per thread: frame.reformat would build a new
-# swscale context for every frame (0.7 ms at 176x144 with scaling, against 0.14 ms), which is not the limit.
-REFORMATTER = VideoReformatter()
-
-
 def to_rgb(frame: av.VideoFrame, width: int) -> np.ndarray:
-    """As decode.py converts: one swscale thread (the decoder's count), not swscale's one per core."""
-    if width == frame.width:
-        return REFORMATTER.reformat(frame, format="rgb24", threads=1).to_ndarray()
-    return REFORMATTER.reformat(frame, width=width, height=frame.height, format="rgb24",
-                                interpolation="AREA", threads=1).to_ndarray()
+    """As decode.py converts (its swscale contexts and filter graphs kept per thread), with one swscale
+    thread (the decoder's count), not swscale's one per core."""
+    return decode.frame_to_rgb(frame, (width, frame.height), threads=1)
 
 
 def run_full(path: Path, indices: np.ndarray) -> list[np.ndarray]:

@@ -65,7 +65,7 @@ FTYP_IMAGE_BRANDS = {b"jp2 ", b"jxl "}
 SKIP_FRAME_AT_OPEN = {"libdav1d"}
 
 log = logging.getLogger(__name__)
-_local = threading.local()  # one swscale context cache per thread (VideoReformatter is not thread-safe)
+_local = threading.local()  # swscale contexts and filter graphs kept per thread (neither is thread-safe)
 
 
 @dataclass
@@ -207,7 +207,7 @@ def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConf
         rotation = _probe_rotation(stream.codec_context, index, path)
         upright = _display_size(index, rotation)
         rgb, how = decode_with_backend(cfg.backend, path, index, targets, cfg.threads, upright, rotation)
-        rgb = {i: _resize_rgb(f, _output_size(*upright, cfg)) for i, f in rgb.items()}
+        rgb = {i: _resize_rgb(f, _output_size(*upright, cfg), cfg.threads) for i, f in rgb.items()}
     if how == "sequential":
         flags.append("sequential")
     if rotation:
@@ -576,20 +576,70 @@ def _rotation(frame: av.VideoFrame) -> int:
 
 
 def _to_rgb(frame: av.VideoFrame, rotation: int, index: StreamIndex, cfg: SamplingConfig) -> np.ndarray:
-    """Scale (sample aspect ratio, then the resize policy) and convert to RGB in one swscale call, then
+    """Scale (sample aspect ratio, then the resize policy) and convert to RGB in one swscale pass, then
     turn upright."""
     w, h = _scaled_size(index.width, index.height, index.sar, rotation, cfg.short_side, cfg.max_side)
-    if not hasattr(_local, "reformatter"):
-        _local.reformatter = VideoReformatter()
-    # one reformatter per thread keeps its swscale context between frames (0.7 -> 0.14 ms at 176x144);
-    # threads as the decoder's: swscale's default (one per core) costs more CPU for the same pixels
-    if (w, h) == (frame.width, frame.height):  # as frame.to_ndarray("rgb24")
-        rgb = _local.reformatter.reformat(frame, format="rgb24", threads=cfg.threads).to_ndarray()
-    else:
-        rgb = _local.reformatter.reformat(frame, width=w, height=h, format="rgb24", interpolation="AREA",
-                                          threads=cfg.threads).to_ndarray()
+    rgb = frame_to_rgb(frame, (w, h), cfg.threads)
     # the display matrix angle is counter-clockwise (checked against ffmpeg's autorotate)
     return np.ascontiguousarray(np.rot90(rgb, k=rotation // 90)) if rotation else rgb  # [H, W, 3]
+
+
+def frame_to_rgb(frame: av.VideoFrame, size: tuple[int, int], threads: int) -> np.ndarray:
+    """[h, w, 3] uint8 for size (w, h): the frame as FFmpeg's scale filter makes it, which is what the ffmpeg
+    CLI (`-f rawvideo -pix_fmt rgb24`, `-vf scale=w:h:flags=area`), torchcodec and decord give.
+
+    PyAV's VideoReformatter (swscale called without the scale filter's flags and chroma positions) gives
+    other pixels on 10-bit 4:2:0, yuv410p/411p/440p, nv12, interlaced 4:2:0 and odd-sized 4:2:0 / 4:2:2
+    frames at the native size (up to 255 per channel) and on every scaled frame, so those go through a `scale,format=rgb24` filter
+    graph; the reformatter stays where it gives the same bytes (the common case: 32 against 41 us of CPU
+    for a 176x144 frame; tests/test_extractors_pixels.py checks each format against the CLI).
+    """
+    if (size == (frame.width, frame.height) and frame.format.name in REFORMAT_EXACT and not frame.interlaced_frame
+            and not (frame.width | frame.height) & 1):
+        if not hasattr(_local, "reformatter"):
+            # one reformatter per thread keeps its swscale context between frames (0.7 -> 0.14 ms at 176x144);
+            # threads as the decoder's: swscale's default (one per core) costs more CPU for the same pixels
+            _local.reformatter = VideoReformatter()
+        return _local.reformatter.reformat(frame, format="rgb24", threads=threads).to_ndarray()
+    graph = _rgb_graph(frame, size, threads)
+    graph.vpush(frame)
+    return graph.vpull().to_ndarray()
+
+
+# Formats the VideoReformatter turns into the scale filter's RGB bitwise at the native size when the frame
+# is progressive and its width and height are even (odd 4:2:0 / 4:2:2 frames differ by up to 49): tested
+# per format against the ffmpeg CLI
+REFORMAT_EXACT = frozenset({"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "rgb24"})
+GRAPH_CACHE = 16  # filter graphs kept per thread (one per input format, size and colour tags)
+
+
+def _rgb_graph(frame: av.VideoFrame, size: tuple[int, int], threads: int) -> av.filter.Graph:
+    """A configured buffer -> scale -> format=rgb24 -> buffersink graph for frames like `frame`, kept per
+    thread and per input (a graph holds state and is not thread-safe; building one costs 0.18 ms)."""
+    fmt = frame.format
+    key = (fmt.name, frame.width, frame.height, int(frame.colorspace), int(frame.color_range), size, threads)
+    graphs = _local.__dict__.setdefault("graphs", {})
+    graph = graphs.get(key)
+    if graph is None:
+        if len(graphs) >= GRAPH_CACHE:
+            graphs.clear()
+        graph = av.filter.Graph()
+        graph.threads = threads
+        args = {"video_size": f"{frame.width}x{frame.height}", "pix_fmt": fmt.name, "time_base": "1/90000",
+                "pixel_aspect": "1/1", "colorspace": str(int(frame.colorspace)), "range": str(int(frame.color_range))}
+        scale = "" if size == (frame.width, frame.height) else f"{size[0]}:{size[1]}:flags=area"
+        # when only the width is scaled (an anamorphic stretch), FFmpeg 5.1 (the ffmpeg CLI here, torchcodec's
+        # libraries) puts 4:2:0 chroma half a luma line from where PyAV's FFmpeg 8 does: this matches 5.1 but
+        # for the last row (a pairing of versions: tests/test_extractors_pixels.py fails if it changes;
+        # stretched yuv410p has no such setting and stays off, mean |diff| 2.8)
+        if scale and size[1] == frame.height and fmt.chroma_height(2) == 1 and fmt.chroma_height(4) == 2:
+            scale += ":in_v_chr_pos=256"
+        nodes = [graph.add("buffer", **args), graph.add("scale", scale or None), graph.add("format", "rgb24"),
+                 graph.add("buffersink")]
+        graph.link_nodes(*nodes)
+        graph.configure()
+        graphs[key] = graph
+    return graph
 
 
 @functools.lru_cache(maxsize=64)
@@ -600,12 +650,12 @@ def _scaled_size(width: int, height: int, sar: Fraction, rotation: int, short_si
     return (h, w) if rotation in (90, 270) else (w, h)  # upright -> coded orientation
 
 
-def _resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """[H, W, 3] uint8 -> [h, w, 3] for size (w, h), with the same swscale filter as the PyAV path."""
+def _resize_rgb(rgb: np.ndarray, size: tuple[int, int], threads: int) -> np.ndarray:
+    """[H, W, 3] uint8 -> [h, w, 3] for size (w, h), with the scale filter the PyAV path uses (AREA); from
+    RGB, where the PyAV path scales from YUV, so resized frames differ a little (docs/extractors.md)."""
     if (rgb.shape[1], rgb.shape[0]) == size:
         return rgb
-    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-    return frame.reformat(width=size[0], height=size[1], interpolation="AREA").to_ndarray()
+    return frame_to_rgb(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24"), size, threads)
 
 
 def _assemble(

