@@ -166,19 +166,21 @@ def _decord(path: str, index: StreamIndex, targets: list[int], threads: int, sta
     """decord by frame index, after checking that its frame table is ours (count and start times)."""
     import decord
 
-    if start_time is None:
-        raise DecodeError(f"{path}: the video stream has no start time, which decord counts its timestamps from; {FIX}")
     reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
     if len(reader) != len(index.times):
         raise DecodeError(f"{path}: decord counts {len(reader)} frames where the demuxed stream holds "
                           f"{len(index.times)}; {FIX}")
     # decord's times are (pts - the stream's start time) in seconds (video_reader.cc, IndexKeyframes), ours are
-    # from the first shown frame: compared on decord's origin, frame by frame
-    starts = reader.get_frame_timestamp(targets)[:, 0]  # [n] seconds
-    wanted = (index.pts[index.order[targets]] - start_time) * float(index.time_base)  # [n] seconds
-    if not np.allclose(starts, wanted, atol=5e-4):  # decord keeps timestamps as float32 seconds
-        raise DecodeError(f"{path}: decord's frames {targets} start at {starts.tolist()} s, ours at {wanted.tolist()} s "
-                          f"(both from the stream's start time); {FIX}")
+    # from the first shown frame: every frame's time is compared from decord's first frame, and that frame's
+    # from the start time where PyAV read one (its short probe of mp4 may not)
+    starts = reader.get_frame_timestamp(list(range(len(reader))))[:, 0]  # [N] seconds
+    first = None if start_time is None else (int(index.pts[index.order[0]]) - start_time) * float(index.time_base)
+    # decord keeps float32 seconds: its rounding, and no more (numpy's default rtol would pass a neighbour at 1 h)
+    same = np.isclose(starts - starts[0], index.times, rtol=2e-7, atol=5e-4)  # [N]
+    if not same.all() or (first is not None and abs(starts[0] - first) > 5e-4):
+        bad = np.flatnonzero(~same)[:8].tolist() or [0]
+        raise DecodeError(f"{path}: decord's frames {bad} start at {starts[bad].tolist()} s, ours at "
+                          f"{(index.times[bad] + (first or 0.0)).tolist()} s (from the stream's start time); {FIX}")
     data = reader.get_batch(targets).asnumpy()  # [n, H, W, 3] uint8
     return {i: data[j] for j, i in enumerate(targets)}
 
