@@ -41,23 +41,36 @@ MOV = "mov,mp4,m4a,3gp,3g2,mj2"
 # Demuxers (PyAV's names) each backend returns exact frames from, in every plan (tests/test_extractors_matrix.py:
 # torchcodec 0.17 on FFmpeg 5.1, decord2 3.4). Each stores every frame's timestamp and seeks to a keyframe exactly.
 CONTAINERS = {
-    "torchcodec": {MOV, "matroska,webm", "avi", "flv", "ogg", "nut", "gif", "yuv4mpegpipe", "asf"},
-    "decord": {MOV, "matroska,webm", "avi", "flv", "gif", "yuv4mpegpipe"},
+    "torchcodec": {MOV, "matroska,webm", "avi", "ogg", "nut", "gif", "yuv4mpegpipe", "asf"},
+    "decord": {MOV, "matroska,webm", "avi", "gif", "yuv4mpegpipe", "dv"},
 }
 # Why a container is not in CONTAINERS, where the matrix found out (other containers: not tried)
 NOT_EXACT = {
     ("torchcodec", "mpegts"): "every request ends in 'no more frames left to decode': its FFmpeg's seek in "
                               "MPEG-TS lands past the frames",
     ("torchcodec", "dv"): "every request ends in 'no more frames left to decode': its FFmpeg cannot seek in DV",
+    ("torchcodec", "flv"): "FLV has no seek index, and its FFmpeg's seek to the last keyframe finds no frame ('no "
+                           "more frames left to decode')",
     ("torchcodec", "mpeg"): "its seek in MPEG program streams lands on other frames",
     ("torchcodec", "apng"): "it cannot measure the stream's duration",
     ("decord", "asf"): "ASF seeks land a keyframe early or late and decord does not check where it landed, so it "
                        "returns pictures of another GOP with the asked timestamps",
+    ("decord", "flv"): "FLV has no seek index: a seek to the last keyframe lands on another keyframe and decord "
+                       "does not check where it landed, so it returns a picture of another GOP",
     ("decord", "mpegts"): "its seeks in MPEG-TS run to the end of the file ('Unable to handle EOF')",
     ("decord", "ogg"): "it cannot count the frames ('broken metadata')",
     ("decord", "nut"): "it cannot count the frames ('broken metadata')",
     ("decord", "apng"): "it cannot count the frames ('broken metadata')",
 }
+
+# What a library's error means, where the matrix met it (a substring of its message -> the reason)
+LIBRARY_ERRORS = (
+    ("maximum pts value in seconds is unknown", "the header gives no duration (a live-recorded WebM, APNG), which "
+                                                "torchcodec needs before it takes our frame table"),
+    ("broken metadata", "the header gives no frame count or duration, which decord needs"),
+    ("Error sending packet", "decord's decoder thread takes one frame out per packet in, and the decoder held more "
+                             "(HEVC after a seek)"),
+)
 
 
 class BackendUnavailable(RuntimeError):
@@ -96,9 +109,12 @@ def decode_with_backend(
     except DecodeError:
         raise
     except _library_errors(name) as e:  # what the library raises for anything FFmpeg reports; others are bugs
-        # one line, without decord's "[time] /project/src/....cc:123: " prefixes: torchcodec's errors span lines
-        text = re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", " ".join(str(e).split()))[:300]
-        raise DecodeError(f"{path}: {name} failed: {type(e).__name__}: {text}; {FIX}") from e
+        # one line, without the libraries' source locations ("[01:27:53] /project/src/video/video_reader.cc:285: ",
+        # "maybe_seek_to_before_desired_pts, /__w/.../SingleStreamDecoder.cpp:1390, "): torchcodec's span lines
+        text = re.sub(r"(\[\d\d:\d\d:\d\d\] |\w+, )?\S+\.(cc|cpp|h):\d+[:,] ", "", " ".join(str(e).split()))
+        text = text.split(" This should never happen.")[0][:300]  # torchcodec's plea for a bug report
+        why = next((f"{why} (" for known, why in LIBRARY_ERRORS if known in text), "")
+        raise DecodeError(f"{path}: {name} failed: {why}{type(e).__name__}: {text}{')' if why else ''}; {FIX}") from e
     coded = (index.height, index.width) if rotation in (90, 270) else (index.width, index.height)
     for i, frame in frames.items():
         if frame.shape != (coded[1], coded[0], 3) or frame.dtype != np.uint8:

@@ -195,9 +195,10 @@ def test_backend_key_is_strict():
 def test_backends_refuse_containers_where_they_return_other_pictures(tmp_path):
     """decord on ASF: its seek lands a keyframe early and it returns pictures of another GOP (frame 28 was 16)
     with the asked timestamps; torchcodec on AVI whose B-frames' presentation times FFmpeg guesses (an
-    unpacked Xvid): frames after the second keyframe were other pictures with the asked pts; both on MPEG-TS
-    (torchcodec: 'no more frames'; decord: 'Unable to handle EOF'). Each is refused up front, naming the
-    file, the reason and the fix; torchcodec is exact on the ASF file and PyAV on all of them."""
+    unpacked Xvid): frames after the second keyframe were other pictures with the asked pts; decord on FLV (no
+    seek index): the last keyframe was a picture of another GOP; both on MPEG-TS (torchcodec: 'no more frames';
+    decord: 'Unable to handle EOF'). Each is refused up front, naming the file, the reason and the fix;
+    torchcodec is exact on the ASF file and PyAV on all of them."""
     wmv = ffmpeg(tmp_path / "wmv2.wmv", "-c:v", "wmv2", "-g", "12")
     assert_same_as_pyav(wmv, PLANS["uniform"], "torchcodec")
     packed = ffmpeg(tmp_path / "packed.avi", "-c:v", "libxvid", "-bf", "2", "-g", "12")
@@ -205,7 +206,9 @@ def test_backends_refuse_containers_where_they_return_other_pictures(tmp_path):
     subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(packed), "-c", "copy", "-bsf:v", "mpeg4_unpack_bframes",
                     str(avi)], check=True)
     ts = ffmpeg(tmp_path / "h264.ts", "-c:v", "libx264", "-g", "12", seconds=1)
+    flv = ffmpeg(tmp_path / "h264.flv", "-c:v", "libx264", "-g", "12", seconds=1)
     for path, backend, why in ((wmv, "decord", "ASF seeks land a keyframe early or late"),
+                               (flv, "decord", "FLV has no seek index"),
                                (avi, "torchcodec", "AVI stores no presentation times"),
                                (ts, "torchcodec", "MPEG-TS"), (ts, "decord", "MPEG-TS")):
         ref = decode_clip(str(path), PLANS["uniform"])
@@ -219,9 +222,9 @@ def test_backends_refuse_containers_where_they_return_other_pictures(tmp_path):
 
 def test_decord_times_are_compared_from_the_stream_start(tmp_path):
     """decord counts times from the stream's start time (video_reader.cc), ours from the first shown frame:
-    files whose first frame is not at 0 (an offset mp4, H.264 in FLV, a fragmented mp4) are exact, not refused."""
+    files whose first frame is not at 0 (offset mp4 and mkv, a fragmented mp4) are exact, not refused."""
     for path in (ffmpeg(tmp_path / "offset.mp4", "-c:v", "libx264", "-output_ts_offset", "5", seconds=1),
-                 ffmpeg(tmp_path / "h264.flv", "-c:v", "libx264", "-g", "10", seconds=1),
+                 ffmpeg(tmp_path / "offset.mkv", "-c:v", "libx264", "-output_ts_offset", "2.5", seconds=1),
                  ffmpeg(tmp_path / "frag.mp4", "-c:v", "libx264", "-g", "10", "-movflags", "frag_keyframe+empty_moov",
                         seconds=1)):
         for cfg in (PLANS["uniform"], PLANS["keyframe"]):
