@@ -4,10 +4,10 @@ The file is indexed and the frames planned by PyAV (extractors/decode.py) whatev
 backend only decodes the planned frames, by display index, and must return the very frames PyAV
 does. Both address a frame by its timestamp: they seek to the keyframe before it and decode up to the
 frame whose timestamp is the one asked for. That is exact only where the container stores each frame's
-timestamp and its seek lands on the keyframe asked for; elsewhere (ASF seeks land a keyframe early or
-late, AVI stores no presentation times and FFmpeg versions guess them differently, MPEG-TS under
-torchcodec's FFmpeg) they return other pictures whose timestamps still match. Neither library lets us
-see which picture it decoded, so each backend decodes only from the containers it is proven exact on
+timestamp and its seek lands on the keyframe asked for; elsewhere they return other pictures whose
+timestamps still match (ASF and FLV seeks land on another keyframe; AVI stores no presentation times and
+FFmpeg versions guess them differently) or fail (MPEG-TS, DV). Neither library lets us see which
+picture it decoded, so each backend decodes only from the containers it is proven exact on
 (CONTAINERS: every plan, picture identity against a full decode, in tests/test_extractors_matrix.py);
 any other file is a DecodeError up front naming the reason and `use sampling.backend: pyav`. Each maps
 its own exceptions to such a DecodeError too. A backend that is not installed is a BackendUnavailable at
@@ -68,6 +68,8 @@ LIBRARY_ERRORS = (
     ("maximum pts value in seconds is unknown", "the header gives no duration (a live-recorded WebM, APNG), which "
                                                 "torchcodec needs before it takes our frame table"),
     ("broken metadata", "the header gives no frame count or duration, which decord needs"),
+    ("from_size == to_size", "decord got no picture where it expected one: it could not seek in this file (Dirac "
+                             "in Matroska)"),
     ("Error sending packet", "decord's decoder thread takes one frame out per packet in, and the decoder held more "
                              "(HEVC after a seek)"),
 )
@@ -113,8 +115,9 @@ def decode_with_backend(
         # "maybe_seek_to_before_desired_pts, /__w/.../SingleStreamDecoder.cpp:1390, "): torchcodec's span lines
         text = re.sub(r"(\[\d\d:\d\d:\d\d\] |\w+, )?\S+\.(cc|cpp|h):\d+[:,] ", "", " ".join(str(e).split()))
         text = text.split(" This should never happen.")[0][:300]  # torchcodec's plea for a bug report
-        why = next((f"{why} (" for known, why in LIBRARY_ERRORS if known in text), "")
-        raise DecodeError(f"{path}: {name} failed: {why}{type(e).__name__}: {text}{')' if why else ''}; {FIX}") from e
+        meaning = next((f"{meaning} (" for known, meaning in LIBRARY_ERRORS if known in text), "")
+        raise DecodeError(f"{path}: {name} failed: {meaning}{type(e).__name__}: {text}{')' if meaning else ''}; "
+                          f"{FIX}") from e
     coded = (index.height, index.width) if rotation in (90, 270) else (index.width, index.height)
     for i, frame in frames.items():
         if frame.shape != (coded[1], coded[0], 3) or frame.dtype != np.uint8:

@@ -67,6 +67,7 @@ FILES = {
     "mjpeg.mov": (("-c:v", "mjpeg",), "160x96", 1, BOTH),
     "prores.mov": (("-c:v", "prores_ks",), "160x96", 1, BOTH),
     "ffv1.mkv": (("-c:v", "ffv1", *GOP), "160x96", 2, BOTH),
+    "vc2.mkv": (("-c:v", "vc2",), "160x96", 0.6, NONE),  # Dirac in Matroska: neither library can seek in it
     "theora.ogv": (("-c:v", "libtheora", *GOP), "160x96", 2, TC),  # decord: 'broken metadata'
     "wmv2.wmv": (("-c:v", "wmv2", *GOP), "160x96", 2, TC),  # decord: ASF seeks land on another keyframe
     "wmv1.asf": (("-c:v", "wmv1", *GOP), "160x96", 2, TC),
