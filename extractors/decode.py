@@ -206,7 +206,8 @@ def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConf
     else:
         rotation = _probe_rotation(stream.codec_context, index, path)
         upright = _display_size(index, rotation)
-        rgb, how = decode_with_backend(cfg.backend, path, index, targets, cfg.threads, upright, rotation)
+        rgb, how = decode_with_backend(cfg.backend, path, index, targets, cfg.threads, upright, rotation,
+                                       container.format.name, stream.start_time)
         rgb = {i: _resize_rgb(f, _output_size(*upright, cfg), cfg.threads) for i, f in rgb.items()}
     if how == "sequential":
         flags.append("sequential")

@@ -63,7 +63,7 @@ def test_backend_rotation_and_aspect_ratio(made_videos, real_videos, backend, tm
     the container; a made clip with SAR 2:1 in the H.264 headers only) and resized: the same shapes, and
     pixels close (PyAV scales from YUV in one swscale call, the others from RGB)."""
     if backend == "decord":
-        with pytest.raises(DecodeError, match="decord does not decode rotated video"):
+        with pytest.raises(DecodeError, match="decord cannot return exact frames.*does not decode rotated video"):
             decode_clip(str(made_videos["rot90"]), with_backend(PLANS["uniform"], backend))
     else:
         assert_same_as_pyav(made_videos["rot90"], PLANS["uniform"], backend, rotation_k=1)
@@ -95,11 +95,17 @@ def test_backend_every_plan_on_real_and_made_files(made_videos, real_videos, bac
 
 
 def test_backend_errors_are_decode_errors_naming_the_file(tmp_path):
-    # decord cannot index Theora in Ogg ("broken metadata"); PyAV and torchcodec decode it
+    # decord cannot index Theora in Ogg ("broken metadata"): refused before decord opens it; PyAV and torchcodec
+    # decode it. torchcodec cannot seek in Dirac (VC-2) in Matroska: its own error, mapped, with what to do.
     ogv = ffmpeg(tmp_path / "theora.ogv", "-c:v", "libtheora", "-g", "10")
-    with pytest.raises(DecodeError, match="decord") as info:
+    with pytest.raises(DecodeError, match=r"decord cannot .* \('broken metadata'\); use sampling.backend: pyav$") as info:
         decode_clip(str(ogv), SamplingConfig(num_frames=4, backend="decord"))
-    assert str(ogv) in str(info.value)
+    assert str(info.value).startswith(str(ogv))
+    vc2 = ffmpeg(tmp_path / "vc2.mkv", "-c:v", "vc2", seconds=0.4)
+    with pytest.raises(DecodeError, match=r"torchcodec failed: RuntimeError: .*Could not seek.*; use sampling.backend: "
+                                          r"pyav$") as info:
+        decode_clip(str(vc2), SamplingConfig(num_frames=4, backend="torchcodec"))
+    assert str(info.value).startswith(str(vc2)) and "\n" not in str(info.value)
     assert decode_clip(str(ogv), SamplingConfig(num_frames=4, backend="torchcodec")).indices.tolist() == [6, 18, 31, 43]
 
 
@@ -162,7 +168,8 @@ def test_open_gop_stream_is_exact_in_torchcodec_and_refused_by_decord(tmp_path):
     path = ffmpeg(tmp_path / "mpeg2_bf.mp4", "-c:v", "mpeg2video", "-bf", "2", "-g", "12")
     for cfg in PLANS.values():
         assert_same_as_pyav(path, cfg, "torchcodec")
-    with pytest.raises(DecodeError, match="decord returns other frames after seeking in an open-GOP stream") as info:
+    with pytest.raises(DecodeError, match="decord cannot return exact frames from this file: it returns other frames "
+                                          "after seeking in an open-GOP stream") as info:
         decode_clip(str(path), with_backend(PLANS["uniform"], "decord"))
     assert str(path) in str(info.value)
 
@@ -174,7 +181,7 @@ def test_backends_refuse_streams_they_cannot_address(made_videos, tmp_path):
     for path in (made_videos["overreported"], swf):
         assert "sequential" in decode_clip(str(path), SamplingConfig(num_frames=4)).flags
         for backend in BACKENDS:
-            with pytest.raises(DecodeError, match=f"{backend} cannot address this stream's frames") as info:
+            with pytest.raises(DecodeError, match=f"{backend} cannot .* cannot address this stream's frames") as info:
                 decode_clip(str(path), SamplingConfig(num_frames=4, backend=backend))
             assert str(path) in str(info.value)
 
@@ -183,3 +190,42 @@ def test_backend_key_is_strict():
     with pytest.raises(ValueError, match=r"sampling.backend must be one of \['pyav', 'torchcodec', 'decord'\]"):
         SamplingConfig(backend="ffmpeg")
     assert SamplingConfig().backend == "pyav" and SamplingConfig().allow_still_images is False
+
+
+def test_backends_refuse_containers_where_they_return_other_pictures(tmp_path):
+    """decord on ASF: its seek lands a keyframe early and it returns pictures of another GOP (frame 28 was 16)
+    with the asked timestamps; torchcodec on AVI whose B-frames' presentation times FFmpeg guesses (an
+    unpacked Xvid): frames after the second keyframe were other pictures with the asked pts; decord on FLV (no
+    seek index): the last keyframe was a picture of another GOP; both on MPEG-TS (torchcodec: 'no more frames';
+    decord: 'Unable to handle EOF'). Each is refused up front, naming the file, the reason and the fix;
+    torchcodec is exact on the ASF file and PyAV on all of them."""
+    wmv = ffmpeg(tmp_path / "wmv2.wmv", "-c:v", "wmv2", "-g", "12")
+    assert_same_as_pyav(wmv, PLANS["uniform"], "torchcodec")
+    packed = ffmpeg(tmp_path / "packed.avi", "-c:v", "libxvid", "-bf", "2", "-g", "12")
+    avi = tmp_path / "unpacked.avi"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(packed), "-c", "copy", "-bsf:v", "mpeg4_unpack_bframes",
+                    str(avi)], check=True)
+    ts = ffmpeg(tmp_path / "h264.ts", "-c:v", "libx264", "-g", "12", seconds=1)
+    flv = ffmpeg(tmp_path / "h264.flv", "-c:v", "libx264", "-g", "12", seconds=1)
+    for path, backend, why in ((wmv, "decord", "ASF seeks land a keyframe early or late"),
+                               (flv, "decord", "FLV has no seek index"),
+                               (avi, "torchcodec", "AVI stores no presentation times"),
+                               (ts, "torchcodec", "MPEG-TS"), (ts, "decord", "MPEG-TS")):
+        ref = decode_clip(str(path), PLANS["uniform"])
+        full = full_decode_digests(path)
+        assert [digest(f) for f in ref.frames] == [full[i] for i in ref.indices]
+        with pytest.raises(DecodeError, match=f"{backend} cannot return exact frames from this file: .*{why}.*; "
+                                              "use sampling.backend: pyav$") as info:
+            decode_clip(str(path), with_backend(PLANS["uniform"], backend))
+        assert str(info.value).startswith(f"{path}: ")
+
+
+def test_decord_times_are_compared_from_the_stream_start(tmp_path):
+    """decord counts times from the stream's start time (video_reader.cc), ours from the first shown frame:
+    files whose first frame is not at 0 (offset mp4 and mkv, a fragmented mp4) are exact, not refused."""
+    for path in (ffmpeg(tmp_path / "offset.mp4", "-c:v", "libx264", "-output_ts_offset", "5", seconds=1),
+                 ffmpeg(tmp_path / "offset.mkv", "-c:v", "libx264", "-output_ts_offset", "2.5", seconds=1),
+                 ffmpeg(tmp_path / "frag.mp4", "-c:v", "libx264", "-g", "10", "-movflags", "frag_keyframe+empty_moov",
+                        seconds=1)):
+        for cfg in (PLANS["uniform"], PLANS["keyframe"]):
+            assert_same_as_pyav(path, cfg, "decord")
