@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import subprocess
 
-import av
+from pathlib import Path
 import numpy as np
 import pytest
-from _extractors_helpers import shown
+from _extractors_helpers import ffmpeg_frames
 
 from extractors.api import DecodeError
 from extractors.config import SamplingConfig
@@ -93,11 +93,8 @@ def _make(tmp_path, name: str) -> str:
 
 
 def _full(path: str) -> list[np.ndarray]:
-    """Every frame of a plain PyAV decode as shown (pixels stretched by the sample aspect ratio), RGB."""
-    with av.open(path) as container:
-        stream = container.streams.best("video")
-        sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio or 1
-        return [shown(f, sar) for f in container.decode(stream)]
+    """Every frame as the ffmpeg CLI shows it (pixels stretched by the sample aspect ratio), RGB."""
+    return list(ffmpeg_frames(Path(path)))
 
 
 def _other_picture(frame: np.ndarray, full: list[np.ndarray], i: int) -> bool:
