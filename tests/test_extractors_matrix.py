@@ -11,8 +11,8 @@ levels, while neighbouring pictures of the moving test pattern differ by far mor
 from __future__ import annotations
 
 import subprocess
-
 from pathlib import Path
+
 import numpy as np
 import pytest
 from _extractors_helpers import ffmpeg_frames
