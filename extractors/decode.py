@@ -64,6 +64,10 @@ FTYP_IMAGE_BRANDS = {b"jp2 ", b"jxl "}
 # targets for the life of the context: they decode every frame from each group's keyframe.
 SKIP_FRAME_AT_OPEN = {"libdav1d"}
 
+# MPEG-4 Part 2 start codes: a VOP (one picture) and the video object layer header (0x20..0x2F) that says how
+# many bits a VOP's time increment has (needed to read whether a VOP is coded at all)
+VOP_START = b"\x00\x00\x01\xb6"
+
 log = logging.getLogger(__name__)
 _local = threading.local()  # one swscale context cache per thread (VideoReformatter is not thread-safe)
 
@@ -105,7 +109,8 @@ def decode_clip(
     name = f"{path} (bytes {span[0]}+{span[1]})" if span else str(path)
     try:
         with _open(str(path), span) as container:
-            return _decode(container, name, sampling, window, span[1] if span else None)
+            reopen = functools.partial(_reopen, str(path), span)
+            return _decode(container, name, sampling, window, span[1] if span else None, reopen)
     except (DecodeError, BackendUnavailable):
         raise
     except (av.FFmpegError, OSError, ValueError, EOFError) as e:
@@ -169,6 +174,11 @@ def _open(path: str, span: tuple[int, int] | None = None) -> av.container.InputC
     return av.open(source(), metadata_errors="ignore")
 
 
+def _reopen(path: str, span: tuple[int, int] | None = None) -> av.container.InputContainer:
+    """A fresh open of the file (or tar member) with FFmpeg's full probe, to read its packets from the top."""
+    return av.open(_ByteRange(path, *span) if span else path, metadata_errors="ignore")
+
+
 def _starts_with_ftyp(path: str, span: tuple[int, int] | None) -> bool:
     """The file (or the tar member at span) begins with an ISO base media ftyp box of a video brand."""
     try:  # non-blocking: a fifo must not block here; pread refuses it (ESPIPE), and av.open reports it
@@ -184,8 +194,9 @@ def _starts_with_ftyp(path: str, span: tuple[int, int] | None) -> bool:
     return len(head) == 12 and head[4:8] == b"ftyp" and head[8:12] not in FTYP_IMAGE_BRANDS
 
 
-def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConfig, window, size: int | None) -> Clip:
-    stream, index = _read_index(container, path, cfg.buffer_mb, size)
+def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConfig, window, size: int | None,
+            reopen) -> Clip:
+    stream, index = _read_index(container, path, cfg.buffer_mb, size, reopen)
     flags = _check_still(stream, index, container.format.name, path, cfg)
     try:
         plan = plan_frames(index.times, index.end, cfg, window)
@@ -243,15 +254,16 @@ def _check_still(stream, index: StreamIndex, fmt: str, path: str, cfg: SamplingC
     return ["still"]
 
 
-def _read_index(container: av.container.InputContainer, path: str, buffer_mb: int, size: int | None
+def _read_index(container: av.container.InputContainer, path: str, buffer_mb: int, size: int | None, reopen=None
                 ) -> tuple[av.video.stream.VideoStream, StreamIndex]:
     """The main video stream and its index: all decode_clip reads before it decodes a frame.
-    size: bytes of the video (a tar member's); None = the size of the file at path, if it is one."""
+    size: bytes of the video (a tar member's); None = the size of the file at path, if it is one.
+    reopen: returns a fresh open container of the video (default: the file at path)."""
     stream = _video_stream(container, path)
     if size is None:
         size = _file_size(path)
     _check_complete(stream, path, size)
-    return stream, _index(container, stream, path, buffer_mb, size)
+    return stream, _index(container, stream, path, buffer_mb, size, reopen or functools.partial(_reopen, path))
 
 
 def _file_size(path: str) -> int | None:
@@ -276,15 +288,19 @@ def _check_complete(stream: av.video.stream.VideoStream, path: str, size: int | 
 
 
 class PacketSource:
-    """The video stream's non-empty packets in decode order, by position.
+    """The video stream's frame packets in decode order, by position.
 
     Files up to `buffer_mb` keep every packet in memory after the one demux pass (fastest); bigger
     files keep only timestamps and re-read each run of packets by seeking to its keyframe.
+    MPEG-4 Part 2 packets pass through _Mpeg4Frames on every read (see there): positions count the
+    packets the decoder makes a frame of, and `pts_list` holds display timestamps.
     """
 
-    def __init__(self, container: av.container.InputContainer, stream, path: str, keep: bool) -> None:
-        self.container, self.stream, self.path = container, stream, path
-        demuxed = (packet for packet in container.demux(stream) if packet.size)
+    def __init__(self, container: av.container.InputContainer, stream, path: str, keep: bool, reopen) -> None:
+        """reopen: a function returning a fresh open container of the same file (to read it from the top)."""
+        self.container, self.stream, self.path, self.reopen = container, stream, path, reopen
+        self.mpeg4 = _Mpeg4Frames(stream, path) if stream.codec_context.name == "mpeg4" else None
+        demuxed = self._frames(container.demux(stream))
         if keep:
             # decode times and durations are read from the kept packets when asked for (seeking, the last
             # frame, the torchcodec frame table): each PyAV attribute read costs ~1 us a packet
@@ -298,6 +314,18 @@ class PacketSource:
             rows = [(p.pts, p.dts, p.is_keyframe, p.is_discard, p.duration or 0) for p in demuxed]
             self.pts_list, self._dts, self.key, self.discard, self._duration = (list(c) for c in zip(*rows)) \
                 if rows else ([], [], [], [], [])
+        self.read_pts = self.pts_list  # the timestamps the demuxer gives, to find a packet again after a seek
+        if self.mpeg4 is not None:
+            self.key = self.mpeg4.keyframes()
+            if self.mpeg4.packed:
+                self.pts_list = self.mpeg4.display_pts(self.read_pts)
+                for packet, pts in zip(self.kept or (), self.pts_list):
+                    packet.pts = pts  # the decoder hands each frame its packet's pts: match by the display time
+
+    def _frames(self, packets):
+        """The packets of frames: empty packets dropped, MPEG-4 Part 2 unpacked (a fresh filter per pass)."""
+        packets = (packet for packet in packets if packet.size)
+        return self.mpeg4.unpack(packets, self.stream) if self.mpeg4 is not None else packets
 
     @property
     def dts(self) -> list[int | None]:
@@ -318,14 +346,17 @@ class PacketSource:
         """Packets at positions start..stop (inclusive); start must be a keyframe."""
         if self.kept is not None:
             yield from self.kept[start : stop + 1]
-        elif start > 0 and self._seek(start):
-            yield from self._after_seek(start, stop)
-        else:
-            yield from self._from_the_top(start, stop)
+            return
+        rewrite = self.pts_list is not self.read_pts  # packed MPEG-4: the display times the index holds
+        packets = self._after_seek(start, stop) if start > 0 and self._seek(start) else self._from_the_top(start, stop)
+        for pos, packet in enumerate(packets, start):
+            if rewrite:
+                packet.pts = self.pts_list[pos]
+            yield packet
 
     def _seek(self, start: int) -> bool:
         """Seek to the keyframe at `start`; False where the container cannot seek (e.g. SWF)."""
-        target = self.dts[start] if self.dts[start] is not None else self.pts_list[start]
+        target = self.dts[start] if self.dts[start] is not None else self.read_pts[start]
         try:
             self.container.seek(int(target), stream=self.stream, backward=True, any_frame=False)
         except av.FFmpegError as e:
@@ -335,11 +366,9 @@ class PacketSource:
 
     def _after_seek(self, start: int, stop: int):
         target_dts, pos = self.dts[start], None
-        for packet in self.container.demux(self.stream):
-            if packet.size == 0:
-                continue
+        for packet in self._frames(self.container.demux(self.stream)):
             if pos is None:
-                if packet.pts != self.pts_list[start]:
+                if packet.pts != self.read_pts[start]:
                     if packet.dts is not None and target_dts is not None and packet.dts > target_dts:
                         raise DecodeError(f"{self.path}: seeking to packet {start} overshot it; "
                                           "the container index is inconsistent: remux the file")
@@ -353,11 +382,9 @@ class PacketSource:
 
     def _from_the_top(self, start: int, stop: int):
         """Demux a fresh open of the file from its first packet (no seek needed, nor trusted)."""
-        with av.open(self.path, metadata_errors="ignore") as container:
+        with self.reopen() as container:
             pos = 0
-            for packet in container.demux(container.streams[self.stream.index]):
-                if packet.size == 0:
-                    continue
+            for packet in self._frames(container.demux(container.streams[self.stream.index])):
                 if pos >= start:
                     yield packet
                 if pos == stop:
@@ -366,10 +393,155 @@ class PacketSource:
         raise DecodeError(f"{self.path}: packets {start}..{stop} could not be read again")
 
 
-def _index(container: av.container.InputContainer, stream, path: str, buffer_mb: int, size: int | None) -> StreamIndex:
-    """size: bytes of the video, None if unknown; up to buffer_mb (or unknown) its packets are kept in memory."""
+class _Mpeg4Frames:
+    """MPEG-4 Part 2 (DivX, XviD) packets as the frames the decoder makes of them.
+
+    DivX-style AVIs store "packed B-frames": a P-VOP and the B-VOP shown before it share one packet, and a
+    placeholder N-VOP (a VOP "not coded") takes the B-frame's slot. FFmpeg's decoder unpacks them itself
+    but gives each frame the timestamp of the wrong packet, so frames matched by timestamp came out one off.
+    FFmpeg's mpeg4_unpack_bframes bitstream filter moves each B-VOP into its placeholder's packet (one
+    packet out per packet in; it passes unpacked streams through as they are). What the index needs is
+    read from the VOP headers after unpacking: an N-VOP left over (a dropped frame) makes no frame and is
+    dropped; keyframes are the I-VOPs (the container flags the placeholders too); and where the stream
+    was packed, its timestamps, computed by the demuxer for the packed layout, are reassigned in display
+    order (an I/P-VOP is shown after the B-VOPs that follow it in decode order).
+    """
+
+    def __init__(self, stream, path: str) -> None:
+        self.path = path
+        self.types: list[str] = []  # VOP coding type of each frame packet, decode order: I, P, B or S
+        self.with_vol: list[bool] = []  # the decoder has a VOL header when it starts at this packet
+        self.packed = False
+        extradata = stream.codec_context.extradata or b""
+        self._extradata_bits = _vol_time_bits(extradata)  # vop_time_increment bits; None: no VOL there
+
+    def unpack(self, packets, stream):
+        """The frame packets of one pass over `packets` (non-empty, decode order), with a fresh filter.
+        The first pass (the index's) also records each frame's VOP type."""
+        bsf = av.bitstream.BitStreamFilterContext("mpeg4_unpack_bframes", stream)
+        record = not self.types
+        time_bits = self._extradata_bits
+        for packet in packets:
+            if record and not self.packed:
+                self.packed = bytes(packet).count(VOP_START) > 1
+            for out in bsf.filter(packet):
+                data = bytes(out)
+                vop = data.find(VOP_START)
+                if vop < 0:
+                    continue  # headers only (a VOL or GOV before the first VOP): no frame
+                in_packet = _vol_time_bits(data[:vop])
+                time_bits = in_packet or time_bits
+                kind, coded = _vop_header(data, vop + 4, time_bits)
+                if not coded:  # an N-VOP: the decoder shows nothing new
+                    continue
+                if record:
+                    self.types.append(kind)
+                    self.with_vol.append(bool(in_packet or self._extradata_bits))
+                yield out
+
+    def keyframes(self) -> list[bool]:
+        """Where decoding can start: an I-VOP, with the VOL header in the codec's extradata or the packet."""
+        return [kind == "I" and vol for kind, vol in zip(self.types, self.with_vol)]
+
+    def display_pts(self, pts: list[int]) -> list[int]:
+        """The packets' timestamps (decode order) given out again in display order: each I/P/S-VOP is shown
+        after the B-VOPs that follow it in decode order."""
+        shown, held = [], None  # decode positions in display order; the reference frame not yet shown
+        for pos, kind in enumerate(self.types):
+            if kind == "B":
+                shown.append(pos)
+            else:
+                if held is not None:
+                    shown.append(held)
+                held = pos
+        if held is not None:
+            shown.append(held)
+        out = [0] * len(pts)
+        for pos, t in zip(shown, sorted(pts)):
+            out[pos] = t
+        log.info("%s: MPEG-4 packed B-frames unpacked (mpeg4_unpack_bframes); timestamps reassigned in "
+                 "display order", self.path)
+        return out
+
+
+class _Bits:
+    """Big-endian bit reader over a few bytes."""
+
+    def __init__(self, data: bytes) -> None:
+        self.value, self.left = int.from_bytes(data, "big"), 8 * len(data)
+
+    def read(self, n: int) -> int:
+        if n > self.left:
+            raise EOFError("header cut short")
+        self.left -= n
+        return (self.value >> self.left) & ((1 << n) - 1)
+
+    def peek(self, n: int) -> int:
+        return (self.value >> (self.left - n)) & ((1 << n) - 1) if n <= self.left else -1
+
+
+def _vol_time_bits(data: bytes) -> int | None:
+    """Bits of vop_time_increment, from the first video object layer header in `data` (ISO 14496-2
+    6.2.3, as FFmpeg's decode_vol_header reads it); None if `data` holds no readable one."""
+    at = 0
+    while (at := data.find(b"\x00\x00\x01", at) + 3) >= 3:
+        if at < len(data) and 0x20 <= data[at] <= 0x2F:
+            break
+    else:
+        return None
+    bits = _Bits(data[at + 1 : at + 25])
+    try:
+        bits.read(9)  # random_accessible_vol, video_object_type_indication
+        verid = 1
+        if bits.read(1):  # is_object_layer_identifier
+            verid = bits.read(4)
+            bits.read(3)
+        if bits.read(4) == 15:  # aspect_ratio_info: extended PAR
+            bits.read(16)
+        if bits.read(1):  # vol_control_parameters: chroma_format, low_delay, vbv_parameters
+            bits.read(3)
+            if bits.read(1):
+                bits.read(79)
+        if bits.read(2) == 3 and verid != 1:  # grayscale shape: its extension
+            bits.read(4)
+        bits.read(1)  # marker
+        resolution = bits.read(16)
+    except EOFError:
+        return None
+    return max(1, (resolution - 1).bit_length()) if resolution else None
+
+
+def _vop_header(data: bytes, at: int, time_bits: int | None) -> tuple[str, bool]:
+    """(coding type, coded) of the VOP whose header starts at data[at] (after its start code). With the
+    time increment's size unknown or inconsistent with the marker after it, the size is guessed as FFmpeg's
+    decoder guesses it (decode_vop_header), so that we read the VOP as the decoder will."""
+    bits, kind = _Bits(data[at : at + 16]), "?"
+    try:
+        kind = "IPBS"[bits.read(2)]
+        while bits.read(1):  # modulo_time_base
+            pass
+        bits.read(1)  # marker
+        if not time_bits or not bits.peek(time_bits + 1) & 1:
+            for time_bits in range(1, 16):
+                if kind in "PS":
+                    if bits.peek(time_bits + 6) & 0x37 == 0x30:
+                        break
+                elif bits.peek(time_bits + 5) & 0x1F == 0x18:
+                    break
+            else:
+                time_bits = 16
+        bits.read(time_bits + 1)  # vop_time_increment, marker
+        return kind, bool(bits.read(1))
+    except EOFError:  # a cut header: the decoder will report the packet
+        return kind, True
+
+
+def _index(container: av.container.InputContainer, stream, path: str, buffer_mb: int, size: int | None,
+           reopen) -> StreamIndex:
+    """size: bytes of the video, None if unknown; up to buffer_mb (or unknown) its packets are kept in memory.
+    reopen: returns a fresh open container of the video."""
     keep = size is None or size <= buffer_mb * 2**20
-    packets = PacketSource(container, stream, path, keep)
+    packets = PacketSource(container, stream, path, keep, reopen)
     if not len(packets):
         raise DecodeError(f"{path}: the video stream holds no packets (empty or truncated file)")
     if None in packets.pts_list:
@@ -633,7 +805,7 @@ def video_info(path: str) -> dict:
     try:
         with _open(str(path)) as container:
             stream = _video_stream(container, str(path))
-            index = _index(container, stream, str(path), 0, _file_size(str(path)))
+            index = _index(container, stream, str(path), 0, _file_size(str(path)), functools.partial(_reopen, str(path)))
             if index.sar is None:  # only the bitstream says: decode its first frame
                 stream.codec_context.thread_count = 1
                 _probe_rotation(stream.codec_context, index, str(path))
