@@ -67,6 +67,7 @@ SKIP_FRAME_AT_OPEN = {"libdav1d"}
 # MPEG-4 Part 2 start codes: a VOP (one picture) and the video object layer header (0x20..0x2F) that says how
 # many bits a VOP's time increment has (needed to read whether a VOP is coded at all)
 VOP_START = b"\x00\x00\x01\xb6"
+UNPACK_CODECS = {"mpeg4"}  # codecs whose packets pass through _Mpeg4Frames (MPEG-4 Part 2 only)
 
 log = logging.getLogger(__name__)
 _local = threading.local()  # one swscale context cache per thread (VideoReformatter is not thread-safe)
@@ -90,6 +91,7 @@ class StreamIndex:
     stream_index: int  # the stream's index in the container
     time_base: Fraction
     no_keyflags: bool  # no packet is flagged a keyframe (e.g. FLV1 in SWF): decode from the first packet
+    cut: int  # frames left out before the first keyframe of a stream cut mid-GOP (not decodable)
 
 
 def decode_clip(
@@ -221,6 +223,8 @@ def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConf
         rgb = {i: _resize_rgb(f, _output_size(*upright, cfg)) for i, f in rgb.items()}
     if how == "sequential":
         flags.append("sequential")
+    if index.cut:
+        flags.append("cut_start")
     if rotation:
         flags.append("rotated")
     if index.sar != 1:
@@ -299,7 +303,7 @@ class PacketSource:
     def __init__(self, container: av.container.InputContainer, stream, path: str, keep: bool, reopen) -> None:
         """reopen: a function returning a fresh open container of the same file (to read it from the top)."""
         self.container, self.stream, self.path, self.reopen = container, stream, path, reopen
-        self.mpeg4 = _Mpeg4Frames(stream, path) if stream.codec_context.name == "mpeg4" else None
+        self.mpeg4 = _Mpeg4Frames(stream, path) if stream.codec_context.name in UNPACK_CODECS else None
         demuxed = self._frames(container.demux(stream))
         if keep:
             # decode times and durations are read from the kept packets when asked for (seeking, the last
@@ -550,10 +554,27 @@ def _index(container: av.container.InputContainer, stream, path: str, buffer_mb:
             "e.g. `ffmpeg -i IN -c copy OUT.mp4`"
         )
     pts = np.array(packets.pts_list, dtype=np.int64)  # [P] decode order
+    key = np.array(packets.key, dtype=bool)  # [P] decode order
     # packets an edit list cuts away (is_discard) are decoded as references but never shown
     shown = np.flatnonzero(~np.array(packets.discard, dtype=bool))
     if not len(shown):
         raise DecodeError(f"{path}: the edit list hides every frame of the video stream")
+    no_keyflags = not key[shown].any()
+    if no_keyflags:  # the container does not flag keyframes: only the first packet is a safe start
+        key[:] = False
+        key[0] = True
+    cut = 0
+    if not key[0]:
+        # a stream cut mid-GOP (a .ts segment, a dd'd file): what comes before its first keyframe in decode
+        # order, and what is shown before that keyframe (leading frames of an open GOP), refers to pictures
+        # that are not in the file; FFmpeg's decoders drop those frames too. The video starts at the keyframe.
+        first = int(np.argmax(key))
+        decodable = (shown >= first) & (pts[shown] >= pts[first])
+        cut, shown = int(len(shown) - decodable.sum()), shown[decodable]
+        log.warning("%s: the stream starts %d frame(s) before its first keyframe (cut mid-GOP?); those cannot "
+                    "be decoded: the video starts at the keyframe", path, cut)
+        if not len(shown):
+            raise DecodeError(f"{path}: no frame of the video stream is decodable (none from its first keyframe on)")
     order = shown[np.argsort(pts[shown], kind="stable")]  # [N] display index -> packet position
     sorted_pts = pts[order]
     if (sorted_pts[1:] == sorted_pts[:-1]).any():  # sorted: a duplicate is an equal neighbour (np.unique: 3x the cost)
@@ -563,11 +584,6 @@ def _index(container: av.container.InputContainer, stream, path: str, buffer_mb:
     last_duration = packets.kept[int(order[-1])].duration if packets.kept is not None \
         else packets.duration[int(order[-1])]
     step = last_duration or (np.median(np.diff(sorted_pts)) if len(order) > 1 else 1 / tb / 25)
-    key = np.array(packets.key, dtype=bool)  # [P] decode order
-    no_keyflags = not key[order].any()
-    if no_keyflags:  # the container does not flag keyframes: only the first packet is a safe start
-        key[:] = False
-        key[0] = True
     cc = stream.codec_context
     sar = stream.sample_aspect_ratio or cc.sample_aspect_ratio  # the container's wins, as in FFmpeg
     return StreamIndex(
@@ -586,6 +602,7 @@ def _index(container: av.container.InputContainer, stream, path: str, buffer_mb:
         stream_index=stream.index,
         time_base=Fraction(stream.time_base),
         no_keyflags=no_keyflags,
+        cut=cut,
     )
 
 
@@ -622,19 +639,18 @@ def _decode_pyav(
 ) -> tuple[dict[int, np.ndarray], int, str]:
     """The frames at display indices `targets` as RGB, their rotation, and how they were decoded."""
     if index.sequential:
-        log.info("%s: timestamps are in decode order; decoding sequentially up to the last target", path)
-        return *_decode_in_order(cc, index, targets, cfg, path), "sequential"
+        log.info("%s: timestamps are in decode order; decoding the whole stream in order", path)
+        return *_decode_in_order(cc, index, targets, cfg, path, display_times=False), "sequential"
     if not index.no_keyflags:
         try:
             skip = "DEFAULT" if cc.codec.name in SKIP_FRAME_AT_OPEN else "NONREF"
             return *_decode_targets(cc, index, targets, cfg, path, _groups(index, targets), skip), "targets"
         except (av.FFmpegError, DecodeError) as e:
-            # a codec that cannot start at a flagged keyframe (headers, wrong flags): a full decode can
+            # a codec that cannot start at a flagged keyframe (headers, wrong flags): a decode from the start can
             log.warning("%s: decoding from the keyframes failed (%s); decoding from the first packet", path, e)
     else:
         log.info("%s: no packet is flagged a keyframe; decoding from the first packet", path)
-    last = max(int(index.order[i]) for i in targets)
-    return *_decode_targets(cc, index, targets, cfg, path, [(0, last, targets)], "DEFAULT"), "sequential"
+    return *_decode_in_order(cc, index, targets, cfg, path, display_times=True), "sequential"
 
 
 def _decode_targets(
@@ -647,7 +663,9 @@ def _decode_targets(
     skip: str,
 ) -> tuple[dict[int, np.ndarray], int]:
     """Decode the frames at display indices `targets`, one decoder pass per (first packet, last packet,
-    targets) group; non-targets are decoded with `skip_frame = skip`. Frames are matched by timestamp.
+    targets) group; non-targets are decoded with `skip_frame = skip`. Frames are matched by timestamp
+    (every decoder hands a frame the timestamp of the packet it came from; the one that did not, MPEG-4
+    with packed B-frames, is unpacked first: _Mpeg4Frames).
 
     Returns the RGB frames by index and the display rotation (degrees counter-clockwise) they carried.
     """
@@ -671,20 +689,45 @@ def _decode_targets(
 
 
 def _decode_in_order(
-    cc, index: StreamIndex, targets: list[int], cfg: SamplingConfig, path: str
+    cc, index: StreamIndex, targets: list[int], cfg: SamplingConfig, path: str, display_times: bool
 ) -> tuple[dict[int, np.ndarray], int]:
-    """Fallback when only the decoder knows the display order: the i-th frame out is frame i."""
-    wanted, out, rotation = set(targets), {}, 0
-    frames = _feed(cc, index.packets.run(0, len(index.packets) - 1), set(), skip="DEFAULT")
-    for i, frame in enumerate(frames):
-        if i in wanted:
-            _check_intact(frame, i, path)
-            rotation = _rotation(frame)
-            _settle_sar(index, cc)
-            out[i] = _to_rgb(frame, rotation, index, cfg)
-            if len(out) == len(wanted):
-                frames.close()  # stop early: nothing after the last target is needed
-                break
+    """Decode every frame from the first keyframe; the i-th frame out is frame i, and that is checked, so
+    that a frame the decoder drops (or one it makes that the container does not list) is an error, not
+    every later frame returned one off:
+    display_times: the timestamps give the display order: frame i out must carry frame i's, and decoding
+    stops after the last target. Otherwise (decode times: AVI with B-frames) they cannot number the frames,
+    so the whole stream is decoded and must give one frame per packet, each with its packet's timestamp.
+    """
+    wanted, out, rotation, seen = set(targets), {}, 0, []
+    expected = index.pts[index.order]  # [N] timestamps of the frames in display order
+    frames = _feed(cc, index.packets.run(int(index.key_positions[0]), len(index.packets) - 1), set(), skip="DEFAULT")
+    try:
+        for i, frame in enumerate(frames):
+            if display_times and (i >= len(expected) or frame.pts != expected[i]):
+                got = "more frames than the container lists" if i >= len(expected) else \
+                    f"frame {i} came out with timestamp {frame.pts} where the container lists {int(expected[i])}"
+                raise DecodeError(f"{path}: decoding from the first packet, {got}: the decoder drops or adds frames, so "
+                                  f"which frame is which is unknown; re-encode it (e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`)")
+            seen.append(frame.pts)
+            if i in wanted:
+                _check_intact(frame, i, path)
+                rotation = _rotation(frame)
+                _settle_sar(index, cc)
+                out[i] = _to_rgb(frame, rotation, index, cfg)
+                if display_times and len(out) == len(wanted):
+                    break  # frames 0..i are checked: nothing after the last target is needed
+    except av.FFmpegError as e:
+        if seen:
+            raise
+        raise DecodeError(f"{path}: no frame decodes from the start of the stream ({type(e).__name__}: {e}); it may be "
+                          "cut from a longer stream without its headers: cut it again from the original at a keyframe "
+                          "(`ffmpeg -ss T -i ORIGINAL -c copy OUT`) or re-encode it") from e
+    finally:
+        frames.close()
+    if not display_times and (None in seen or sorted(seen) != sorted(expected.tolist())):
+        raise DecodeError(f"{path}: the decoder gave {len(seen)} frames where the container lists {len(expected)} "
+                          "packets (or other timestamps), so which frame is which is unknown (timestamps are decode "
+                          "times here); re-encode it (e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`)")
     missing = sorted(wanted - set(out))
     if missing:
         raise DecodeError(f"{path}: frame(s) {missing} (of {len(index.times)}) did not decode; the stream is corrupt there")
@@ -694,7 +737,7 @@ def _decode_in_order(
 def _probe_rotation(cc: av.video.codeccontext.VideoCodecContext, index: StreamIndex, path: str) -> int:
     """The display rotation, read from the first frame PyAV decodes (for the other backends); settles the
     sample aspect ratio too."""
-    frames = _feed(cc, index.packets.run(0, len(index.packets) - 1), set(), skip="DEFAULT")
+    frames = _feed(cc, index.packets.run(int(index.key_positions[0]), len(index.packets) - 1), set(), skip="DEFAULT")
     try:
         for frame in frames:
             _settle_sar(index, cc)
