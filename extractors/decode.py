@@ -9,7 +9,9 @@ up to the last target, with `skip_frame = "NONREF"` on every packet that is not 
 Frame counts come from the demuxed packets, never from the container header (which may over-report),
 and times from packet timestamps (variable frame rate is handled). Streams whose packets carry no
 keyframe flags, or whose codec cannot start at a flagged keyframe, are decoded sequentially from the
-first packet instead (same frames, full-decode cost, flagged "sequential").
+first packet instead (same frames, full-decode cost, flagged "sequential"), checked frame by frame
+against the index. MPEG-4 Part 2 packets are unpacked first (_Mpeg4Frames): with packed B-frames the
+decoder gives frames the wrong timestamps. A stream cut mid-GOP starts at its first keyframe.
 
 The index and the plan are always PyAV's; `sampling.backend` picks what decodes the planned frames:
 PyAV here, or torchcodec / decord (extractors/backends.py), which return the same frames.
@@ -217,6 +219,11 @@ def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConf
     if cfg.backend == "pyav":
         rgb, rotation, how = _decode_pyav(stream.codec_context, index, targets, cfg, path)
     else:
+        if index.packets.mpeg4 is not None and index.packets.mpeg4.packed:
+            # they decode the file themselves, packed: FFmpeg's decoder gives frames the wrong packets' timestamps
+            raise DecodeError(f"{path}: {cfg.backend} returns frames one off in MPEG-4 with packed B-frames; use "
+                              "sampling.backend: pyav, or unpack the file once: "
+                              "`ffmpeg -i IN -c copy -bsf:v mpeg4_unpack_bframes OUT`")
         rotation = _probe_rotation(stream.codec_context, index, path)
         upright = _display_size(index, rotation)
         rgb, how = decode_with_backend(cfg.backend, path, index, targets, cfg.threads, upright, rotation)
