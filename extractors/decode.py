@@ -200,7 +200,7 @@ def _starts_with_ftyp(path: str, span: tuple[int, int] | None) -> bool:
 
 def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConfig, window, size: int | None,
             reopen) -> Clip:
-    stream, index = _read_index(container, path, cfg.buffer_mb, size, reopen)
+    stream, index = _read_index(container, path, cfg.buffer_mb, size, reopen, cfg.threads)
     flags = _check_still(stream, index, container.format.name, path, cfg)
     try:
         plan = plan_frames(index.times, index.end, cfg, window)
@@ -214,8 +214,6 @@ def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConf
         flags.append("keyframe" if snapped is not None else "no_keyframe_in_window")
         plan = snapped if snapped is not None else plan
     targets = sorted(set(int(i) for i in plan.indices if i >= 0))
-    # also for the other backends' one-frame probe: PyAV's default (0) starts a thread per core
-    stream.codec_context.thread_count = cfg.threads
     if cfg.backend == "pyav":
         rgb, rotation, how = _decode_pyav(stream.codec_context, index, targets, cfg, path)
     else:
@@ -265,15 +263,19 @@ def _check_still(stream, index: StreamIndex, fmt: str, path: str, cfg: SamplingC
     return ["still"]
 
 
-def _read_index(container: av.container.InputContainer, path: str, buffer_mb: int, size: int | None, reopen=None
-                ) -> tuple[av.video.stream.VideoStream, StreamIndex]:
-    """The main video stream and its index: all decode_clip reads before it decodes a frame.
+def _read_index(container: av.container.InputContainer, path: str, buffer_mb: int, size: int | None, reopen=None,
+                threads: int = 1) -> tuple[av.video.stream.VideoStream, StreamIndex]:
+    """The main video stream and its index: all decode_clip reads before it decodes a frame (except where
+    the stream starts with an open GOP's leading frames: see _index).
     size: bytes of the video (a tar member's); None = the size of the file at path, if it is one.
-    reopen: returns a fresh open container of the video (default: the file at path)."""
+    reopen: returns a fresh open container of the video (default: the file at path).
+    threads: decoder threads (set on the stream's codec context before it first decodes)."""
     stream = _video_stream(container, path)
     if size is None:
         size = _file_size(path)
     _check_complete(stream, path, size)
+    # before anything decodes (also the other backends' one-frame probe): PyAV's default (0) starts a thread per core
+    stream.codec_context.thread_count = threads
     return stream, _index(container, stream, path, buffer_mb, size, reopen or functools.partial(_reopen, path))
 
 
@@ -570,16 +572,23 @@ def _index(container: av.container.InputContainer, stream, path: str, buffer_mb:
     if no_keyflags:  # the container does not flag keyframes: only the first packet is a safe start
         key[:] = False
         key[0] = True
-    cut = 0
-    if not key[0]:
-        # a stream cut mid-GOP (a .ts segment, a dd'd file): what comes before its first keyframe in decode
-        # order, and what is shown before that keyframe (leading frames of an open GOP), refers to pictures
-        # that are not in the file; FFmpeg's decoders drop those frames too. The video starts at the keyframe.
-        first = int(np.argmax(key))
-        decodable = (shown >= first) & (pts[shown] >= pts[first])
-        cut, shown = int(len(shown) - decodable.sum()), shown[decodable]
-        log.warning("%s: the stream starts %d frame(s) before its first keyframe (cut mid-GOP?); those cannot "
-                    "be decoded: the video starts at the keyframe", path, cut)
+    cc = stream.codec_context
+    first = int(np.argmax(key))
+    # a stream cut mid-GOP (a .ts segment, a dd'd file): what comes before its first keyframe in decode order
+    # refers to pictures that are not in the file (FFmpeg's decoders drop it too): not frames of the video
+    before = shown < first
+    # frames shown before the first keyframe but decoded after it (an open GOP's leading frames, as a cut
+    # with `ffmpeg -ss -c copy` leaves): undecodable if they refer to the GOP before (FFmpeg drops them), not
+    # if they refer to the keyframe only (closed GOP, HEVC RADL): only the decoder knows, so it is asked
+    leading = (shown > first) & (pts[shown] < pts[first])
+    if leading.any() and not (bool(cc.has_b_frames) and bool(np.all(np.diff(pts) > 0))):  # not decode times
+        made = _decoded_pts(cc, packets, first, int(shown[leading].max()))
+        leading &= ~np.isin(pts[shown], list(made))
+    cut = int(before.sum() + leading.sum())
+    if cut:
+        shown = shown[~(before | leading)]
+        log.warning("%s: the stream starts with %d frame(s) that refer to pictures before it (cut mid-GOP?) and "
+                    "cannot be decoded: the video starts at its first keyframe", path, cut)
         if not len(shown):
             raise DecodeError(f"{path}: no frame of the video stream is decodable (none from its first keyframe on)")
     order = shown[np.argsort(pts[shown], kind="stable")]  # [N] display index -> packet position
@@ -591,7 +600,6 @@ def _index(container: av.container.InputContainer, stream, path: str, buffer_mb:
     last_duration = packets.kept[int(order[-1])].duration if packets.kept is not None \
         else packets.duration[int(order[-1])]
     step = last_duration or (np.median(np.diff(sorted_pts)) if len(order) > 1 else 1 / tb / 25)
-    cc = stream.codec_context
     sar = stream.sample_aspect_ratio or cc.sample_aspect_ratio  # the container's wins, as in FFmpeg
     return StreamIndex(
         packets=packets,
@@ -611,6 +619,15 @@ def _index(container: av.container.InputContainer, stream, path: str, buffer_mb:
         no_keyflags=no_keyflags,
         cut=cut,
     )
+
+
+def _decoded_pts(cc: av.video.codeccontext.VideoCodecContext, packets: PacketSource, start: int, stop: int) -> set[int]:
+    """Timestamps of the intact frames the decoder makes of packets start..stop (start: a keyframe)."""
+    try:
+        return {frame.pts for frame in _feed(cc, packets.run(start, stop), set(), skip="DEFAULT") if not frame.is_corrupt}
+    except av.FFmpegError as e:
+        log.info("%s: decoding the first keyframe's group failed (%s)", packets.path, e)
+        return set()
 
 
 def _settle_sar(index: StreamIndex, cc: av.video.codeccontext.VideoCodecContext) -> None:
@@ -855,9 +872,9 @@ def video_info(path: str) -> dict:
     try:
         with _open(str(path)) as container:
             stream = _video_stream(container, str(path))
+            stream.codec_context.thread_count = 1
             index = _index(container, stream, str(path), 0, _file_size(str(path)), functools.partial(_reopen, str(path)))
             if index.sar is None:  # only the bitstream says: decode its first frame
-                stream.codec_context.thread_count = 1
                 _probe_rotation(stream.codec_context, index, str(path))
     except (av.FFmpegError, OSError) as e:
         raise DecodeError(f"{path}: {type(e).__name__}: {e}") from e

@@ -67,14 +67,15 @@ def packed(path) -> bool:
 IDS: dict[str, list[int]] = {}  # file -> source identity of each frame of its full decode
 
 
-def assert_exact(path, source, cfg: SamplingConfig, span=None, first_source: int = 0):
+def assert_exact(path, source, cfg: SamplingConfig, span=None, first_source: int | None = 0):
     """Every returned frame is the full decode's frame at its index, and that frame's source identity is the
     one the full decode gives it; targets must be distinct source frames in display order."""
     clip = decode_clip(str(path), cfg, span=span)
     if str(path) not in IDS:
         IDS[str(path)] = [who(source, f) for f in full_decode(path)]
     ids = IDS[str(path)]
-    assert ids == sorted(ids) and ids[0] == first_source, f"{path}: full decode out of order: {ids}"
+    assert ids == sorted(ids) and ids[0] == (ids[0] if first_source is None else first_source), \
+        f"{path}: full decode out of order: {ids}"
     digests = full_decode_digests(path)
     for k, (i, frame) in enumerate(zip(clip.indices, clip.frames)):
         if i < 0:
@@ -221,3 +222,39 @@ def test_other_backends_refuse_packed_b_frames(files, backend):
     for name in ("xvid_packed", "xvid_mov"):
         with pytest.raises(DecodeError, match=f"{files[name].name}: {backend} .*packed B-frames.*mpeg4_unpack_bframes"):
             decode_clip(str(files[name]), SamplingConfig(num_frames=4, backend=backend))
+
+
+@pytest.fixture(scope="module")
+def leading(tmp_path_factory) -> dict:
+    """Files cut with `ffmpeg -ss 0.9 -c copy` (no edit list in these containers) that start at a keyframe
+    followed by leading frames (shown before it, decoded after it): MPEG-2 open GOP, whose leading B-frames
+    refer to the GOP cut away (FFmpeg drops them), and HEVC with RADL pictures, which refer only to the
+    keyframe (FFmpeg shows them)."""
+    root = tmp_path_factory.mktemp("leading")
+    size = f"{SIZE[0]}x{SIZE[1]}"
+    whole = {
+        "mpeg2_open_gop": ffmpeg(root / "m2.mkv", "-c:v", "mpeg2video", "-bf", "2", "-g", "12", "-flags", "-cgop",
+                                 size=size),
+        "hevc_radl": ffmpeg(root / "radl.ts", "-c:v", "libx265", "-x265-params", "log-level=error:radl=2:keyint=12:"
+                            "min-keyint=12:open-gop=0:bframes=2:scenecut=0", size=size),
+    }
+    out = {}
+    for name, path in whole.items():
+        out[name] = root / f"{name}{'.avi' if name.startswith('mpeg2') else '.ts'}"
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-ss", "0.9", "-i", str(path), "-c", "copy", str(out[name])],
+                       check=True)
+    return out
+
+
+@pytest.mark.parametrize("name", ["mpeg2_open_gop", "hevc_radl"])
+def test_leading_frames_at_the_start_are_frames_only_if_they_decode(leading, source, name):
+    path = leading[name]
+    with av.open(str(path)) as c:
+        packets = [p for p in c.demux(c.streams.video[0]) if p.size]
+    assert packets[0].is_keyframe and any(p.pts < packets[0].pts for p in packets[1:12]), "no leading frames"
+    n_full = len(full_decode(path))
+    assert (n_full < len(packets)) == (name == "mpeg2_open_gop")  # FFmpeg drops the open GOP's leading frames
+    for plan in sorted(PLANS):
+        clip, ids = assert_exact(path, source, SamplingConfig(**PLANS[plan]), first_source=None)
+        assert ("cut_start" in clip.flags) == (name == "mpeg2_open_gop")
+        assert len(ids) == n_full and ids == list(range(ids[0], ids[0] + n_full))
