@@ -222,6 +222,9 @@ def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConf
             raise DecodeError(f"{path}: {cfg.backend} returns frames one off in MPEG-4 with packed B-frames; use "
                               "sampling.backend: pyav, or unpack the file once: "
                               "`ffmpeg -i IN -c copy -bsf:v mpeg4_unpack_bframes OUT`")
+        if len(index.keyframes) and index.keyframes[0] > 0:  # leading frames kept at the start (HEVC RADL)
+            raise DecodeError(f"{path}: {cfg.backend} returns other frames where the video starts with frames shown "
+                              "before its first keyframe (torchcodec did, silently); use sampling.backend: pyav")
         rotation = _probe_rotation(stream.codec_context, index, path)
         upright = _display_size(index, rotation)
         rgb, how = decode_with_backend(cfg.backend, path, index, targets, cfg.threads, upright, rotation)

@@ -258,3 +258,10 @@ def test_leading_frames_at_the_start_are_frames_only_if_they_decode(leading, sou
         clip, ids = assert_exact(path, source, SamplingConfig(**PLANS[plan]), first_source=None)
         assert ("cut_start" in clip.flags) == (name == "mpeg2_open_gop")
         assert len(ids) == n_full and ids == list(range(ids[0], ids[0] + n_full))
+
+
+def test_other_backends_refuse_leading_frames_that_decode(leading):
+    """torchcodec returned other frames (with the asked timestamps) for the HEVC RADL frames at the start."""
+    for backend in ("torchcodec", "decord"):
+        with pytest.raises(DecodeError, match=f"{backend} returns other frames where the video starts with frames"):
+            decode_clip(str(leading["hevc_radl"]), SamplingConfig(plan="fps", fps=7.0, max_frames=16, backend=backend))
