@@ -333,7 +333,7 @@ class PacketSource:
         self.read_pts = self.pts_list  # the timestamps the demuxer gives, to find a packet again after a seek
         if self.mpeg4 is not None:
             self.key = self.mpeg4.keyframes()
-            if self.mpeg4.packed:
+            if self.mpeg4.packed and None not in self.read_pts:  # (no timestamps: _index refuses the file)
                 self.pts_list = self.mpeg4.display_pts(self.read_pts)
                 for packet, pts in zip(self.kept or (), self.pts_list):
                     packet.pts = pts  # the decoder hands each frame its packet's pts: match by the display time
