@@ -26,7 +26,7 @@ class Clip:
     width: int  # source width as shown, before resize (sample aspect ratio applied, after rotation)
     height: int  # source height as shown, before resize (after rotation)
     flags: tuple[str, ...] = ()  # "short", "keyframe", "no_keyframe_in_window", "rotated", "anamorphic",
-    #                              "sequential", "still" -> recorded in the shard ledger
+    #                              "sequential", "still", "cut_start" -> recorded in the shard ledger
 
 
 @dataclass

@@ -9,7 +9,9 @@ up to the last target, with `skip_frame = "NONREF"` on every packet that is not 
 Frame counts come from the demuxed packets, never from the container header (which may over-report),
 and times from packet timestamps (variable frame rate is handled). Streams whose packets carry no
 keyframe flags, or whose codec cannot start at a flagged keyframe, are decoded sequentially from the
-first packet instead (same frames, full-decode cost, flagged "sequential").
+first packet instead (same frames, full-decode cost, flagged "sequential"), checked frame by frame
+against the index. MPEG-4 Part 2 packets are unpacked first (_Mpeg4Frames): with packed B-frames the
+decoder gives frames the wrong timestamps. A stream cut mid-GOP starts at its first keyframe.
 
 The index and the plan are always PyAV's; `sampling.backend` picks what decodes the planned frames:
 PyAV here, or torchcodec / decord (extractors/backends.py), which return the same frames.
@@ -64,6 +66,11 @@ FTYP_IMAGE_BRANDS = {b"jp2 ", b"jxl "}
 # targets for the life of the context: they decode every frame from each group's keyframe.
 SKIP_FRAME_AT_OPEN = {"libdav1d"}
 
+# MPEG-4 Part 2 start codes: a VOP (one picture) and the video object layer header (0x20..0x2F) that says how
+# many bits a VOP's time increment has (needed to read whether a VOP is coded at all)
+VOP_START = b"\x00\x00\x01\xb6"
+UNPACK_CODECS = {"mpeg4"}  # codecs whose packets pass through _Mpeg4Frames (MPEG-4 Part 2 only)
+
 log = logging.getLogger(__name__)
 _local = threading.local()  # swscale contexts and filter graphs kept per thread (neither is thread-safe)
 
@@ -86,6 +93,7 @@ class StreamIndex:
     stream_index: int  # the stream's index in the container
     time_base: Fraction
     no_keyflags: bool  # no packet is flagged a keyframe (e.g. FLV1 in SWF): decode from the first packet
+    cut: int  # frames left out before the first keyframe of a stream cut mid-GOP (not decodable)
 
 
 def decode_clip(
@@ -105,7 +113,8 @@ def decode_clip(
     name = f"{path} (bytes {span[0]}+{span[1]})" if span else str(path)
     try:
         with _open(str(path), span) as container:
-            return _decode(container, name, sampling, window, span[1] if span else None)
+            reopen = functools.partial(_reopen, str(path), span)
+            return _decode(container, name, sampling, window, span[1] if span else None, reopen)
     except (DecodeError, BackendUnavailable):
         raise
     except (av.FFmpegError, OSError, ValueError, EOFError) as e:
@@ -169,6 +178,11 @@ def _open(path: str, span: tuple[int, int] | None = None) -> av.container.InputC
     return av.open(source(), metadata_errors="ignore")
 
 
+def _reopen(path: str, span: tuple[int, int] | None = None) -> av.container.InputContainer:
+    """A fresh open of the file (or tar member) with FFmpeg's full probe, to read its packets from the top."""
+    return av.open(_ByteRange(path, *span) if span else path, metadata_errors="ignore")
+
+
 def _starts_with_ftyp(path: str, span: tuple[int, int] | None) -> bool:
     """The file (or the tar member at span) begins with an ISO base media ftyp box of a video brand."""
     try:  # non-blocking: a fifo must not block here; pread refuses it (ESPIPE), and av.open reports it
@@ -184,8 +198,9 @@ def _starts_with_ftyp(path: str, span: tuple[int, int] | None) -> bool:
     return len(head) == 12 and head[4:8] == b"ftyp" and head[8:12] not in FTYP_IMAGE_BRANDS
 
 
-def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConfig, window, size: int | None) -> Clip:
-    stream, index = _read_index(container, path, cfg.buffer_mb, size)
+def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConfig, window, size: int | None,
+            reopen) -> Clip:
+    stream, index = _read_index(container, path, cfg.buffer_mb, size, reopen, cfg.threads)
     flags = _check_still(stream, index, container.format.name, path, cfg)
     try:
         plan = plan_frames(index.times, index.end, cfg, window)
@@ -199,11 +214,17 @@ def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConf
         flags.append("keyframe" if snapped is not None else "no_keyframe_in_window")
         plan = snapped if snapped is not None else plan
     targets = sorted(set(int(i) for i in plan.indices if i >= 0))
-    # also for the other backends' one-frame probe: PyAV's default (0) starts a thread per core
-    stream.codec_context.thread_count = cfg.threads
     if cfg.backend == "pyav":
         rgb, rotation, how = _decode_pyav(stream.codec_context, index, targets, cfg, path)
     else:
+        if index.packets.mpeg4 is not None and index.packets.mpeg4.packed:
+            # they decode the file themselves, packed: FFmpeg's decoder gives frames the wrong packets' timestamps
+            raise DecodeError(f"{path}: {cfg.backend} returns frames one off in MPEG-4 with packed B-frames; use "
+                              "sampling.backend: pyav, or unpack the file once: "
+                              "`ffmpeg -i IN -c copy -bsf:v mpeg4_unpack_bframes OUT`")
+        if len(index.keyframes) and index.keyframes[0] > 0:  # leading frames kept at the start (HEVC RADL)
+            raise DecodeError(f"{path}: {cfg.backend} returns other frames where the video starts with frames shown "
+                              "before its first keyframe (torchcodec did, silently); use sampling.backend: pyav")
         rotation = _probe_rotation(stream.codec_context, index, path)
         upright = _display_size(index, rotation)
         rgb, how = decode_with_backend(cfg.backend, path, index, targets, cfg.threads, upright, rotation,
@@ -211,6 +232,8 @@ def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConf
         rgb = {i: _resize_rgb(f, _output_size(*upright, cfg), cfg.threads) for i, f in rgb.items()}
     if how == "sequential":
         flags.append("sequential")
+    if index.cut:
+        flags.append("cut_start")
     if rotation:
         flags.append("rotated")
     if index.sar != 1:
@@ -244,15 +267,20 @@ def _check_still(stream, index: StreamIndex, fmt: str, path: str, cfg: SamplingC
     return ["still"]
 
 
-def _read_index(container: av.container.InputContainer, path: str, buffer_mb: int, size: int | None
-                ) -> tuple[av.video.stream.VideoStream, StreamIndex]:
-    """The main video stream and its index: all decode_clip reads before it decodes a frame.
-    size: bytes of the video (a tar member's); None = the size of the file at path, if it is one."""
+def _read_index(container: av.container.InputContainer, path: str, buffer_mb: int, size: int | None, reopen=None,
+                threads: int = 1) -> tuple[av.video.stream.VideoStream, StreamIndex]:
+    """The main video stream and its index: all decode_clip reads before it decodes a frame (except where
+    the stream starts with an open GOP's leading frames: see _index).
+    size: bytes of the video (a tar member's); None = the size of the file at path, if it is one.
+    reopen: returns a fresh open container of the video (default: the file at path).
+    threads: decoder threads (set on the stream's codec context before it first decodes)."""
     stream = _video_stream(container, path)
     if size is None:
         size = _file_size(path)
     _check_complete(stream, path, size)
-    return stream, _index(container, stream, path, buffer_mb, size)
+    # before anything decodes (also the other backends' one-frame probe): PyAV's default (0) starts a thread per core
+    stream.codec_context.thread_count = threads
+    return stream, _index(container, stream, path, buffer_mb, size, reopen or functools.partial(_reopen, path))
 
 
 def _file_size(path: str) -> int | None:
@@ -277,15 +305,19 @@ def _check_complete(stream: av.video.stream.VideoStream, path: str, size: int | 
 
 
 class PacketSource:
-    """The video stream's non-empty packets in decode order, by position.
+    """The video stream's frame packets in decode order, by position.
 
     Files up to `buffer_mb` keep every packet in memory after the one demux pass (fastest); bigger
     files keep only timestamps and re-read each run of packets by seeking to its keyframe.
+    MPEG-4 Part 2 packets pass through _Mpeg4Frames on every read (see there): positions count the
+    packets the decoder makes a frame of, and `pts_list` holds display timestamps.
     """
 
-    def __init__(self, container: av.container.InputContainer, stream, path: str, keep: bool) -> None:
-        self.container, self.stream, self.path = container, stream, path
-        demuxed = (packet for packet in container.demux(stream) if packet.size)
+    def __init__(self, container: av.container.InputContainer, stream, path: str, keep: bool, reopen) -> None:
+        """reopen: a function returning a fresh open container of the same file (to read it from the top)."""
+        self.container, self.stream, self.path, self.reopen = container, stream, path, reopen
+        self.mpeg4 = _Mpeg4Frames(stream, path) if stream.codec_context.name in UNPACK_CODECS else None
+        demuxed = self._frames(container.demux(stream))
         if keep:
             # decode times and durations are read from the kept packets when asked for (seeking, the last
             # frame, the torchcodec frame table): each PyAV attribute read costs ~1 us a packet
@@ -299,6 +331,18 @@ class PacketSource:
             rows = [(p.pts, p.dts, p.is_keyframe, p.is_discard, p.duration or 0) for p in demuxed]
             self.pts_list, self._dts, self.key, self.discard, self._duration = (list(c) for c in zip(*rows)) \
                 if rows else ([], [], [], [], [])
+        self.read_pts = self.pts_list  # the timestamps the demuxer gives, to find a packet again after a seek
+        if self.mpeg4 is not None:
+            self.key = self.mpeg4.keyframes()
+            if self.mpeg4.packed and None not in self.read_pts:  # (no timestamps: _index refuses the file)
+                self.pts_list = self.mpeg4.display_pts(self.read_pts)
+                for packet, pts in zip(self.kept or (), self.pts_list):
+                    packet.pts = pts  # the decoder hands each frame its packet's pts: match by the display time
+
+    def _frames(self, packets):
+        """The packets of frames: empty packets dropped, MPEG-4 Part 2 unpacked (a fresh filter per pass)."""
+        packets = (packet for packet in packets if packet.size)
+        return self.mpeg4.unpack(packets, self.stream) if self.mpeg4 is not None else packets
 
     @property
     def dts(self) -> list[int | None]:
@@ -319,14 +363,17 @@ class PacketSource:
         """Packets at positions start..stop (inclusive); start must be a keyframe."""
         if self.kept is not None:
             yield from self.kept[start : stop + 1]
-        elif start > 0 and self._seek(start):
-            yield from self._after_seek(start, stop)
-        else:
-            yield from self._from_the_top(start, stop)
+            return
+        rewrite = self.pts_list is not self.read_pts  # packed MPEG-4: the display times the index holds
+        packets = self._after_seek(start, stop) if start > 0 and self._seek(start) else self._from_the_top(start, stop)
+        for pos, packet in enumerate(packets, start):
+            if rewrite:
+                packet.pts = self.pts_list[pos]
+            yield packet
 
     def _seek(self, start: int) -> bool:
         """Seek to the keyframe at `start`; False where the container cannot seek (e.g. SWF)."""
-        target = self.dts[start] if self.dts[start] is not None else self.pts_list[start]
+        target = self.dts[start] if self.dts[start] is not None else self.read_pts[start]
         try:
             self.container.seek(int(target), stream=self.stream, backward=True, any_frame=False)
         except av.FFmpegError as e:
@@ -336,11 +383,9 @@ class PacketSource:
 
     def _after_seek(self, start: int, stop: int):
         target_dts, pos = self.dts[start], None
-        for packet in self.container.demux(self.stream):
-            if packet.size == 0:
-                continue
+        for packet in self._frames(self.container.demux(self.stream)):
             if pos is None:
-                if packet.pts != self.pts_list[start]:
+                if packet.pts != self.read_pts[start]:
                     if packet.dts is not None and target_dts is not None and packet.dts > target_dts:
                         raise DecodeError(f"{self.path}: seeking to packet {start} overshot it; "
                                           "the container index is inconsistent: remux the file")
@@ -354,11 +399,9 @@ class PacketSource:
 
     def _from_the_top(self, start: int, stop: int):
         """Demux a fresh open of the file from its first packet (no seek needed, nor trusted)."""
-        with av.open(self.path, metadata_errors="ignore") as container:
+        with self.reopen() as container:
             pos = 0
-            for packet in container.demux(container.streams[self.stream.index]):
-                if packet.size == 0:
-                    continue
+            for packet in self._frames(container.demux(container.streams[self.stream.index])):
                 if pos >= start:
                     yield packet
                 if pos == stop:
@@ -367,10 +410,155 @@ class PacketSource:
         raise DecodeError(f"{self.path}: packets {start}..{stop} could not be read again")
 
 
-def _index(container: av.container.InputContainer, stream, path: str, buffer_mb: int, size: int | None) -> StreamIndex:
-    """size: bytes of the video, None if unknown; up to buffer_mb (or unknown) its packets are kept in memory."""
+class _Mpeg4Frames:
+    """MPEG-4 Part 2 (DivX, XviD) packets as the frames the decoder makes of them.
+
+    DivX-style AVIs store "packed B-frames": a P-VOP and the B-VOP shown before it share one packet, and a
+    placeholder N-VOP (a VOP "not coded") takes the B-frame's slot. FFmpeg's decoder unpacks them itself
+    but gives each frame the timestamp of the wrong packet, so frames matched by timestamp came out one off.
+    FFmpeg's mpeg4_unpack_bframes bitstream filter moves each B-VOP into its placeholder's packet (one
+    packet out per packet in; it passes unpacked streams through as they are). What the index needs is
+    read from the VOP headers after unpacking: an N-VOP left over (a dropped frame) makes no frame and is
+    dropped; keyframes are the I-VOPs (the container flags the placeholders too); and where the stream
+    was packed, its timestamps, computed by the demuxer for the packed layout, are reassigned in display
+    order (an I/P-VOP is shown after the B-VOPs that follow it in decode order).
+    """
+
+    def __init__(self, stream, path: str) -> None:
+        self.path = path
+        self.types: list[str] = []  # VOP coding type of each frame packet, decode order: I, P, B or S
+        self.with_vol: list[bool] = []  # the decoder has a VOL header when it starts at this packet
+        self.packed = False
+        extradata = stream.codec_context.extradata or b""
+        self._extradata_bits = _vol_time_bits(extradata)  # vop_time_increment bits; None: no VOL there
+
+    def unpack(self, packets, stream):
+        """The frame packets of one pass over `packets` (non-empty, decode order), with a fresh filter.
+        The first pass (the index's) also records each frame's VOP type."""
+        bsf = av.bitstream.BitStreamFilterContext("mpeg4_unpack_bframes", stream)
+        record = not self.types
+        time_bits = self._extradata_bits
+        for packet in packets:
+            if record and not self.packed:
+                self.packed = bytes(packet).count(VOP_START) > 1
+            for out in bsf.filter(packet):
+                data = bytes(out)
+                vop = data.find(VOP_START)
+                if vop < 0:
+                    continue  # headers only (a VOL or GOV before the first VOP): no frame
+                in_packet = _vol_time_bits(data[:vop])
+                time_bits = in_packet or time_bits
+                kind, coded = _vop_header(data, vop + 4, time_bits)
+                if not coded:  # an N-VOP: the decoder shows nothing new
+                    continue
+                if record:
+                    self.types.append(kind)
+                    self.with_vol.append(bool(in_packet or self._extradata_bits))
+                yield out
+
+    def keyframes(self) -> list[bool]:
+        """Where decoding can start: an I-VOP, with the VOL header in the codec's extradata or the packet."""
+        return [kind == "I" and vol for kind, vol in zip(self.types, self.with_vol)]
+
+    def display_pts(self, pts: list[int]) -> list[int]:
+        """The packets' timestamps (decode order) given out again in display order: each I/P/S-VOP is shown
+        after the B-VOPs that follow it in decode order."""
+        shown, held = [], None  # decode positions in display order; the reference frame not yet shown
+        for pos, kind in enumerate(self.types):
+            if kind == "B":
+                shown.append(pos)
+            else:
+                if held is not None:
+                    shown.append(held)
+                held = pos
+        if held is not None:
+            shown.append(held)
+        out = [0] * len(pts)
+        for pos, t in zip(shown, sorted(pts)):
+            out[pos] = t
+        log.info("%s: MPEG-4 packed B-frames unpacked (mpeg4_unpack_bframes); timestamps reassigned in "
+                 "display order", self.path)
+        return out
+
+
+class _Bits:
+    """Big-endian bit reader over a few bytes."""
+
+    def __init__(self, data: bytes) -> None:
+        self.value, self.left = int.from_bytes(data, "big"), 8 * len(data)
+
+    def read(self, n: int) -> int:
+        if n > self.left:
+            raise EOFError("header cut short")
+        self.left -= n
+        return (self.value >> self.left) & ((1 << n) - 1)
+
+    def peek(self, n: int) -> int:
+        return (self.value >> (self.left - n)) & ((1 << n) - 1) if n <= self.left else -1
+
+
+def _vol_time_bits(data: bytes) -> int | None:
+    """Bits of vop_time_increment, from the first video object layer header in `data` (ISO 14496-2
+    6.2.3, as FFmpeg's decode_vol_header reads it); None if `data` holds no readable one."""
+    at = 0
+    while (at := data.find(b"\x00\x00\x01", at) + 3) >= 3:
+        if at < len(data) and 0x20 <= data[at] <= 0x2F:
+            break
+    else:
+        return None
+    bits = _Bits(data[at + 1 : at + 25])
+    try:
+        bits.read(9)  # random_accessible_vol, video_object_type_indication
+        verid = 1
+        if bits.read(1):  # is_object_layer_identifier
+            verid = bits.read(4)
+            bits.read(3)
+        if bits.read(4) == 15:  # aspect_ratio_info: extended PAR
+            bits.read(16)
+        if bits.read(1):  # vol_control_parameters: chroma_format, low_delay, vbv_parameters
+            bits.read(3)
+            if bits.read(1):
+                bits.read(79)
+        if bits.read(2) == 3 and verid != 1:  # grayscale shape: its extension
+            bits.read(4)
+        bits.read(1)  # marker
+        resolution = bits.read(16)
+    except EOFError:
+        return None
+    return max(1, (resolution - 1).bit_length()) if resolution else None
+
+
+def _vop_header(data: bytes, at: int, time_bits: int | None) -> tuple[str, bool]:
+    """(coding type, coded) of the VOP whose header starts at data[at] (after its start code). With the
+    time increment's size unknown or inconsistent with the marker after it, the size is guessed as FFmpeg's
+    decoder guesses it (decode_vop_header), so that we read the VOP as the decoder will."""
+    bits, kind = _Bits(data[at : at + 16]), "?"
+    try:
+        kind = "IPBS"[bits.read(2)]
+        while bits.read(1):  # modulo_time_base
+            pass
+        bits.read(1)  # marker
+        if not time_bits or not bits.peek(time_bits + 1) & 1:
+            for time_bits in range(1, 16):
+                if kind in "PS":
+                    if bits.peek(time_bits + 6) & 0x37 == 0x30:
+                        break
+                elif bits.peek(time_bits + 5) & 0x1F == 0x18:
+                    break
+            else:
+                time_bits = 16
+        bits.read(time_bits + 1)  # vop_time_increment, marker
+        return kind, bool(bits.read(1))
+    except EOFError:  # a cut header: the decoder will report the packet
+        return kind, True
+
+
+def _index(container: av.container.InputContainer, stream, path: str, buffer_mb: int, size: int | None,
+           reopen) -> StreamIndex:
+    """size: bytes of the video, None if unknown; up to buffer_mb (or unknown) its packets are kept in memory.
+    reopen: returns a fresh open container of the video."""
     keep = size is None or size <= buffer_mb * 2**20
-    packets = PacketSource(container, stream, path, keep)
+    packets = PacketSource(container, stream, path, keep, reopen)
     if not len(packets):
         raise DecodeError(f"{path}: the video stream holds no packets (empty or truncated file)")
     if None in packets.pts_list:
@@ -379,10 +567,34 @@ def _index(container: av.container.InputContainer, stream, path: str, buffer_mb:
             "e.g. `ffmpeg -i IN -c copy OUT.mp4`"
         )
     pts = np.array(packets.pts_list, dtype=np.int64)  # [P] decode order
+    key = np.array(packets.key, dtype=bool)  # [P] decode order
     # packets an edit list cuts away (is_discard) are decoded as references but never shown
     shown = np.flatnonzero(~np.array(packets.discard, dtype=bool))
     if not len(shown):
         raise DecodeError(f"{path}: the edit list hides every frame of the video stream")
+    no_keyflags = not key[shown].any()
+    if no_keyflags:  # the container does not flag keyframes: only the first packet is a safe start
+        key[:] = False
+        key[0] = True
+    cc = stream.codec_context
+    first = int(np.argmax(key))
+    # a stream cut mid-GOP (a .ts segment, a dd'd file): what comes before its first keyframe in decode order
+    # refers to pictures that are not in the file (FFmpeg's decoders drop it too): not frames of the video
+    before = shown < first
+    # frames shown before the first keyframe but decoded after it (an open GOP's leading frames, as a cut
+    # with `ffmpeg -ss -c copy` leaves): undecodable if they refer to the GOP before (FFmpeg drops them), not
+    # if they refer to the keyframe only (closed GOP, HEVC RADL): only the decoder knows, so it is asked
+    leading = (shown > first) & (pts[shown] < pts[first])
+    if leading.any() and not (bool(cc.has_b_frames) and bool(np.all(np.diff(pts) > 0))):  # not decode times
+        made = _decoded_pts(cc, packets, first, int(shown[leading].max()))
+        leading &= ~np.isin(pts[shown], list(made))
+    cut = int(before.sum() + leading.sum())
+    if cut:
+        shown = shown[~(before | leading)]
+        log.warning("%s: the stream starts with %d frame(s) that refer to pictures before it (cut mid-GOP?) and "
+                    "cannot be decoded: the video starts at its first keyframe", path, cut)
+        if not len(shown):
+            raise DecodeError(f"{path}: no frame of the video stream is decodable (none from its first keyframe on)")
     order = shown[np.argsort(pts[shown], kind="stable")]  # [N] display index -> packet position
     sorted_pts = pts[order]
     if (sorted_pts[1:] == sorted_pts[:-1]).any():  # sorted: a duplicate is an equal neighbour (np.unique: 3x the cost)
@@ -392,12 +604,6 @@ def _index(container: av.container.InputContainer, stream, path: str, buffer_mb:
     last_duration = packets.kept[int(order[-1])].duration if packets.kept is not None \
         else packets.duration[int(order[-1])]
     step = last_duration or (np.median(np.diff(sorted_pts)) if len(order) > 1 else 1 / tb / 25)
-    key = np.array(packets.key, dtype=bool)  # [P] decode order
-    no_keyflags = not key[order].any()
-    if no_keyflags:  # the container does not flag keyframes: only the first packet is a safe start
-        key[:] = False
-        key[0] = True
-    cc = stream.codec_context
     sar = stream.sample_aspect_ratio or cc.sample_aspect_ratio  # the container's wins, as in FFmpeg
     return StreamIndex(
         packets=packets,
@@ -415,7 +621,17 @@ def _index(container: av.container.InputContainer, stream, path: str, buffer_mb:
         stream_index=stream.index,
         time_base=Fraction(stream.time_base),
         no_keyflags=no_keyflags,
+        cut=cut,
     )
+
+
+def _decoded_pts(cc: av.video.codeccontext.VideoCodecContext, packets: PacketSource, start: int, stop: int) -> set[int]:
+    """Timestamps of the intact frames the decoder makes of packets start..stop (start: a keyframe)."""
+    try:
+        return {frame.pts for frame in _feed(cc, packets.run(start, stop), set(), skip="DEFAULT") if not frame.is_corrupt}
+    except av.FFmpegError as e:
+        log.info("%s: decoding the first keyframe's group failed (%s)", packets.path, e)
+        return set()
 
 
 def _settle_sar(index: StreamIndex, cc: av.video.codeccontext.VideoCodecContext) -> None:
@@ -451,19 +667,18 @@ def _decode_pyav(
 ) -> tuple[dict[int, np.ndarray], int, str]:
     """The frames at display indices `targets` as RGB, their rotation, and how they were decoded."""
     if index.sequential:
-        log.info("%s: timestamps are in decode order; decoding sequentially up to the last target", path)
-        return *_decode_in_order(cc, index, targets, cfg, path), "sequential"
+        log.info("%s: timestamps are in decode order; decoding the whole stream in order", path)
+        return *_decode_in_order(cc, index, targets, cfg, path, display_times=False), "sequential"
     if not index.no_keyflags:
         try:
             skip = "DEFAULT" if cc.codec.name in SKIP_FRAME_AT_OPEN else "NONREF"
             return *_decode_targets(cc, index, targets, cfg, path, _groups(index, targets), skip), "targets"
         except (av.FFmpegError, DecodeError) as e:
-            # a codec that cannot start at a flagged keyframe (headers, wrong flags): a full decode can
+            # a codec that cannot start at a flagged keyframe (headers, wrong flags): a decode from the start can
             log.warning("%s: decoding from the keyframes failed (%s); decoding from the first packet", path, e)
     else:
         log.info("%s: no packet is flagged a keyframe; decoding from the first packet", path)
-    last = max(int(index.order[i]) for i in targets)
-    return *_decode_targets(cc, index, targets, cfg, path, [(0, last, targets)], "DEFAULT"), "sequential"
+    return *_decode_in_order(cc, index, targets, cfg, path, display_times=True), "sequential"
 
 
 def _decode_targets(
@@ -476,7 +691,9 @@ def _decode_targets(
     skip: str,
 ) -> tuple[dict[int, np.ndarray], int]:
     """Decode the frames at display indices `targets`, one decoder pass per (first packet, last packet,
-    targets) group; non-targets are decoded with `skip_frame = skip`. Frames are matched by timestamp.
+    targets) group; non-targets are decoded with `skip_frame = skip`. Frames are matched by timestamp
+    (every decoder hands a frame the timestamp of the packet it came from; the one that did not, MPEG-4
+    with packed B-frames, is unpacked first: _Mpeg4Frames).
 
     Returns the RGB frames by index and the display rotation (degrees counter-clockwise) they carried.
     """
@@ -500,20 +717,45 @@ def _decode_targets(
 
 
 def _decode_in_order(
-    cc, index: StreamIndex, targets: list[int], cfg: SamplingConfig, path: str
+    cc, index: StreamIndex, targets: list[int], cfg: SamplingConfig, path: str, display_times: bool
 ) -> tuple[dict[int, np.ndarray], int]:
-    """Fallback when only the decoder knows the display order: the i-th frame out is frame i."""
-    wanted, out, rotation = set(targets), {}, 0
-    frames = _feed(cc, index.packets.run(0, len(index.packets) - 1), set(), skip="DEFAULT")
-    for i, frame in enumerate(frames):
-        if i in wanted:
-            _check_intact(frame, i, path)
-            rotation = _rotation(frame)
-            _settle_sar(index, cc)
-            out[i] = _to_rgb(frame, rotation, index, cfg)
-            if len(out) == len(wanted):
-                frames.close()  # stop early: nothing after the last target is needed
-                break
+    """Decode every frame from the first keyframe; the i-th frame out is frame i, and that is checked, so
+    that a frame the decoder drops (or one it makes that the container does not list) is an error, not
+    every later frame returned one off:
+    display_times: the timestamps give the display order: frame i out must carry frame i's, and decoding
+    stops after the last target. Otherwise (decode times: AVI with B-frames) they cannot number the frames,
+    so the whole stream is decoded and must give one frame per packet, each with its packet's timestamp.
+    """
+    wanted, out, rotation, seen = set(targets), {}, 0, []
+    expected = index.pts[index.order]  # [N] timestamps of the frames in display order
+    frames = _feed(cc, index.packets.run(int(index.key_positions[0]), len(index.packets) - 1), set(), skip="DEFAULT")
+    try:
+        for i, frame in enumerate(frames):
+            if display_times and (i >= len(expected) or frame.pts != expected[i]):
+                got = "more frames than the container lists" if i >= len(expected) else \
+                    f"frame {i} came out with timestamp {frame.pts} where the container lists {int(expected[i])}"
+                raise DecodeError(f"{path}: decoding from the first packet, {got}: the decoder drops or adds frames, so "
+                                  f"which frame is which is unknown; re-encode it (e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`)")
+            seen.append(frame.pts)
+            if i in wanted:
+                _check_intact(frame, i, path)
+                rotation = _rotation(frame)
+                _settle_sar(index, cc)
+                out[i] = _to_rgb(frame, rotation, index, cfg)
+                if display_times and len(out) == len(wanted):
+                    break  # frames 0..i are checked: nothing after the last target is needed
+    except av.FFmpegError as e:
+        if seen:
+            raise
+        raise DecodeError(f"{path}: no frame decodes from the start of the stream ({type(e).__name__}: {e}); it may be "
+                          "cut from a longer stream without its headers: cut it again from the original at a keyframe "
+                          "(`ffmpeg -ss T -i ORIGINAL -c copy OUT`) or re-encode it") from e
+    finally:
+        frames.close()
+    if not display_times and (None in seen or sorted(seen) != sorted(expected.tolist())):
+        raise DecodeError(f"{path}: the decoder gave {len(seen)} frames where the container lists {len(expected)} "
+                          "packets (or other timestamps), so which frame is which is unknown (timestamps are decode "
+                          "times here); re-encode it (e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`)")
     missing = sorted(wanted - set(out))
     if missing:
         raise DecodeError(f"{path}: frame(s) {missing} (of {len(index.times)}) did not decode; the stream is corrupt there")
@@ -523,7 +765,7 @@ def _decode_in_order(
 def _probe_rotation(cc: av.video.codeccontext.VideoCodecContext, index: StreamIndex, path: str) -> int:
     """The display rotation, read from the first frame PyAV decodes (for the other backends); settles the
     sample aspect ratio too."""
-    frames = _feed(cc, index.packets.run(0, len(index.packets) - 1), set(), skip="DEFAULT")
+    frames = _feed(cc, index.packets.run(int(index.key_positions[0]), len(index.packets) - 1), set(), skip="DEFAULT")
     try:
         for frame in frames:
             _settle_sar(index, cc)
@@ -684,9 +926,9 @@ def video_info(path: str) -> dict:
     try:
         with _open(str(path)) as container:
             stream = _video_stream(container, str(path))
-            index = _index(container, stream, str(path), 0, _file_size(str(path)))
+            stream.codec_context.thread_count = 1
+            index = _index(container, stream, str(path), 0, _file_size(str(path)), functools.partial(_reopen, str(path)))
             if index.sar is None:  # only the bitstream says: decode its first frame
-                stream.codec_context.thread_count = 1
                 _probe_rotation(stream.codec_context, index, str(path))
     except (av.FFmpegError, OSError) as e:
         raise DecodeError(f"{path}: {type(e).__name__}: {e}") from e
