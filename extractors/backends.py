@@ -131,6 +131,9 @@ def _refusal(name: str, container: str, index: StreamIndex, rotation: int) -> st
     if index.sequential or index.no_keyflags:  # frames only the decoder can number: no index to address them by
         return ("it cannot address this stream's frames: " +
                 ("its timestamps are decode times" if index.sequential else "its container flags no keyframe"))
+    if index.palette:
+        return ("its pictures are paletted and the palette comes with the first packet only, which a seek "
+                "skips (black frames)")
     if container not in CONTAINERS[name]:
         return NOT_EXACT.get((name, container), f"it is not proven exact on {container!r} files, only on "
                                                 f"{'; '.join(sorted(CONTAINERS[name]))}")

@@ -86,6 +86,7 @@ class StreamIndex:
     end: float  # end time of the last frame, seconds
     keyframes: np.ndarray  # [nK] int64, display indices of the shown keyframes
     key_positions: np.ndarray  # int64, packet positions of every keyframe (shown or not): decode start points
+    #                            (a paletted stream: its first packet only, see `palette`)
     width: int  # coded width, before rotation
     height: int
     sequential: bool  # packet timestamps do not give the display order (e.g. AVI with B-frames)
@@ -94,6 +95,8 @@ class StreamIndex:
     time_base: Fraction
     no_keyflags: bool  # no packet is flagged a keyframe (e.g. FLV1 in SWF): decode from the first packet
     cut: int  # frames left out before the first keyframe of a stream cut mid-GOP (not decodable)
+    palette: bool  # pal8 pictures: AVI and MOV give the palette with the first packet only, so every decode
+    #                starts there (a decode from a later keyframe has no palette and makes black frames)
 
 
 def decode_clip(
@@ -605,6 +608,7 @@ def _index(container: av.container.InputContainer, stream, path: str, buffer_mb:
         else packets.duration[int(order[-1])]
     step = last_duration or (np.median(np.diff(sorted_pts)) if len(order) > 1 else 1 / tb / 25)
     sar = stream.sample_aspect_ratio or cc.sample_aspect_ratio  # the container's wins, as in FFmpeg
+    palette = cc.pix_fmt == "pal8"
     return StreamIndex(
         packets=packets,
         pts=pts,
@@ -612,7 +616,7 @@ def _index(container: av.container.InputContainer, stream, path: str, buffer_mb:
         times=times,
         end=float(times[-1] + step * tb),
         keyframes=np.flatnonzero(key[order]).astype(np.int64),
-        key_positions=np.flatnonzero(key).astype(np.int64),
+        key_positions=np.flatnonzero(key).astype(np.int64)[: 1 if palette else None],
         width=cc.width,
         height=cc.height,
         # frames are reordered (B-frames) yet timestamps rise in decode order: they are decode times
@@ -622,6 +626,7 @@ def _index(container: av.container.InputContainer, stream, path: str, buffer_mb:
         time_base=Fraction(stream.time_base),
         no_keyflags=no_keyflags,
         cut=cut,
+        palette=palette,
     )
 
 
