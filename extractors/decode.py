@@ -264,10 +264,26 @@ def _check_still(stream, index: StreamIndex, fmt: str, path: str, cfg: SamplingC
     still = fmt == "image2" or fmt.endswith("_pipe") or (len(index.times) == 1 and codec in IMAGE_CODECS)
     if not still:
         return []
+    if fmt == "webp_pipe" and _animated_webp(path):
+        raise DecodeError(f"{path}: an animated WebP: FFmpeg decodes only still WebP images; convert it to a "
+                          "video first (e.g. write its frames with Pillow, then encode them with ffmpeg)")
     if not cfg.allow_still_images:
         raise DecodeError(f"{path}: not a video: a still image ({codec}, container {fmt!r}); "
                           "set sampling.allow_still_images: true to take images as one-frame videos")
     return ["still"]
+
+
+def _animated_webp(path: str) -> bool:
+    """Whether the WebP at `path` holds an animation (Pillow reads its chunks; FFmpeg cannot decode it)."""
+    from PIL import Image  # torchvision's dependency; imported only for WebP input
+
+    if not os.path.isfile(path):  # a tar member ("x.tar (bytes a+b)"): not looked into
+        return False
+    try:
+        with Image.open(path) as image:
+            return bool(getattr(image, "is_animated", False))
+    except OSError:
+        return False
 
 
 def _read_index(container: av.container.InputContainer, path: str, buffer_mb: int, size: int | None, reopen=None,

@@ -143,6 +143,19 @@ def test_inputs_that_are_not_videos_name_what_was_found(not_videos, name):
     assert str(path) in str(info.value)
 
 
+def test_animated_webp_is_named_with_the_fix(tmp_path, not_videos):
+    """FFmpeg decodes only still WebP: an animated one is named as such, not as a still image."""
+    animated, still = tmp_path / "anim.webp", tmp_path / "still.webp"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=64x48:rate=10:duration=0.3",
+                    "-c:v", "libwebp_anim", "-loop", "0", str(animated)], check=True)
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(not_videos["png"]), "-c:v", "libwebp", str(still)], check=True)
+    for allow in (False, True):
+        with pytest.raises(DecodeError, match="an animated WebP.*convert it to a video first"):
+            decode_clip(str(animated), SamplingConfig(allow_still_images=allow))
+    with pytest.raises(DecodeError, match="a still image \\(webp"):
+        decode_clip(str(still), SamplingConfig())
+
+
 def test_still_images_when_allowed(not_videos):
     cfg = SamplingConfig(num_frames=4, allow_still_images=True)
     for name in ("png", "jpg"):
