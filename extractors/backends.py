@@ -131,6 +131,13 @@ def _refusal(name: str, container: str, index: StreamIndex, rotation: int) -> st
     if index.sequential or index.no_keyflags:  # frames only the decoder can number: no index to address them by
         return ("it cannot address this stream's frames: " +
                 ("its timestamps are decode times" if index.sequential else "its container flags no keyframe"))
+    if index.packets.mpeg4 is not None and index.packets.mpeg4.packed:
+        # it decodes the file itself, packed: FFmpeg's decoder gives frames the wrong packets' timestamps
+        return ("it returns frames one off in MPEG-4 with packed B-frames (or unpack the file once: "
+                "`ffmpeg -i IN -c copy -bsf:v mpeg4_unpack_bframes OUT`)")
+    if len(index.keyframes) and index.keyframes[0] > 0:  # leading frames kept at the start (HEVC RADL)
+        return (f"{name} returns other frames where the video starts with frames shown before its first keyframe "
+                "(torchcodec did, silently)")
     if index.palette:
         return ("its pictures are paletted and the palette comes with the first packet only, which a seek "
                 "skips (black frames)")

@@ -220,14 +220,6 @@ def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConf
     if cfg.backend == "pyav":
         rgb, rotation, how = _decode_pyav(stream.codec_context, index, targets, cfg, path)
     else:
-        if index.packets.mpeg4 is not None and index.packets.mpeg4.packed:
-            # they decode the file themselves, packed: FFmpeg's decoder gives frames the wrong packets' timestamps
-            raise DecodeError(f"{path}: {cfg.backend} returns frames one off in MPEG-4 with packed B-frames; use "
-                              "sampling.backend: pyav, or unpack the file once: "
-                              "`ffmpeg -i IN -c copy -bsf:v mpeg4_unpack_bframes OUT`")
-        if len(index.keyframes) and index.keyframes[0] > 0:  # leading frames kept at the start (HEVC RADL)
-            raise DecodeError(f"{path}: {cfg.backend} returns other frames where the video starts with frames shown "
-                              "before its first keyframe (torchcodec did, silently); use sampling.backend: pyav")
         rotation = _probe_rotation(stream.codec_context, index, path)
         upright = _display_size(index, rotation)
         rgb, how = decode_with_backend(cfg.backend, path, index, targets, cfg.threads, upright, rotation,
@@ -604,7 +596,9 @@ def _index(container: av.container.InputContainer, stream, path: str, buffer_mb:
     # with `ffmpeg -ss -c copy` leaves): undecodable if they refer to the GOP before (FFmpeg drops them), not
     # if they refer to the keyframe only (closed GOP, HEVC RADL): only the decoder knows, so it is asked
     leading = (shown > first) & (pts[shown] < pts[first])
-    if leading.any() and not (bool(cc.has_b_frames) and bool(np.all(np.diff(pts) > 0))):  # not decode times
+    # frames are reordered (B-frames) yet timestamps rise in decode order: they are decode times
+    decode_times = bool(cc.has_b_frames) and len(pts) > 2 and bool(np.all(np.diff(pts) > 0))
+    if leading.any() and not decode_times:
         made = _decoded_pts(cc, packets, first, int(shown[leading].max()))
         leading &= ~np.isin(pts[shown], list(made))
     cut = int(before.sum() + leading.sum())
@@ -635,8 +629,7 @@ def _index(container: av.container.InputContainer, stream, path: str, buffer_mb:
         key_positions=np.flatnonzero(key).astype(np.int64)[: 1 if palette else None],
         width=cc.width,
         height=cc.height,
-        # frames are reordered (B-frames) yet timestamps rise in decode order: they are decode times
-        sequential=bool(cc.has_b_frames) and len(pts) > 2 and bool(np.all(np.diff(pts) > 0)),
+        sequential=decode_times,
         sar=Fraction(sar) if sar and sar > 0 else None,
         stream_index=stream.index,
         time_base=Fraction(stream.time_base),
