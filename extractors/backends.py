@@ -70,8 +70,8 @@ LIBRARY_ERRORS = (
     ("broken metadata", "the header gives no frame count or duration, which decord needs"),
     ("from_size == to_size", "decord got no picture where it expected one: it could not seek in this file (Dirac "
                              "in Matroska)"),
-    ("Error sending packet", "decord's decoder thread takes one frame out per packet in, and the decoder held more "
-                             "(HEVC after a seek)"),
+    ("Error sending packet", "decord's decoder refused a packet: corrupt data there, or (HEVC after a seek) a "
+                             "decoder holding more frames than decord's one frame out per packet in"),
 )
 
 

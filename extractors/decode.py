@@ -65,6 +65,10 @@ FTYP_IMAGE_BRANDS = {b"jp2 ", b"jxl "}
 # decode_frame_type at init), so a per-packet NONREF would leave them unable to decode non-reference
 # targets for the life of the context: they decode every frame from each group's keyframe.
 SKIP_FRAME_AT_OPEN = {"libdav1d"}
+# A decoder conceals corrupt data and flags only the frame it hit (is_corrupt), not the frames that refer to
+# it: "explode" makes it fail at the packet instead, so that no picture built on damaged data comes out.
+# "crccheck": codecs that carry checksums (FFV1 v3 slices, ...) verify them.
+DECODER_OPTIONS = {"err_detect": "crccheck+explode"}
 
 # MPEG-4 Part 2 start codes: a VOP (one picture) and the video object layer header (0x20..0x2F) that says how
 # many bits a VOP's time increment has (needed to read whether a VOP is coded at all)
@@ -116,6 +120,7 @@ def decode_clip(
     name = f"{path} (bytes {span[0]}+{span[1]})" if span else str(path)
     try:
         with _open(str(path), span) as container:
+            _check_declared_size(str(path), span, container.format.name, name)
             reopen = functools.partial(_reopen, str(path), span)
             return _decode(container, name, sampling, window, span[1] if span else None, reopen)
     except (DecodeError, BackendUnavailable):
@@ -178,7 +183,41 @@ def _open(path: str, span: tuple[int, int] | None = None) -> av.container.InputC
         return container
     if container is not None:
         container.close()
-    return av.open(source(), metadata_errors="ignore")
+    try:
+        return av.open(source(), metadata_errors="ignore")
+    except av.FFmpegError as e:
+        why = _mp4_without_index(path, span) if _starts_with_ftyp(path, span) else None
+        if why:
+            raise DecodeError(f"{path} (bytes {span[0]}+{span[1]}): {why}" if span else f"{path}: {why}") from e
+        raise
+
+
+def _mp4_without_index(path: str, span: tuple[int, int] | None) -> str | None:
+    """Why an mp4/mov that FFmpeg cannot open has no index (no moov box), from its top-level boxes; None
+    when it has one. A download or a recording that stopped early ends inside its mdat box, and a file
+    written moov-last then has no index at all (FFmpeg says only "Invalid data found")."""
+    offset, size = span or (0, os.path.getsize(path))
+    pos, boxes = 0, []
+    with open(path, "rb") as f:
+        while pos + 8 <= size:
+            f.seek(offset + pos)
+            head = f.read(16)
+            length, kind = int.from_bytes(head[:4], "big"), head[4:8].decode("latin-1")
+            if length == 1 and len(head) == 16:  # a 64-bit size follows the type
+                length = int.from_bytes(head[8:16], "big")
+            elif length == 0:  # the box runs to the end of the file
+                length = size - pos
+            if kind == "moov":
+                return None
+            if length < 8:
+                return f"not a readable mp4: box {kind!r} at byte {pos} has size {length}; re-download or re-encode it"
+            boxes.append(kind)
+            if pos + length > size:
+                return (f"truncated mp4: it ends inside its {kind!r} box ({size} bytes, the box needs "
+                        f"{pos + length}) and has no index (moov box), which a moov-last file writes at its end; "
+                        f"re-download it (a recording cut off this way needs a repair tool such as untrunc)")
+            pos += length
+    return f"an mp4 without an index (no moov box; its boxes: {', '.join(boxes)}); re-download or re-encode it"
 
 
 def _reopen(path: str, span: tuple[int, int] | None = None) -> av.container.InputContainer:
@@ -291,6 +330,7 @@ def _read_index(container: av.container.InputContainer, path: str, buffer_mb: in
     _check_complete(stream, path, size)
     # before anything decodes (also the other backends' one-frame probe): PyAV's default (0) starts a thread per core
     stream.codec_context.thread_count = threads
+    stream.codec_context.options = DECODER_OPTIONS
     return stream, _index(container, stream, path, buffer_mb, size, reopen or functools.partial(_reopen, path))
 
 
@@ -313,6 +353,65 @@ def _check_complete(stream: av.video.stream.VideoStream, path: str, size: int | 
             f"{path}: truncated file: {size} bytes, but its index needs {needed} ({missing} of {len(entries)} "
             "frames are missing); re-download or re-encode it"
         )
+
+
+def _check_declared_size(path: str, span: tuple[int, int] | None, fmt: str, name: str) -> None:
+    """A Matroska/WebM or AVI file shorter than the size its header declares is truncated (an interrupted
+    download): refused, not sampled from the frames that survived. Their index is at the end and lost
+    with it, so _check_complete cannot tell. A size the muxer left unknown (live recording) is no claim."""
+    offset, size = span or (0, _file_size(path) or 0)
+    if not size or not (fmt.startswith("matroska") or fmt == "avi"):
+        return
+    with open(path, "rb") as f:
+        f.seek(offset)
+        head = f.read(64)
+    needed = _ebml_segment_end(head) if fmt.startswith("matroska") else _riff_end(path, offset, size)
+    if needed and needed > size:
+        kind = "Matroska/WebM" if fmt.startswith("matroska") else "AVI"
+        raise DecodeError(f"{name}: truncated {kind} file: {size} bytes, but its header declares {needed}; "
+                          "re-download it")
+
+
+def _ebml_vint(data: bytes, pos: int, is_id: bool = False) -> tuple[int | None, int]:
+    """An EBML variable-length integer at pos: (value, next pos); value None for a size of all ones (unknown)."""
+    first = data[pos]
+    length = 9 - first.bit_length() if first else 9
+    if length > 8 or pos + length > len(data):
+        raise ValueError("not an EBML number")
+    value = int.from_bytes(data[pos:pos + length], "big")
+    if not is_id:
+        value &= (1 << (7 * length)) - 1
+        if value == (1 << (7 * length)) - 1:
+            return None, pos + length
+    return value, pos + length
+
+
+def _ebml_segment_end(head: bytes) -> int | None:
+    """End of the Segment element (EBML header, then Segment) declared by a Matroska file's first bytes."""
+    try:
+        ebml_id, pos = _ebml_vint(head, 0, is_id=True)
+        ebml_size, pos = _ebml_vint(head, pos)
+        if ebml_id != 0x1A45DFA3 or ebml_size is None:
+            return None
+        segment_id, pos = _ebml_vint(head, pos + ebml_size, is_id=True)
+        segment_size, pos = _ebml_vint(head, pos)
+    except (ValueError, IndexError):
+        return None
+    return pos + segment_size if segment_id == 0x18538067 and segment_size is not None else None
+
+
+def _riff_end(path: str, offset: int, size: int) -> int | None:
+    """End of the last RIFF chunk (RIFF AVI, then OpenDML RIFF AVIX chunks) the chunk sizes chain to."""
+    pos = 0
+    with open(path, "rb") as f:
+        while pos + 12 <= size:
+            f.seek(offset + pos)
+            head = f.read(12)
+            length = int.from_bytes(head[4:8], "little")
+            if head[:4] != b"RIFF" or head[8:11] != b"AVI" or length in (0, 0xFFFFFFFF):  # unknown: not finalised
+                break
+            pos += 8 + length + (length & 1)
+    return pos or None
 
 
 class PacketSource:
@@ -640,12 +739,16 @@ def _index(container: av.container.InputContainer, stream, path: str, buffer_mb:
 
 
 def _decoded_pts(cc: av.video.codeccontext.VideoCodecContext, packets: PacketSource, start: int, stop: int) -> set[int]:
-    """Timestamps of the intact frames the decoder makes of packets start..stop (start: a keyframe)."""
+    """Timestamps of the intact frames the decoder makes of packets start..stop (start: a keyframe), up to
+    the first packet it fails on (a leading frame that refers to a picture before the stream's start)."""
+    made: set[int] = set()
     try:
-        return {frame.pts for frame in _feed(cc, packets.run(start, stop), set(), skip="DEFAULT") if not frame.is_corrupt}
+        for frame in _feed(cc, packets.run(start, stop), set(), skip="DEFAULT"):
+            if not frame.is_corrupt:
+                made.add(frame.pts)
     except av.FFmpegError as e:
-        log.info("%s: decoding the first keyframe's group failed (%s)", packets.path, e)
-        return set()
+        log.info("%s: decoding the first keyframe's group failed after %d frame(s) (%s)", packets.path, len(made), e)
+    return made
 
 
 def _settle_sar(index: StreamIndex, cc: av.video.codeccontext.VideoCodecContext) -> None:
@@ -760,7 +863,9 @@ def _decode_in_order(
                     break  # frames 0..i are checked: nothing after the last target is needed
     except av.FFmpegError as e:
         if seen:
-            raise
+            raise DecodeError(f"{path}: corrupt data in the video stream after frame {len(seen) - 1} ({type(e).__name__}: "
+                              f"{e}); pictures from there to the next keyframe would be built on damaged data: "
+                              "re-download or re-encode it") from e
         raise DecodeError(f"{path}: no frame decodes from the start of the stream ({type(e).__name__}: {e}); it may be "
                           "cut from a longer stream without its headers: cut it again from the original at a keyframe "
                           "(`ffmpeg -ss T -i ORIGINAL -c copy OUT`) or re-encode it") from e
@@ -939,6 +1044,7 @@ def video_info(path: str) -> dict:
     frame where only the bitstream gives the sample aspect ratio)."""
     try:
         with _open(str(path)) as container:
+            _check_declared_size(str(path), None, container.format.name, str(path))
             stream = _video_stream(container, str(path))
             stream.codec_context.thread_count = 1
             index = _index(container, stream, str(path), 0, _file_size(str(path)), functools.partial(_reopen, str(path)))

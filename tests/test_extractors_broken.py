@@ -45,6 +45,12 @@ def broken(tmp_path_factory, made_videos):
     for name, data in files.items():
         paths[name] = root / f"{name}.mp4"
         paths[name].write_bytes(data)
+    for name, suffix in (("truncated_mkv", ".mkv"), ("truncated_avi", ".avi")):  # their index is at the end
+        whole = root / f"whole{suffix}"
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(made_videos["bheavy"]), "-c", "copy", str(whole)],
+                       check=True)
+        paths[name] = root / f"{name}{suffix}"
+        paths[name].write_bytes(whole.read_bytes()[: whole.stat().st_size * 3 // 5])
     paths["audio_only"] = root / "audio_only.mp4"
     write_audio_only(paths["audio_only"])
     paths["missing"] = root / "does_not_exist.mp4"
@@ -52,8 +58,10 @@ def broken(tmp_path_factory, made_videos):
 
 
 REASONS = {
-    "truncated_moov_last": "moov|Invalid data",
+    "truncated_moov_last": "truncated mp4: it ends inside its 'mdat' box .* no index \\(moov box\\).* re-download",
     "truncated_moov_first": "truncated",
+    "truncated_mkv": "truncated Matroska/WebM file: .* bytes, but its header declares .*; re-download it",
+    "truncated_avi": "truncated AVI file: .* bytes, but its header declares .*; re-download it",
     "random_bytes": "Invalid data",
     "empty": "Invalid data|empty",
     "text_renamed": "Invalid data",
@@ -98,6 +106,48 @@ def test_hanging_decode_is_killed(tmp_path, made_videos):
         assert len(clip.frames) == 2 and decoder._proc.pid != pid
     finally:
         decoder.close()
+
+
+@pytest.mark.parametrize("fmt", ["avi", "webm"])
+def test_a_size_the_muxer_left_unknown_is_no_truncation(tmp_path, made_videos, fmt):
+    """Written to a pipe, the AVI RIFF size stays 0xFFFFFFFF and the Matroska Segment size all ones."""
+    piped = tmp_path / f"piped.{fmt}"
+    codec = ["-c", "copy"] if fmt == "avi" else ["-c:v", "libvpx-vp9", "-b:v", "100k"]
+    data = subprocess.run(["ffmpeg", "-v", "error", "-i", str(made_videos["pheavy"]), *codec, "-f", fmt, "-"],
+                          capture_output=True, check=True).stdout
+    piped.write_bytes(data)
+    remuxed = tmp_path / f"remuxed.{fmt}"  # the same packets, written to a file: sizes declared
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(piped), "-c", "copy", str(remuxed)], check=True)
+    got, want = (decode_clip(str(p), SamplingConfig(num_frames=4)) for p in (piped, remuxed))
+    assert got.indices.tolist() == want.indices.tolist() and len(set(got.indices.tolist())) == 4
+    assert all(np.array_equal(a, b) for a, b in zip(got.frames, want.frames))
+
+
+def damage_packet(src, dst, frame: int) -> None:
+    """Copy src to dst with 16 bytes inverted in the middle of the packet of `frame` (decode order)."""
+    with av.open(str(src)) as container:
+        packets = [p for p in container.demux(container.streams.video[0]) if p.size]
+        pos, size = packets[frame].pos, packets[frame].size
+    data = bytearray(src.read_bytes())
+    data[pos + size // 2: pos + size // 2 + 16] = bytes(b ^ 0xFF for b in data[pos + size // 2: pos + size // 2 + 16])
+    dst.write_bytes(bytes(data))
+
+
+def test_corrupt_data_is_refused_where_a_frame_is_built_on_it(tmp_path, made_videos):
+    """A damaged reference frame: the decoder conceals it and flags neither it nor the frames built on it,
+    so the pyav backend makes the decoder fail there. Frames of intact GOPs still decode, unchanged."""
+    src = made_videos["pheavy"]  # no B-frames, keyframes at 0, 50, 100 of 120: decode order = display order
+    damaged = tmp_path / "damaged.mp4"
+    damage_packet(src, damaged, 60)
+    log = subprocess.run(["ffmpeg", "-v", "error", "-i", str(damaged), "-f", "null", "-"], capture_output=True, text=True)
+    assert log.stderr.strip(), "the test's damage must be one FFmpeg can detect"
+    with pytest.raises(DecodeError, match="corrupt data in the video stream after frame .*re-download or re-encode") as info:
+        decode_clip(str(damaged), SamplingConfig(num_frames=8))  # frame 67 refers to frame 60
+    assert str(damaged) in str(info.value)
+    for window in ((0.0, 1.6), (3.4, None)):  # GOPs 0-49 and 100-119: no damaged data on the way
+        got, want = (decode_clip(str(p), SamplingConfig(num_frames=4), window=window) for p in (damaged, src))
+        assert got.indices.tolist() == want.indices.tolist()
+        assert all(np.array_equal(a, b) for a, b in zip(got.frames, want.frames))
 
 
 def test_bad_window_is_a_decode_error(made_videos):
