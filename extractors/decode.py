@@ -67,7 +67,7 @@ FTYP_IMAGE_BRANDS = {b"jp2 ", b"jxl "}
 SKIP_FRAME_AT_OPEN = {"libdav1d"}
 # A decoder conceals corrupt data and flags only the frame it hit (is_corrupt), not the frames that refer to
 # it: "explode" makes it fail at the packet instead, so that no picture built on damaged data comes out.
-# "crccheck": codecs that carry checksums (FFV1 v3 slices, ...) verify them.
+# "crccheck": codecs that carry checksums (FFV1 v3 slices, ...) verify them. Not for open-GOP H.264: _open_gops.
 DECODER_OPTIONS = {"err_detect": "crccheck+explode"}
 
 # MPEG-4 Part 2 start codes: a VOP (one picture) and the video object layer header (0x20..0x2F) that says how
@@ -126,7 +126,20 @@ def decode_clip(
     except (DecodeError, BackendUnavailable):
         raise
     except (av.FFmpegError, OSError, ValueError, EOFError) as e:
-        raise DecodeError(f"{name}: {type(e).__name__}: {e}") from e
+        raise DecodeError(f"{name}: {type(e).__name__}: {e}; {_fix_for(e)}") from e
+
+
+def _fix_for(error: Exception) -> str:
+    """What to do about a library or OS error that reached decode_clip unexplained."""
+    if isinstance(error, FileNotFoundError):
+        return "check the manifest's path and --video-root"
+    if isinstance(error, PermissionError):
+        return "make it readable by this user"
+    if isinstance(error, IsADirectoryError):
+        return "the manifest must name video files, not folders"
+    if isinstance(error, av.InvalidDataError):
+        return "FFmpeg cannot read it: not a video, or a damaged one; check it with `ffprobe FILE`, re-download or re-encode it"
+    return "check it with `ffprobe FILE`; re-download or re-encode it"
 
 
 class _ByteRange(io.RawIOBase):
@@ -330,8 +343,22 @@ def _read_index(container: av.container.InputContainer, path: str, buffer_mb: in
     _check_complete(stream, path, size)
     # before anything decodes (also the other backends' one-frame probe): PyAV's default (0) starts a thread per core
     stream.codec_context.thread_count = threads
-    stream.codec_context.options = DECODER_OPTIONS
-    return stream, _index(container, stream, path, buffer_mb, size, reopen or functools.partial(_reopen, path))
+    index = _index(container, stream, path, buffer_mb, size, reopen or functools.partial(_reopen, path))
+    # the decoder opens at its first decode (the index decodes only for leading frames at the start: lenient)
+    if not stream.codec_context.is_open and not (stream.codec_context.name == "h264" and _open_gops(index)):
+        stream.codec_context.options = DECODER_OPTIONS
+    return stream, index
+
+
+def _open_gops(index: StreamIndex) -> bool:
+    """Whether a keyframe is followed (in decode order) by frames shown before it: an open GOP. H.264 started
+    at such a keyframe (a recovery point, not an IDR) reports errors that are none (an MMCO that names a
+    leading frame of the GOP before, which was not decoded), so its decoder conceals, as FFmpeg's default."""
+    key = np.zeros(len(index.pts), dtype=bool)
+    key[index.key_positions] = True
+    last_key = np.maximum.accumulate(np.where(key, np.arange(len(key)), -1))  # [P] latest keyframe position
+    after = last_key >= 0
+    return bool(np.any(index.pts[after] < index.pts[last_key[after]]))
 
 
 def _file_size(path: str) -> int | None:
@@ -1051,7 +1078,7 @@ def video_info(path: str) -> dict:
             if index.sar is None:  # only the bitstream says: decode its first frame
                 _probe_rotation(stream.codec_context, index, str(path))
     except (av.FFmpegError, OSError) as e:
-        raise DecodeError(f"{path}: {type(e).__name__}: {e}") from e
+        raise DecodeError(f"{path}: {type(e).__name__}: {e}; {_fix_for(e)}") from e
     return {"frames": len(index.times), "duration": index.end, "width": index.width, "height": index.height,
             "keyframes": 0 if index.no_keyflags else len(index.keyframes), "sar": str(index.sar),
             "bytes": os.path.getsize(path)}

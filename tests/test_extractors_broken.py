@@ -1,6 +1,7 @@
 """A corpus of broken files made here: each yields one clear DecodeError naming the file, no crash or hang."""
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import time
@@ -8,7 +9,7 @@ import time
 import av
 import numpy as np
 import pytest
-from _extractors_helpers import ffmpeg, made_videos  # noqa: F401 (fixture)
+from _extractors_helpers import ffmpeg, full_decode, made_videos  # noqa: F401 (fixture)
 
 from extractors.api import DecodeError
 from extractors.config import SamplingConfig
@@ -62,11 +63,11 @@ REASONS = {
     "truncated_moov_first": "truncated",
     "truncated_mkv": "truncated Matroska/WebM file: .* bytes, but its header declares .*; re-download it",
     "truncated_avi": "truncated AVI file: .* bytes, but its header declares .*; re-download it",
-    "random_bytes": "Invalid data",
+    "random_bytes": "Invalid data.*; FFmpeg cannot read it: .*ffprobe",
     "empty": "Invalid data|empty",
     "text_renamed": "Invalid data",
     "audio_only": "not a video: no video stream; found audio \\(aac",
-    "missing": "No such file",
+    "missing": "No such file.*; check the manifest's path and --video-root",
 }
 
 
@@ -148,6 +149,19 @@ def test_corrupt_data_is_refused_where_a_frame_is_built_on_it(tmp_path, made_vid
         got, want = (decode_clip(str(p), SamplingConfig(num_frames=4), window=window) for p in (damaged, src))
         assert got.indices.tolist() == want.indices.tolist()
         assert all(np.array_equal(a, b) for a, b in zip(got.frames, want.frames))
+
+
+def test_open_gop_h264_decodes_from_its_keyframes_without_false_errors(tmp_path, caplog):
+    """x264 open GOPs: a P-frame after a recovery-point keyframe unrefs a leading B-frame of the GOP before
+    (MMCO), which a decode from that keyframe never made: not corrupt data. The frames come from the
+    keyframes, not from a fallback decode of the whole stream, and equal a full decode."""
+    path = ffmpeg(tmp_path / "open_gop.mp4", "-c:v", "libx264", "-x264-params",
+                  "open-gop=1:keyint=25:bframes=3:b-pyramid=normal", seconds=6)
+    caplog.set_level(logging.INFO, logger="extractors")
+    clip = decode_clip(str(path), SamplingConfig(num_frames=8))
+    assert "decoding from the keyframes failed" not in caplog.text and "sequential" not in clip.flags
+    full = full_decode(path)
+    assert all(np.array_equal(frame, full[i]) for i, frame in zip(clip.indices, clip.frames))
 
 
 def test_bad_window_is_a_decode_error(made_videos):
