@@ -773,7 +773,7 @@ def _decoded_pts(cc: av.video.codeccontext.VideoCodecContext, packets: PacketSou
         for frame in _feed(cc, packets.run(start, stop), set(), skip="DEFAULT"):
             if not frame.is_corrupt:
                 made.add(frame.pts)
-    except av.FFmpegError as e:
+    except (av.FFmpegError, _DamagedPacket) as e:
         log.info("%s: decoding the first keyframe's group failed after %d frame(s) (%s)", packets.path, len(made), e)
     return made
 
@@ -817,6 +817,8 @@ def _decode_pyav(
         try:
             skip = "DEFAULT" if cc.codec.name in SKIP_FRAME_AT_OPEN else "NONREF"
             return *_decode_targets(cc, index, targets, cfg, path, _groups(index, targets), skip), "targets"
+        except _DamagedPacket as e:
+            raise _damage_error(path, index, e) from e
         except (av.FFmpegError, DecodeError) as e:
             # a codec that cannot start at a flagged keyframe (headers, wrong flags): a decode from the start can
             log.warning("%s: decoding from the keyframes failed (%s); decoding from the first packet", path, e)
@@ -888,11 +890,11 @@ def _decode_in_order(
                 out[i] = _to_rgb(frame, rotation, index, cfg)
                 if display_times and len(out) == len(wanted):
                     break  # frames 0..i are checked: nothing after the last target is needed
+    except _DamagedPacket as e:
+        raise _damage_error(path, index, e) from e
     except av.FFmpegError as e:
-        if seen:
-            raise DecodeError(f"{path}: corrupt data in the video stream after frame {len(seen) - 1} ({type(e).__name__}: "
-                              f"{e}); pictures from there to the next keyframe would be built on damaged data: "
-                              "re-download or re-encode it") from e
+        if seen:  # draining the decoder at the end
+            raise _damage_error(path, index, _DamagedPacket(None, e)) from e
         raise DecodeError(f"{path}: no frame decodes from the start of the stream ({type(e).__name__}: {e}); it may be "
                           "cut from a longer stream without its headers: cut it again from the original at a keyframe "
                           "(`ffmpeg -ss T -i ORIGINAL -c copy OUT`) or re-encode it") from e
@@ -916,6 +918,8 @@ def _probe_rotation(cc: av.video.codeccontext.VideoCodecContext, index: StreamIn
         for frame in frames:
             _settle_sar(index, cc)
             return _rotation(frame)
+    except _DamagedPacket as e:
+        raise _damage_error(path, index, e) from e
     finally:
         frames.close()
     raise DecodeError(f"{path}: no frame of the video stream decodes")
@@ -938,14 +942,36 @@ def _groups(index: StreamIndex, targets: list[int]) -> list[tuple[int, int, list
     return [(s, int(index.order[w].max()), w) for s, w in sorted(runs.items())]
 
 
+class _DamagedPacket(DecodeError):
+    """The decoder failed on a packet after the first of its run: it had started, so the data there is
+    damaged (a run that fails at its first packet may start at a keyframe the codec cannot start at)."""
+
+    def __init__(self, pts: int | None, error: Exception) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.pts = pts
+
+
+def _damage_error(path: str, index: StreamIndex, e: _DamagedPacket) -> DecodeError:
+    where = f"at {float((e.pts - index.pts[index.order[0]]) * index.time_base):.3f} s" if e.pts is not None \
+        else "at its end"
+    return DecodeError(f"{path}: corrupt data in the video stream {where} ({e}); frames decoded from there to the next "
+                       "keyframe would be built on damaged data: re-download or re-encode it")
+
+
 def _feed(cc, packets, target_pts: set[int], skip: str = "NONREF"):
     """Decode `packets` from a clean decoder state; non-reference non-targets are skipped."""
     cc.flush_buffers()
     try:
-        for packet in packets:
+        for n, packet in enumerate(packets):
             # skip_frame is read per packet: the target itself must be decoded in full
             cc.skip_frame = "DEFAULT" if packet.pts in target_pts else skip
-            yield from cc.decode(packet)
+            try:
+                frames = cc.decode(packet)
+            except av.FFmpegError as e:
+                if n:
+                    raise _DamagedPacket(packet.pts, e) from e
+                raise
+            yield from frames
         cc.skip_frame = "DEFAULT"
         yield from cc.decode(None)  # drain the frames the decoder holds back for reordering
     finally:
