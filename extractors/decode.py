@@ -117,10 +117,9 @@ def decode_clip(
     if span and sampling.backend != "pyav":
         raise BackendUnavailable(f"tar shard input is decoded in place by the pyav backend only, not "
                                  f"{sampling.backend!r}: set sampling.backend: pyav for video2dataset tars")
-    name = f"{path} (bytes {span[0]}+{span[1]})" if span else str(path)
+    name = _name(str(path), span)
     try:
         with _open(str(path), span) as container:
-            _check_declared_size(str(path), span, container.format.name, name)
             reopen = functools.partial(_reopen, str(path), span)
             return _decode(container, name, sampling, window, span[1] if span else None, reopen)
     except (DecodeError, BackendUnavailable):
@@ -178,13 +177,30 @@ class _ByteRange(io.RawIOBase):
         super().close()
 
 
+def _name(path: str, span: tuple[int, int] | None) -> str:
+    """How errors name the video: the file, or the tar member's bytes in it."""
+    return f"{path} (bytes {span[0]}+{span[1]})" if span else path
+
+
 def _open(path: str, span: tuple[int, int] | None = None) -> av.container.InputContainer:
+    """Open the video; a file shorter than the size its header declares is refused (_check_declared_size)."""
+    head = _head(path, span)
+    container = _open_container(path, span, head)
+    try:
+        _check_declared_size(path, span, container.format.name, head)
+    except DecodeError:
+        container.close()
+        raise
+    return container
+
+
+def _open_container(path: str, span: tuple[int, int] | None, head: bytes) -> av.container.InputContainer:
     """Open with a short stream probe where the container header suffices, else with FFmpeg's full probe.
     An mp4/mov (ftyp box first) opens straight with the mov demuxer, without probing the format."""
     def source():  # a fresh reader each time: the second open must start from byte 0
         return _ByteRange(path, *span) if span else path
 
-    if _starts_with_ftyp(path, span):
+    if _is_ftyp(head):
         try:
             container = av.open(source(), format=MOV_DEMUXER, metadata_errors="ignore", options=FAST_PROBE)
         except av.FFmpegError:  # a broken or mislabelled file: FFmpeg's probe and full open say what it is
@@ -199,9 +215,9 @@ def _open(path: str, span: tuple[int, int] | None = None) -> av.container.InputC
     try:
         return av.open(source(), metadata_errors="ignore")
     except av.FFmpegError as e:
-        why = _mp4_without_index(path, span) if _starts_with_ftyp(path, span) else None
+        why = _mp4_without_index(path, span) if _is_ftyp(head) else None
         if why:
-            raise DecodeError(f"{path} (bytes {span[0]}+{span[1]}): {why}" if span else f"{path}: {why}") from e
+            raise DecodeError(f"{_name(path, span)}: {why}") from e
         raise
 
 
@@ -238,19 +254,23 @@ def _reopen(path: str, span: tuple[int, int] | None = None) -> av.container.Inpu
     return av.open(_ByteRange(path, *span) if span else path, metadata_errors="ignore")
 
 
-def _starts_with_ftyp(path: str, span: tuple[int, int] | None) -> bool:
-    """The file (or the tar member at span) begins with an ISO base media ftyp box of a video brand."""
+def _head(path: str, span: tuple[int, int] | None) -> bytes:
+    """The first 64 bytes of the file (or the tar member at span); b"" where they cannot be read so."""
     try:  # non-blocking: a fifo must not block here; pread refuses it (ESPIPE), and av.open reports it
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
-        return False  # missing or unreadable: av.open says which
+        return b""  # missing or unreadable: av.open says which
     try:
-        head = os.pread(fd, min(12, span[1]) if span else 12, span[0] if span else 0)
+        return os.pread(fd, min(64, span[1]) if span else 64, span[0] if span else 0)
     except OSError:
-        return False
+        return b""
     finally:
         os.close(fd)
-    return len(head) == 12 and head[4:8] == b"ftyp" and head[8:12] not in FTYP_IMAGE_BRANDS
+
+
+def _is_ftyp(head: bytes) -> bool:
+    """The video begins with an ISO base media ftyp box of a video brand."""
+    return len(head) >= 12 and head[4:8] == b"ftyp" and head[8:12] not in FTYP_IMAGE_BRANDS
 
 
 def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConfig, window, size: int | None,
@@ -382,21 +402,19 @@ def _check_complete(stream: av.video.stream.VideoStream, path: str, size: int | 
         )
 
 
-def _check_declared_size(path: str, span: tuple[int, int] | None, fmt: str, name: str) -> None:
+def _check_declared_size(path: str, span: tuple[int, int] | None, fmt: str, head: bytes) -> None:
     """A Matroska/WebM or AVI file shorter than the size its header declares is truncated (an interrupted
     download): refused, not sampled from the frames that survived. Their index is at the end and lost
-    with it, so _check_complete cannot tell. A size the muxer left unknown (live recording) is no claim."""
+    with it, so _check_complete cannot tell. A size the muxer left unknown (live recording) is no claim.
+    head: the video's first bytes (_head)."""
     offset, size = span or (0, _file_size(path) or 0)
     if not size or not (fmt.startswith("matroska") or fmt == "avi"):
         return
-    with open(path, "rb") as f:
-        f.seek(offset)
-        head = f.read(64)
     needed = _ebml_segment_end(head) if fmt.startswith("matroska") else _riff_end(path, offset, size)
     if needed and needed > size:
         kind = "Matroska/WebM" if fmt.startswith("matroska") else "AVI"
-        raise DecodeError(f"{name}: truncated {kind} file: {size} bytes, but its header declares {needed}; "
-                          "re-download it")
+        raise DecodeError(f"{_name(path, span)}: truncated {kind} file: {size} bytes, but its header declares "
+                          f"{needed}; re-download it")
 
 
 def _ebml_vint(data: bytes, pos: int, is_id: bool = False) -> tuple[int | None, int]:
@@ -1097,7 +1115,6 @@ def video_info(path: str) -> dict:
     frame where only the bitstream gives the sample aspect ratio)."""
     try:
         with _open(str(path)) as container:
-            _check_declared_size(str(path), None, container.format.name, str(path))
             stream = _video_stream(container, str(path))
             stream.codec_context.thread_count = 1
             index = _index(container, stream, str(path), 0, _file_size(str(path)), functools.partial(_reopen, str(path)))
