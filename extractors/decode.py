@@ -38,6 +38,7 @@ from extractors.api import Clip, DecodeError
 from extractors.backends import BackendUnavailable, decode_with_backend, require_backend
 from extractors.config import SamplingConfig
 from extractors.sampling import Plan, plan_frames, snap_to_keyframes
+from extractors.truncation import mp4_without_index, truncation
 
 # Demuxers that render a text file as video (FFmpeg's tty demuxer draws .txt/.ans files as "ansi" video)
 TEXT_DEMUXERS = {"tty": "text rendered by FFmpeg's tty demuxer", "bin": "binary text art", "xbin": "XBIN text art",
@@ -73,6 +74,7 @@ DECODER_OPTIONS = {"err_detect": "crccheck+explode"}
 # MPEG-4 Part 2 start codes: a VOP (one picture) and the video object layer header (0x20..0x2F) that says how
 # many bits a VOP's time increment has (needed to read whether a VOP is coded at all)
 VOP_START = b"\x00\x00\x01\xb6"
+CORRUPT_PACKET = "the demuxer flags the packet as corrupt: damaged or cut-off container data"
 UNPACK_CODECS = {"mpeg4"}  # codecs whose packets pass through _Mpeg4Frames (MPEG-4 Part 2 only)
 
 log = logging.getLogger(__name__)
@@ -183,14 +185,13 @@ def _name(path: str, span: tuple[int, int] | None) -> str:
 
 
 def _open(path: str, span: tuple[int, int] | None = None) -> av.container.InputContainer:
-    """Open the video; a file shorter than the size its header declares is refused (_check_declared_size)."""
+    """Open the video; a file its container shows to be cut short is refused (extractors/truncation.py)."""
     head = _head(path, span)
     container = _open_container(path, span, head)
-    try:
-        _check_declared_size(path, span, container.format.name, head)
-    except DecodeError:
+    why = truncation(path, span, container.format.name, head)
+    if why:
         container.close()
-        raise
+        raise DecodeError(f"{_name(path, span)}: {why}")
     return container
 
 
@@ -215,38 +216,10 @@ def _open_container(path: str, span: tuple[int, int] | None, head: bytes) -> av.
     try:
         return av.open(source(), metadata_errors="ignore")
     except av.FFmpegError as e:
-        why = _mp4_without_index(path, span) if _is_ftyp(head) else None
+        why = mp4_without_index(path, span) if _is_ftyp(head) else None
         if why:
             raise DecodeError(f"{_name(path, span)}: {why}") from e
         raise
-
-
-def _mp4_without_index(path: str, span: tuple[int, int] | None) -> str | None:
-    """Why an mp4/mov that FFmpeg cannot open has no index (no moov box), from its top-level boxes; None
-    when it has one. A download or a recording that stopped early ends inside its mdat box, and a file
-    written moov-last then has no index at all (FFmpeg says only "Invalid data found")."""
-    offset, size = span or (0, os.path.getsize(path))
-    pos, boxes = 0, []
-    with open(path, "rb") as f:
-        while pos + 8 <= size:
-            f.seek(offset + pos)
-            head = f.read(16)
-            length, kind = int.from_bytes(head[:4], "big"), head[4:8].decode("latin-1")
-            if length == 1 and len(head) == 16:  # a 64-bit size follows the type
-                length = int.from_bytes(head[8:16], "big")
-            elif length == 0:  # the box runs to the end of the file
-                length = size - pos
-            if kind == "moov":
-                return None
-            if length < 8:
-                return f"not a readable mp4: box {kind!r} at byte {pos} has size {length}; re-download or re-encode it"
-            boxes.append(kind)
-            if pos + length > size:
-                return (f"truncated mp4: it ends inside its {kind!r} box ({size} bytes, the box needs "
-                        f"{pos + length}) and has no index (moov box), which a moov-last file writes at its end; "
-                        f"re-download it (a recording cut off this way needs a repair tool such as untrunc)")
-            pos += length
-    return f"an mp4 without an index (no moov box; its boxes: {', '.join(boxes)}); re-download or re-encode it"
 
 
 def _reopen(path: str, span: tuple[int, int] | None = None) -> av.container.InputContainer:
@@ -292,6 +265,7 @@ def _decode(container: av.container.InputContainer, path: str, cfg: SamplingConf
     if cfg.backend == "pyav":
         rgb, rotation, how = _decode_pyav(stream.codec_context, index, targets, cfg, path)
     else:
+        _check_runs(index, targets, path)
         rotation = _probe_rotation(stream.codec_context, index, path)
         upright = _display_size(index, rotation)
         rgb, how = decode_with_backend(cfg.backend, path, index, targets, cfg.threads, upright, rotation,
@@ -402,63 +376,6 @@ def _check_complete(stream: av.video.stream.VideoStream, path: str, size: int | 
         )
 
 
-def _check_declared_size(path: str, span: tuple[int, int] | None, fmt: str, head: bytes) -> None:
-    """A Matroska/WebM or AVI file shorter than the size its header declares is truncated (an interrupted
-    download): refused, not sampled from the frames that survived. Their index is at the end and lost
-    with it, so _check_complete cannot tell. A size the muxer left unknown (live recording) is no claim.
-    head: the video's first bytes (_head)."""
-    offset, size = span or (0, _file_size(path) or 0)
-    if not size or not (fmt.startswith("matroska") or fmt == "avi"):
-        return
-    needed = _ebml_segment_end(head) if fmt.startswith("matroska") else _riff_end(path, offset, size)
-    if needed and needed > size:
-        kind = "Matroska/WebM" if fmt.startswith("matroska") else "AVI"
-        raise DecodeError(f"{_name(path, span)}: truncated {kind} file: {size} bytes, but its header declares "
-                          f"{needed}; re-download it")
-
-
-def _ebml_vint(data: bytes, pos: int, is_id: bool = False) -> tuple[int | None, int]:
-    """An EBML variable-length integer at pos: (value, next pos); value None for a size of all ones (unknown)."""
-    first = data[pos]
-    length = 9 - first.bit_length() if first else 9
-    if length > 8 or pos + length > len(data):
-        raise ValueError("not an EBML number")
-    value = int.from_bytes(data[pos:pos + length], "big")
-    if not is_id:
-        value &= (1 << (7 * length)) - 1
-        if value == (1 << (7 * length)) - 1:
-            return None, pos + length
-    return value, pos + length
-
-
-def _ebml_segment_end(head: bytes) -> int | None:
-    """End of the Segment element (EBML header, then Segment) declared by a Matroska file's first bytes."""
-    try:
-        ebml_id, pos = _ebml_vint(head, 0, is_id=True)
-        ebml_size, pos = _ebml_vint(head, pos)
-        if ebml_id != 0x1A45DFA3 or ebml_size is None:
-            return None
-        segment_id, pos = _ebml_vint(head, pos + ebml_size, is_id=True)
-        segment_size, pos = _ebml_vint(head, pos)
-    except (ValueError, IndexError):
-        return None
-    return pos + segment_size if segment_id == 0x18538067 and segment_size is not None else None
-
-
-def _riff_end(path: str, offset: int, size: int) -> int | None:
-    """End of the last RIFF chunk (RIFF AVI, then OpenDML RIFF AVIX chunks) the chunk sizes chain to."""
-    pos = 0
-    with open(path, "rb") as f:
-        while pos + 12 <= size:
-            f.seek(offset + pos)
-            head = f.read(12)
-            length = int.from_bytes(head[4:8], "little")
-            if head[:4] != b"RIFF" or head[8:11] != b"AVI" or length in (0, 0xFFFFFFFF):  # unknown: not finalised
-                break
-            pos += 8 + length + (length & 1)
-    return pos or None
-
-
 class PacketSource:
     """The video stream's frame packets in decode order, by position.
 
@@ -480,12 +397,13 @@ class PacketSource:
             self.pts_list = [packet.pts for packet in self.kept]
             self.key = [packet.is_keyframe for packet in self.kept]
             self.discard = [packet.is_discard for packet in self.kept]
-            self._dts = self._duration = None
+            self._dts = self._duration = self._corrupt = None
         else:
             self.kept = None
-            rows = [(p.pts, p.dts, p.is_keyframe, p.is_discard, p.duration or 0) for p in demuxed]
-            self.pts_list, self._dts, self.key, self.discard, self._duration = (list(c) for c in zip(*rows)) \
-                if rows else ([], [], [], [], [])
+            rows = [(p.pts, p.dts, p.is_keyframe, p.is_discard, p.duration or 0, p.is_corrupt) for p in demuxed]
+            self.pts_list, self._dts, self.key, self.discard, self._duration, corrupt = \
+                (list(c) for c in zip(*rows)) if rows else ([], [], [], [], [], [])
+            self._corrupt = np.flatnonzero(corrupt)
         self.read_pts = self.pts_list  # the timestamps the demuxer gives, to find a packet again after a seek
         if self.mpeg4 is not None:
             self.key = self.mpeg4.keyframes()
@@ -510,6 +428,16 @@ class PacketSource:
         if self._duration is None:
             self._duration = [packet.duration or 0 for packet in self.kept]
         return self._duration
+
+    @property
+    def corrupt(self) -> np.ndarray:
+        """[C] int64, positions of the packets the demuxer flags corrupt (damaged or cut-off container data)."""
+        if self._corrupt is None:
+            self._corrupt = np.flatnonzero([packet.is_corrupt for packet in self.kept])
+        return self._corrupt
+
+    def last_is_corrupt(self) -> bool:
+        return bool(self.kept[-1].is_corrupt) if self.kept is not None else len(self) - 1 in self.corrupt
 
     def __len__(self) -> int:
         return len(self.pts_list)
@@ -716,6 +644,9 @@ def _index(container: av.container.InputContainer, stream, path: str, buffer_mb:
     packets = PacketSource(container, stream, path, keep, reopen)
     if not len(packets):
         raise DecodeError(f"{path}: the video stream holds no packets (empty or truncated file)")
+    if packets.last_is_corrupt():  # where a cut leaves it: a file that ends inside the last frame's data
+        raise DecodeError(f"{path}: truncated or damaged at its end: {CORRUPT_PACKET} on the video stream's last "
+                          "packet (cut off?); re-download it")
     if None in packets.pts_list:
         raise DecodeError(
             f"{path}: video packets without timestamps (raw elementary stream?); remux it first, "
@@ -912,7 +843,7 @@ def _decode_in_order(
         raise _damage_error(path, index, e) from e
     except av.FFmpegError as e:
         if seen:  # draining the decoder at the end
-            raise _damage_error(path, index, _DamagedPacket(None, e)) from e
+            raise _damage_error(path, index, _DamagedPacket(None, f"{type(e).__name__}: {e}")) from e
         raise DecodeError(f"{path}: no frame decodes from the start of the stream ({type(e).__name__}: {e}); it may be "
                           "cut from a longer stream without its headers: cut it again from the original at a keyframe "
                           "(`ffmpeg -ss T -i ORIGINAL -c copy OUT`) or re-encode it") from e
@@ -961,11 +892,12 @@ def _groups(index: StreamIndex, targets: list[int]) -> list[tuple[int, int, list
 
 
 class _DamagedPacket(DecodeError):
-    """The decoder failed on a packet after the first of its run: it had started, so the data there is
-    damaged (a run that fails at its first packet may start at a keyframe the codec cannot start at)."""
+    """A packet of the run holds damaged data: the demuxer flags it corrupt, or the decoder failed on it
+    after the first packet of its run (it had started; a run that fails at its first packet may start at a
+    keyframe the codec cannot start at)."""
 
-    def __init__(self, pts: int | None, error: Exception) -> None:
-        super().__init__(f"{type(error).__name__}: {error}")
+    def __init__(self, pts: int | None, why: str) -> None:
+        super().__init__(why)
         self.pts = pts
 
 
@@ -976,18 +908,30 @@ def _damage_error(path: str, index: StreamIndex, e: _DamagedPacket) -> DecodeErr
                        "keyframe would be built on damaged data: re-download or re-encode it")
 
 
+def _check_runs(index: StreamIndex, targets: list[int], path: str) -> None:
+    """The runs of packets that another backend decodes for the targets (those of _groups: it refuses streams
+    without usable keyframes) must not hold a packet the demuxer flags corrupt, as pyav's _feed checks."""
+    corrupt = index.packets.corrupt  # [C]
+    for start, stop, _ in _groups(index, targets) if len(corrupt) else ():
+        hit = corrupt[(corrupt >= start) & (corrupt <= stop)]
+        if len(hit):
+            raise _damage_error(path, index, _DamagedPacket(int(index.pts[hit[0]]), CORRUPT_PACKET))
+
+
 def _feed(cc, packets, target_pts: set[int], skip: str = "NONREF"):
     """Decode `packets` from a clean decoder state; non-reference non-targets are skipped."""
     cc.flush_buffers()
     try:
         for n, packet in enumerate(packets):
+            if packet.is_corrupt:  # the demuxer met damaged container data (lost TS packets, a cut-off tag)
+                raise _DamagedPacket(packet.pts, CORRUPT_PACKET)
             # skip_frame is read per packet: the target itself must be decoded in full
             cc.skip_frame = "DEFAULT" if packet.pts in target_pts else skip
             try:
                 frames = cc.decode(packet)
             except av.FFmpegError as e:
                 if n:
-                    raise _DamagedPacket(packet.pts, e) from e
+                    raise _DamagedPacket(packet.pts, f"{type(e).__name__}: {e}") from e
                 raise
             yield from frames
         cc.skip_frame = "DEFAULT"

@@ -52,6 +52,15 @@ def broken(tmp_path_factory, made_videos):
                        check=True)
         paths[name] = root / f"{name}{suffix}"
         paths[name].write_bytes(whole.read_bytes()[: whole.stat().st_size * 3 // 5])
+    # no size in their headers: the cut is seen in their framing at the end (a TS cut at a 188-byte boundary
+    # would not be: moved off one)
+    for name, suffix, codec in (("truncated_ts", ".ts", ["-c", "copy"]), ("truncated_flv", ".flv", ["-c", "copy"]),
+                                ("truncated_ps", ".mpg", ["-c:v", "mpeg2video"]), ("truncated_ogg", ".ogv", ["-c:v", "libtheora"])):
+        whole = root / f"whole{suffix}"
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(made_videos["bheavy"]), *codec, str(whole)], check=True)
+        cut = whole.stat().st_size * 3 // 5
+        paths[name] = root / f"{name}{suffix}"
+        paths[name].write_bytes(whole.read_bytes()[: cut + (cut % 188 == 0)])
     paths["audio_only"] = root / "audio_only.mp4"
     write_audio_only(paths["audio_only"])
     paths["missing"] = root / "does_not_exist.mp4"
@@ -63,6 +72,10 @@ REASONS = {
     "truncated_moov_first": "truncated",
     "truncated_mkv": "truncated Matroska/WebM file: .* bytes, but its header declares .*; re-download it",
     "truncated_avi": "truncated AVI file: .* bytes, but its header declares .*; re-download it",
+    "truncated_ts": "truncated MPEG-TS file: it ends inside a 188-byte packet .*; re-download it .*remux",
+    "truncated_flv": "truncated FLV file: it ends inside its last tag .*; re-download it",
+    "truncated_ps": "truncated MPEG-PS file: it ends inside a PES packet .*; re-download it",
+    "truncated_ogg": "truncated Ogg file: it ends inside an Ogg page .*; re-download it",
     "random_bytes": "Invalid data.*; FFmpeg cannot read it: .*ffprobe",
     "empty": "Invalid data|empty",
     "text_renamed": "Invalid data",
@@ -121,6 +134,48 @@ def test_a_size_the_muxer_left_unknown_is_no_truncation(tmp_path, made_videos, f
     subprocess.run(["ffmpeg", "-v", "error", "-i", str(piped), "-c", "copy", str(remuxed)], check=True)
     got, want = (decode_clip(str(p), SamplingConfig(num_frames=4)) for p in (piped, remuxed))
     assert got.indices.tolist() == want.indices.tolist() and len(set(got.indices.tolist())) == 4
+    assert all(np.array_equal(a, b) for a, b in zip(got.frames, want.frames))
+
+
+@pytest.mark.parametrize("fmt,codec,extra", [
+    ("mpegts", "libx264", []), ("mpegts", "libx264", ["-mpegts_m2ts_mode", "1"]), ("mpegts", "mpeg2video", ["-muxrate", "2M"]),
+    ("vob", "mpeg2video", []), ("mpeg", "mpeg1video", []), ("ogg", "libtheora", []), ("ogg", "libvpx", []),
+    ("flv", "libx264", []), ("flv", "flv1", [])])
+def test_whole_files_of_every_framing_are_whole_and_cut_ones_are_not(tmp_path, fmt, codec, extra):
+    """Files with audio as muxers write them, to a file and to a pipe: whole; each cut inside its last
+    few units (packets, pages, tags) is truncated, and sampled as nothing shorter."""
+    audio = {"ogg": "libvorbis", "flv": "libmp3lame"}.get(fmt, "mp2")
+    cmd = ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=s=160x96:r=25:d=2", "-f", "lavfi", "-i",
+           "sine=d=2:sample_rate=44100", "-c:v", codec, "-c:a", audio, *extra, "-f", fmt]
+    to_file = tmp_path / f"whole.{fmt}"
+    subprocess.run([*cmd, str(to_file)], check=True)
+    piped = subprocess.run([*cmd, "-"], capture_output=True, check=True).stdout
+    for name, data in (("file", to_file.read_bytes()), ("pipe", piped)):
+        path = tmp_path / f"{name}.{fmt}"
+        path.write_bytes(data)
+        assert len(decode_clip(str(path), SamplingConfig(num_frames=4)).frames) == 4, name
+        for back in (1, 100, 997, 3001):
+            path.write_bytes(data[:-back])
+            with pytest.raises(DecodeError, match=f"{path}: truncated .* file: it ends inside"):
+                decode_clip(str(path), SamplingConfig(num_frames=4))
+
+
+def test_a_packet_the_demuxer_flags_corrupt_is_refused_where_it_is_needed(tmp_path, made_videos):
+    """One 188-byte packet lost from a TS: at the continuity error the demuxer flags the frame it was putting
+    together corrupt (frame 58, 1.93 s); a clip that needs it is refused with its time, by every backend;
+    the GOP before decodes unchanged. FFmpeg's decoder alone would conceal the loss."""
+    ts, lost = tmp_path / "whole.ts", tmp_path / "lost.ts"
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(made_videos["pheavy"]), "-c", "copy", str(ts)], check=True)
+    with av.open(str(ts)) as container:
+        pos = [p for p in container.demux(container.streams.video[0]) if p.size][60].pos
+    data = ts.read_bytes()
+    lost.write_bytes(data[:pos] + data[pos + 188:])  # the first TS packet of frame 60
+    for backend in ("pyav", "torchcodec", "decord"):
+        with pytest.raises(DecodeError, match=f"{lost}: corrupt data in the video stream at 1\\.9\\d+ s \\(the demuxer "
+                                              "flags the packet as corrupt"):
+            decode_clip(str(lost), SamplingConfig(num_frames=8, backend=backend))
+    got, want = (decode_clip(str(p), SamplingConfig(num_frames=4), window=(0.0, 1.6)) for p in (lost, ts))
+    assert got.indices.tolist() == want.indices.tolist()
     assert all(np.array_equal(a, b) for a, b in zip(got.frames, want.frames))
 
 

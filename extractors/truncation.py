@@ -1,0 +1,250 @@
+"""Whether a video file is whole, from its container's own framing, read before any frame is decoded: an
+interrupted download is refused, not sampled as a shorter video from the frames that survived.
+
+- declared sizes: Matroska/WebM (the EBML Segment's size) and AVI (the chain of RIFF chunk sizes) say in
+  their first bytes how long the file is;
+- framing at the end: MPEG-TS (fixed-size packets), MPEG-PS (PES packets that declare their length), Ogg
+  (pages that declare theirs) and FLV (each tag followed by its size): a file that ends inside its last
+  packet, page or tag was cut. A cut that falls exactly on a boundary cannot be seen here;
+- mp4/mov: the index (moov box) lists every sample's bytes, so decode._check_complete sees a cut; a
+  moov-last file cut before its index cannot open, and mp4_without_index says why.
+
+A size left unknown by a muxer writing to a pipe (a live recording) claims nothing.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from typing import Callable
+
+# enough of the end of a file to hold its last Ogg page (at most 65,307 bytes) or PES packet (65,541) whole
+TAIL_BYTES = 1 << 17
+# MPEG-TS packet sizes, with where the sync byte 0x47 sits in each: plain, M2TS (a 4-byte time code
+# first: Blu-ray, AVCHD), and DVB with 16 Reed-Solomon bytes after each packet
+TS_PACKETS = ((188, 0), (192, 4), (204, 0))
+TS_SYNC = 0x47
+FLV_TAG_TYPES = {8, 9, 18}  # audio, video, script data (the low 5 bits of a tag's first byte)
+
+Read = Callable[[int, int], bytes]  # (position from the video's first byte, length) -> bytes (fewer at the end)
+
+
+def truncation(path: str, span: tuple[int, int] | None, fmt: str, head: bytes) -> str | None:
+    """Why the video (the file at path, or the tar member at byte span (offset, size)) is truncated, with
+    what to do; None if its container shows no cut. fmt: FFmpeg's demuxer name; head: its first bytes."""
+    offset, size = span or (0, _regular_size(path))
+    if not size:
+        return None
+    if fmt.startswith("matroska") or fmt == "avi":
+        needed = ebml_segment_end(head) if fmt.startswith("matroska") else _riff_end(path, offset, size)
+        if needed and needed > size:
+            kind = "Matroska/WebM" if fmt.startswith("matroska") else "AVI"
+            return f"truncated {kind} file: {size} bytes, but its header declares {needed}; re-download it"
+        return None
+    framing = FRAMINGS.get(fmt)
+    if framing is None:
+        return None
+    kind, check = framing
+    with open(path, "rb") as f:
+        def read(pos: int, length: int) -> bytes:
+            f.seek(offset + pos)
+            return f.read(max(0, min(length, size - pos)))
+
+        cut = check(read, size)
+    if cut is None:
+        return None
+    return (f"truncated {kind} file: it ends inside {cut}; re-download it (or, to keep the part that is there as "
+            "a shorter video, remux it: `ffmpeg -i IN -c copy OUT.mkv`)")
+
+
+def _regular_size(path: str) -> int:
+    """Bytes of a regular file; 0 for anything else (a fifo, a device) or a path that cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+
+def _ts_cut(read: Read, size: int) -> str | None:
+    """MPEG-TS: fixed-size packets, each with the sync byte at one place: the last ones must line up with
+    the end. A cut one shows packets lined up to a few bytes before the end."""
+    need = 9 * 204
+    tail = read(max(0, size - need), need)
+    n = len(tail)
+    for packet, sync in TS_PACKETS:
+        if _synced(tail, n, packet, sync):
+            return None
+    for packet, sync in TS_PACKETS:
+        for rest in range(1, packet):  # bytes of a last, partial packet
+            if _synced(tail, n - rest, packet, sync) and (rest <= sync or tail[n - rest + sync] == TS_SYNC):
+                return f"a {packet}-byte packet ({rest} of its bytes are there)"
+    return None  # no packets line up: not ours to judge (FFmpeg reads what it can)
+
+
+def _synced(tail: bytes, end: int, packet: int, sync: int, count: int = 8) -> bool:
+    """Whether `count` packets (fewer if the file is shorter) end exactly at tail[end]."""
+    starts = [end - k * packet for k in range(1, count + 1) if end - k * packet >= 0]
+    return len(starts) >= min(count, 2) and all(tail[s + sync] == TS_SYNC for s in starts)
+
+
+def _ps_cut(read: Read, size: int) -> str | None:
+    """MPEG-PS: from a pack header, each PES packet declares its length: a walk from the last pack header
+    must end at the end of the file (or at the end code). A start code that only looks like one (inside a
+    payload) breaks the walk, and the pack header before it is tried."""
+    base = max(0, size - TAIL_BYTES)
+    tail = read(base, TAIL_BYTES)
+    packs = [i for i in _find_all(tail, b"\x00\x00\x01\xba")][::-1]
+    for start in packs[:8]:
+        end = _ps_walk(tail, start)
+        if end is not None:
+            return None if end <= len(tail) else f"a PES packet (it needs {end - len(tail)} more bytes)"
+    return None
+
+
+def _ps_walk(tail: bytes, pos: int) -> int | None:
+    """Where the chain of packs and PES packets from pos ends (past len(tail): cut); None: no chain."""
+    n = len(tail)
+    while pos < n:
+        if pos + 4 > n:
+            return pos + 4 if b"\x00\x00\x01".startswith(tail[pos:]) else None
+        if tail[pos:pos + 3] != b"\x00\x00\x01":
+            return None
+        code = tail[pos + 3]
+        if code == 0xB9:  # program end code
+            return n
+        if code == 0xBA:  # pack header: MPEG-2 (14 bytes + stuffing) or MPEG-1 (12 bytes)
+            if pos + 14 > n:
+                return pos + 14
+            mpeg2 = tail[pos + 4] >> 6 == 1
+            pos += 14 + (tail[pos + 13] & 7) if mpeg2 else 12
+        elif code >= 0xBB:  # system header or PES packet: 16-bit length
+            if pos + 6 > n:
+                return pos + 6
+            pos += 6 + int.from_bytes(tail[pos + 4:pos + 6], "big")
+        else:
+            return None
+    return pos
+
+
+def _ogg_cut(read: Read, size: int) -> str | None:
+    """Ogg: each page declares its length (header, segment table, the segments' sizes): the pages from
+    the first capture pattern in the tail must chain to the end of the file."""
+    base = max(0, size - TAIL_BYTES)
+    tail = read(base, TAIL_BYTES)
+    for start in _find_all(tail, b"OggS"):
+        end = _ogg_walk(tail, start)
+        if end is not None:
+            return None if end <= len(tail) else f"an Ogg page (it needs {end - len(tail)} more bytes)"
+    return None
+
+
+def _ogg_walk(tail: bytes, pos: int) -> int | None:
+    n = len(tail)
+    while pos < n:
+        if tail[pos:pos + 4] != b"OggS"[:n - pos]:
+            return None
+        if pos + 27 > n or pos + 27 + tail[pos + 26] > n:
+            return pos + 27 + (tail[pos + 26] if pos + 27 <= n else 0)
+        segments = tail[pos + 27:pos + 27 + tail[pos + 26]]
+        pos += 27 + len(segments) + sum(segments)
+    return pos
+
+
+def _flv_cut(read: Read, size: int) -> str | None:
+    """FLV: every tag is followed by its size (PreviousTagSize): the file's last 4 bytes must give the size
+    of a whole tag that ends just before them."""
+    if size < 13 + 4:
+        return None
+    last = int.from_bytes(read(size - 4, 4), "big")
+    start = size - 4 - last
+    if last >= 11 and start >= 13:
+        header = read(start, 4)
+        if header[0] & 0x1F in FLV_TAG_TYPES and int.from_bytes(header[1:4], "big") + 11 == last:
+            return None
+    return "its last tag (the file does not end with the size of a whole tag)"
+
+
+def _find_all(data: bytes, pattern: bytes):
+    at = data.find(pattern)
+    while at >= 0:
+        yield at
+        at = data.find(pattern, at + 1)
+
+
+# FFmpeg demuxer name -> (what to call the file, the check of its framing at the end)
+FRAMINGS: dict[str, tuple[str, Callable[[Read, int], str | None]]] = {
+    "mpegts": ("MPEG-TS", _ts_cut),
+    "mpeg": ("MPEG-PS", _ps_cut),
+    "ogg": ("Ogg", _ogg_cut),
+    "flv": ("FLV", _flv_cut),
+}
+
+
+def _ebml_vint(data: bytes, pos: int, is_id: bool = False) -> tuple[int | None, int]:
+    """An EBML variable-length integer at pos: (value, next pos); value None for a size of all ones (unknown)."""
+    first = data[pos]
+    length = 9 - first.bit_length() if first else 9
+    if length > 8 or pos + length > len(data):
+        raise ValueError("not an EBML number")
+    value = int.from_bytes(data[pos:pos + length], "big")
+    if not is_id:
+        value &= (1 << (7 * length)) - 1
+        if value == (1 << (7 * length)) - 1:
+            return None, pos + length
+    return value, pos + length
+
+
+def ebml_segment_end(head: bytes) -> int | None:
+    """End of the Segment element (EBML header, then Segment) declared by a Matroska file's first bytes."""
+    try:
+        ebml_id, pos = _ebml_vint(head, 0, is_id=True)
+        ebml_size, pos = _ebml_vint(head, pos)
+        if ebml_id != 0x1A45DFA3 or ebml_size is None:
+            return None
+        segment_id, pos = _ebml_vint(head, pos + ebml_size, is_id=True)
+        segment_size, pos = _ebml_vint(head, pos)
+    except (ValueError, IndexError):
+        return None
+    return pos + segment_size if segment_id == 0x18538067 and segment_size is not None else None
+
+
+def _riff_end(path: str, offset: int, size: int) -> int | None:
+    """End of the last RIFF chunk (RIFF AVI, then OpenDML RIFF AVIX chunks) the chunk sizes chain to."""
+    pos = 0
+    with open(path, "rb") as f:
+        while pos + 12 <= size:
+            f.seek(offset + pos)
+            head = f.read(12)
+            length = int.from_bytes(head[4:8], "little")
+            if head[:4] != b"RIFF" or head[8:11] != b"AVI" or length in (0, 0xFFFFFFFF):  # unknown: not finalised
+                break
+            pos += 8 + length + (length & 1)
+    return pos or None
+
+
+def mp4_without_index(path: str, span: tuple[int, int] | None) -> str | None:
+    """Why an mp4/mov that FFmpeg cannot open has no index (no moov box), from its top-level boxes; None
+    when it has one. A download or a recording that stopped early ends inside its mdat box, and a file
+    written moov-last then has no index at all (FFmpeg says only "Invalid data found")."""
+    offset, size = span or (0, os.path.getsize(path))
+    pos, boxes = 0, []
+    with open(path, "rb") as f:
+        while pos + 8 <= size:
+            f.seek(offset + pos)
+            head = f.read(16)
+            length, kind = int.from_bytes(head[:4], "big"), head[4:8].decode("latin-1")
+            if length == 1 and len(head) == 16:  # a 64-bit size follows the type
+                length = int.from_bytes(head[8:16], "big")
+            elif length == 0:  # the box runs to the end of the file
+                length = size - pos
+            if kind == "moov":
+                return None
+            if length < 8:
+                return f"not a readable mp4: box {kind!r} at byte {pos} has size {length}; re-download or re-encode it"
+            boxes.append(kind)
+            if pos + length > size:
+                return (f"truncated mp4: it ends inside its {kind!r} box ({size} bytes, the box needs "
+                        f"{pos + length}) and has no index (moov box), which a moov-last file writes at its end; "
+                        f"re-download it (a recording cut off this way needs a repair tool such as untrunc)")
+            pos += length
+    return f"an mp4 without an index (no moov box; its boxes: {', '.join(boxes)}); re-download or re-encode it"
