@@ -68,8 +68,9 @@ LIBRARY_ERRORS = (
     ("maximum pts value in seconds is unknown", "the header gives no duration (a live-recorded WebM, APNG), which "
                                                 "torchcodec needs before it takes our frame table"),
     ("broken metadata", "the header gives no frame count or duration, which decord needs"),
-    ("from_size == to_size", "decord got no picture where it expected one: it could not seek in this file (Dirac "
-                             "in Matroska)"),
+    ("from_size == to_size", "decord's copy of a decoded picture into its array found other sizes than it "
+                             "expected (met with Dirac in Matroska, where it cannot seek, and with H.264 frames 8, 16, "
+                             "24, 48 or 72 pixels wide)"),
     ("Error sending packet", "decord's decoder refused a packet: corrupt data there, or (HEVC after a seek) a "
                              "decoder holding more frames than decord's one frame out per packet in"),
 )

@@ -107,6 +107,14 @@ def test_backend_errors_are_decode_errors_naming_the_file(tmp_path):
         decode_clip(str(vc2), SamplingConfig(num_frames=4, backend="torchcodec"))
     assert str(info.value).startswith(str(vc2)) and "\n" not in str(info.value)
     assert decode_clip(str(ogv), SamplingConfig(num_frames=4, backend="torchcodec")).indices.tolist() == [6, 18, 31, 43]
+    # decord's array copy fails on H.264 frames 16 pixels wide: its check's words, explained, with what to do
+    narrow = ffmpeg(tmp_path / "narrow.mp4", "-c:v", "libx264", "-vf", "scale=16:32", seconds=0.4)
+    with pytest.raises(DecodeError, match=r"decord failed: decord's copy of a decoded picture .* 16, 24, 48 or 72 "
+                                          r"pixels wide\) \(DECORDError: .*from_size == to_size.*; use sampling.backend: "
+                                          r"pyav$") as info:
+        decode_clip(str(narrow), SamplingConfig(num_frames=4, backend="decord"))
+    assert str(info.value).startswith(str(narrow)) and "\n" not in str(info.value)
+    assert len(decode_clip(str(narrow), SamplingConfig(num_frames=4)).frames) == 4
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
