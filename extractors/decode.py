@@ -796,7 +796,9 @@ def _decode_targets(
     rotation = 0
     for start, stop, wanted in groups:
         pts_wanted = {int(index.pts[index.order[i]]): i for i in wanted}
-        for frame in _feed(cc, index.packets.run(start, stop), set(pts_wanted), skip):
+        # once a group has decoded from its keyframe, the codec can start at keyframes: a later one that fails
+        # is damaged, not a reason to decode the stream from its first packet
+        for frame in _feed(cc, index.packets.run(start, stop), set(pts_wanted), skip, started=bool(out)):
             i = pts_wanted.get(frame.pts)
             if i is not None:
                 _check_intact(frame, i, path)
@@ -918,8 +920,9 @@ def _check_runs(index: StreamIndex, targets: list[int], path: str) -> None:
             raise _damage_error(path, index, _DamagedPacket(int(index.pts[hit[0]]), CORRUPT_PACKET))
 
 
-def _feed(cc, packets, target_pts: set[int], skip: str = "NONREF"):
-    """Decode `packets` from a clean decoder state; non-reference non-targets are skipped."""
+def _feed(cc, packets, target_pts: set[int], skip: str = "NONREF", started: bool = False):
+    """Decode `packets` from a clean decoder state; non-reference non-targets are skipped.
+    started: the codec is known to start at keyframes, so a failure at the first packet is damage too."""
     cc.flush_buffers()
     try:
         for n, packet in enumerate(packets):
@@ -930,7 +933,7 @@ def _feed(cc, packets, target_pts: set[int], skip: str = "NONREF"):
             try:
                 frames = cc.decode(packet)
             except av.FFmpegError as e:
-                if n:
+                if n or started:
                     raise _DamagedPacket(packet.pts, f"{type(e).__name__}: {e}") from e
                 raise
             yield from frames

@@ -209,6 +209,17 @@ def test_corrupt_data_is_refused_where_a_frame_is_built_on_it(tmp_path, made_vid
         assert all(np.array_equal(a, b) for a, b in zip(got.frames, want.frames))
 
 
+def test_a_damaged_keyframe_after_a_good_run_is_refused_without_a_fallback(tmp_path, made_videos, caplog):
+    """Keyframe 50 damaged: the run from keyframe 0 has shown that the codec starts at keyframes, so the
+    failure at keyframe 50 is damage, refused at its time, not a reason to decode the stream from the top."""
+    damaged = tmp_path / "damaged_key.mp4"
+    damage_packet(made_videos["pheavy"], damaged, 50)
+    caplog.set_level(logging.INFO, logger="extractors")
+    with pytest.raises(DecodeError, match=r"corrupt data in the video stream at 1\.667 s"):
+        decode_clip(str(damaged), SamplingConfig(num_frames=8))
+    assert "decoding from the keyframes failed" not in caplog.text
+
+
 def test_open_gop_h264_decodes_from_its_keyframes_without_false_errors(tmp_path, caplog):
     """x264 open GOPs: a P-frame after a recovery-point keyframe unrefs a leading B-frame of the GOP before
     (MMCO), which a decode from that keyframe never made: not corrupt data. The frames come from the
