@@ -14,6 +14,7 @@ A size left unknown by a muxer writing to a pipe (a live recording) claims nothi
 from __future__ import annotations
 
 import os
+import re
 import stat
 from typing import Callable
 
@@ -24,6 +25,7 @@ TAIL_BYTES = 1 << 17
 TS_PACKETS = ((188, 0), (192, 4), (204, 0))
 TS_SYNC = 0x47
 FLV_TAG_TYPES = {8, 9, 18}  # audio, video, script data (the low 5 bits of a tag's first byte)
+FLV_TAG_HEAD = re.compile(rb"[\x08\x09\x12\x28\x29\x32].{6}\x00\x00\x00", re.S)  # a tag header could start here
 
 Read = Callable[[int, int], bytes]  # (position from the video's first byte, length) -> bytes (fewer at the end)
 
@@ -151,17 +153,48 @@ def _ogg_walk(tail: bytes, pos: int) -> int | None:
 
 
 def _flv_cut(read: Read, size: int) -> str | None:
-    """FLV: every tag is followed by its size (PreviousTagSize): the file's last 4 bytes must give the size
-    of a whole tag that ends just before them."""
+    """FLV: every tag is followed by its size (PreviousTagSize). A whole file ends with the size of a whole
+    last tag; a cut one ends inside a tag that a chain of whole tags before it leads to (found in the last
+    128 KB, or 2 MB for a big last tag). Bytes that chain to nothing (trailing junk) claim nothing."""
     if size < 13 + 4:
         return None
     last = int.from_bytes(read(size - 4, 4), "big")
-    start = size - 4 - last
-    if last >= 11 and start >= 13:
-        header = read(start, 4)
-        if header[0] & 0x1F in FLV_TAG_TYPES and int.from_bytes(header[1:4], "big") + 11 == last:
-            return None
-    return "its last tag (the file does not end with the size of a whole tag)"
+    if 11 <= last <= size - 17 and _flv_tag_size(read(size - 4 - last, 11)) == last:
+        return None
+    for window in (TAIL_BYTES, 16 * TAIL_BYTES):
+        base = max(13, size - window)
+        end = _flv_chain_end(read(base, size - base))
+        if end is not None:
+            return f"its last tag (it needs {end - (size - base)} more bytes)" if end > size - base else None
+    return None
+
+
+def _flv_tag_size(header: bytes) -> int | None:
+    """Bytes of the FLV tag whose 11-byte header this is (type, 24-bit data size, timestamp, stream id 0)."""
+    if len(header) < 11 or header[0] & 0x1F not in FLV_TAG_TYPES or header[8:11] != b"\0\0\0":
+        return None
+    return 11 + int.from_bytes(header[1:4], "big")
+
+
+def _flv_chain_end(tail: bytes, verified: int = 2) -> int | None:
+    """Where the tags chained from the first place in `tail` that starts at least `verified` whole tags
+    (each followed by its own size) end: len(tail) if at the end, more if the last is cut; None: no chain."""
+    n = len(tail)
+    for match in FLV_TAG_HEAD.finditer(tail):
+        pos, whole = match.start(), 0
+        while pos < n:
+            tag = _flv_tag_size(tail[pos:pos + 11])
+            if tag is None and pos + 11 <= n:
+                break
+            end = pos + (tag or 11) + 4
+            if end > n:
+                return end if whole >= verified else None
+            if int.from_bytes(tail[end - 4:end], "big") != tag:
+                break
+            pos, whole = end, whole + 1
+        else:
+            return pos if whole >= verified else None
+    return None
 
 
 def _find_all(data: bytes, pattern: bytes):

@@ -142,8 +142,8 @@ def test_a_size_the_muxer_left_unknown_is_no_truncation(tmp_path, made_videos, f
     ("vob", "mpeg2video", []), ("mpeg", "mpeg1video", []), ("ogg", "libtheora", []), ("ogg", "libvpx", []),
     ("flv", "libx264", []), ("flv", "flv1", [])])
 def test_whole_files_of_every_framing_are_whole_and_cut_ones_are_not(tmp_path, fmt, codec, extra):
-    """Files with audio as muxers write them, to a file and to a pipe: whole; each cut inside its last
-    few units (packets, pages, tags) is truncated, and sampled as nothing shorter."""
+    """Files with audio as muxers write them, to a file and to a pipe: whole, also with 100 zero bytes
+    after them; each cut inside its last few units (packets, pages, tags) is truncated."""
     audio = {"ogg": "libvorbis", "flv": "libmp3lame"}.get(fmt, "mp2")
     cmd = ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=s=160x96:r=25:d=2", "-f", "lavfi", "-i",
            "sine=d=2:sample_rate=44100", "-c:v", codec, "-c:a", audio, *extra, "-f", fmt]
@@ -153,6 +153,8 @@ def test_whole_files_of_every_framing_are_whole_and_cut_ones_are_not(tmp_path, f
     for name, data in (("file", to_file.read_bytes()), ("pipe", piped)):
         path = tmp_path / f"{name}.{fmt}"
         path.write_bytes(data)
+        assert len(decode_clip(str(path), SamplingConfig(num_frames=4)).frames) == 4, name
+        path.write_bytes(data + bytes(100))  # trailing bytes that frame nothing are no cut
         assert len(decode_clip(str(path), SamplingConfig(num_frames=4)).frames) == 4, name
         for back in (1, 100, 997, 3001):
             path.write_bytes(data[:-back])
