@@ -73,7 +73,8 @@ DECODER_OPTIONS = {"err_detect": "crccheck+explode"}
 
 # MPEG-4 Part 2 start codes: a VOP (one picture) and the video object layer header (0x20..0x2F) that says how
 # many bits a VOP's time increment has (needed to read whether a VOP is coded at all)
-VOP_START = b"\x00\x00\x01\xb6"
+START_CODE = b"\x00\x00\x01"  # every MPEG-4 Part 2 packet starts with one (a VOP's, or a header's)
+VOP_START = START_CODE + b"\xb6"
 CORRUPT_PACKET = "the demuxer flags the packet as corrupt: damaged or cut-off container data"
 UNPACK_CODECS = {"mpeg4"}  # codecs whose packets pass through _Mpeg4Frames (MPEG-4 Part 2 only)
 
@@ -334,10 +335,14 @@ def _read_index(container: av.container.InputContainer, path: str, buffer_mb: in
     stream = _video_stream(container, path)
     if size is None:
         size = _file_size(path)
-    _check_complete(stream, path, size)
+    listed = _check_complete(stream, path, size)
     # before anything decodes (also the other backends' one-frame probe): PyAV's default (0) starts a thread per core
     stream.codec_context.thread_count = threads
     index = _index(container, stream, path, buffer_mb, size, reopen or functools.partial(_reopen, path))
+    if listed > index.packets.read:  # a damaged chunk header (AVI): the demuxer resyncs past it, silently
+        raise DecodeError(f"{path}: damaged container data: its index lists {listed} video packets, but only "
+                          f"{index.packets.read} could be read (the demuxer skipped damaged data); re-download or "
+                          "re-encode it")
     # the decoder opens at its first decode (the index decodes only for leading frames at the start: lenient)
     if not stream.codec_context.is_open and not (stream.codec_context.name == "h264" and _open_gops(index)):
         stream.codec_context.options = DECODER_OPTIONS
@@ -361,19 +366,20 @@ def _file_size(path: str) -> int | None:
     return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
-def _check_complete(stream: av.video.stream.VideoStream, path: str, size: int | None) -> None:
+def _check_complete(stream: av.video.stream.VideoStream, path: str, size: int | None) -> int:
     """A truncated file whose index (e.g. an mp4 moov at the front) points past its end is an error,
-    not a shorter video: otherwise the plan would silently sample only the frames that survived."""
-    entries = stream.index_entries
-    if size is None or not len(entries):
-        return
-    needed = max(e.pos + e.size for e in entries)
-    if needed > size:
-        missing = sum(1 for e in entries if e.pos + e.size > size)
+    not a shorter video: otherwise the plan would silently sample only the frames that survived.
+    Returns how many non-empty packets the index lists (all of them in mp4 and AVI; some or none in
+    containers whose index holds only keyframes or is built while demuxing)."""
+    rows = [(e.pos + e.size, e.size) for e in stream.index_entries]  # [(end byte, size)] per entry
+    needed = max((end for end, _ in rows), default=0)
+    if size is not None and needed > size:
+        missing = sum(1 for end, _ in rows if end > size)
         raise DecodeError(
-            f"{path}: truncated file: {size} bytes, but its index needs {needed} ({missing} of {len(entries)} "
+            f"{path}: truncated file: {size} bytes, but its index needs {needed} ({missing} of {len(rows)} "
             "frames are missing); re-download or re-encode it"
         )
+    return sum(1 for _, length in rows if length)
 
 
 class PacketSource:
@@ -405,6 +411,7 @@ class PacketSource:
                 (list(c) for c in zip(*rows)) if rows else ([], [], [], [], [], [])
             self._corrupt = np.flatnonzero(corrupt)
         self.read_pts = self.pts_list  # the timestamps the demuxer gives, to find a packet again after a seek
+        self.read = self.mpeg4.read if self.mpeg4 is not None else len(self.pts_list)  # non-empty packets read
         if self.mpeg4 is not None:
             self.key = self.mpeg4.keyframes()
             if self.mpeg4.packed and None not in self.read_pts:  # (no timestamps: _index refuses the file)
@@ -509,9 +516,10 @@ class _Mpeg4Frames:
 
     def __init__(self, stream, path: str) -> None:
         self.path = path
-        self.types: list[str] = []  # VOP coding type of each frame packet, decode order: I, P, B or S
+        self.types: list[str] = []  # VOP coding type of each frame packet, decode order: I, P, B, S; "?" damaged
         self.with_vol: list[bool] = []  # the decoder has a VOL header when it starts at this packet
         self.packed = False
+        self.read = 0  # non-empty packets in the first pass, before unpacking
         extradata = stream.codec_context.extradata or b""
         self._extradata_bits = _vol_time_bits(extradata)  # vop_time_increment bits; None: no VOL there
 
@@ -522,16 +530,20 @@ class _Mpeg4Frames:
         record = not self.types
         time_bits = self._extradata_bits
         for packet in packets:
+            self.read += record
             if record and not self.packed:
                 self.packed = bytes(packet).count(VOP_START) > 1
             for out in bsf.filter(packet):
                 data = bytes(out)
                 vop = data.find(VOP_START)
-                if vop < 0:
+                if vop < 0 and data.startswith(START_CODE):
                     continue  # headers only (a VOL or GOV before the first VOP): no frame
-                in_packet = _vol_time_bits(data[:vop])
-                time_bits = in_packet or time_bits
-                kind, coded = _vop_header(data, vop + 4, time_bits)
+                if vop < 0:  # no start code at all: damaged data, not nothing; a frame the decoder must fail on
+                    kind, coded, in_packet = "?", True, None
+                else:
+                    in_packet = _vol_time_bits(data[:vop])
+                    time_bits = in_packet or time_bits
+                    kind, coded = _vop_header(data, vop + 4, time_bits)
                 if not coded:  # an N-VOP: the decoder shows nothing new
                     continue
                 if record:

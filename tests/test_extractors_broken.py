@@ -211,6 +211,42 @@ def test_corrupt_data_is_refused_where_a_frame_is_built_on_it(tmp_path, made_vid
         assert all(np.array_equal(a, b) for a, b in zip(got.frames, want.frames))
 
 
+def test_a_chunk_the_avi_demuxer_skips_is_refused(tmp_path, made_videos):
+    """Frame 60's AVI chunk header zeroed: FFmpeg's demuxer resyncs past the chunk and only logs it, so the
+    frame was gone from the video, silently; the index at the end (idx1) still lists it."""
+    avi, damaged = tmp_path / "whole.avi", tmp_path / "skipped.avi"
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(made_videos["pheavy"]), "-c", "copy", str(avi)], check=True)
+    with av.open(str(avi)) as container:
+        pos = [p for p in container.demux(container.streams.video[0]) if p.size][60].pos  # its payload
+    data = bytearray(avi.read_bytes())
+    data[pos - 8:pos] = bytes(8)  # the chunk's id and size
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(DecodeError, match=f"{damaged}: damaged container data: its index lists 120 video packets, "
+                                          "but only 119 could be read .*; re-download or re-encode it"):
+        decode_clip(str(damaged), SamplingConfig(num_frames=4))
+    assert len(decode_clip(str(avi), SamplingConfig(num_frames=4)).frames) == 4
+
+
+def test_a_zeroed_mpeg4_packet_is_damage_not_a_frame_less(tmp_path, made_videos):
+    """MPEG-4 Part 2 packets are read for their VOP headers (_Mpeg4Frames): one zeroed whole has no start
+    code, and was dropped from the index as a packet that makes no frame, so the frames after it, built on
+    the missing one, came out. It stays a frame, which the decoder fails on where a clip needs it."""
+    whole, damaged = tmp_path / "mpeg4.mp4", tmp_path / "zeroed.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(made_videos["pheavy"]), "-c:v", "mpeg4", "-g", "12", str(whole)],
+                   check=True)
+    with av.open(str(whole)) as container:
+        packet = [p for p in container.demux(container.streams.video[0]) if p.size][20]
+        pos, size = packet.pos, packet.size
+    data = bytearray(whole.read_bytes())
+    data[pos:pos + size] = bytes(size)
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(DecodeError, match=r"corrupt data in the video stream at 0\.667 s"):
+        decode_clip(str(damaged), SamplingConfig(num_frames=8))
+    got, want = (decode_clip(str(p), SamplingConfig(num_frames=4), window=(0.0, 0.39)) for p in (damaged, whole))
+    assert got.indices.tolist() == want.indices.tolist()
+    assert all(np.array_equal(a, b) for a, b in zip(got.frames, want.frames))
+
+
 def test_a_damaged_keyframe_after_a_good_run_is_refused_without_a_fallback(tmp_path, made_videos, caplog):
     """Keyframe 50 damaged: the run from keyframe 0 has shown that the codec starts at keyframes, so the
     failure at keyframe 50 is damage, refused at its time, not a reason to decode the stream from the top."""
