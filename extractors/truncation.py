@@ -2,10 +2,14 @@
 interrupted download is refused, not sampled as a shorter video from the frames that survived.
 
 - declared sizes: Matroska/WebM (the EBML Segment's size) and AVI (the chain of RIFF chunk sizes) say in
-  their first bytes how long the file is;
+  their first bytes how long the file is, and the elements (chunks) at their top level must chain from
+  there to the end: where one should start, zero bytes (a download that reserved its space in advance
+  and stopped) or other data (a damaged header, which FFmpeg resyncs past, dropping frames silently)
+  is an error;
 - framing at the end: MPEG-TS (fixed-size packets), MPEG-PS (PES packets that declare their length), Ogg
   (pages that declare theirs) and FLV (each tag followed by its size): a file that ends inside its last
-  packet, page or tag was cut. A cut that falls exactly on a boundary cannot be seen here;
+  packet, page or tag was cut, and one that ends in 4 KB of zero bytes or more was reserved in advance by
+  a download that stopped. A cut that falls exactly on a boundary cannot be seen here;
 - mp4/mov: the index (moov box) lists every sample's bytes, so decode._check_complete sees a cut; a
   moov-last file cut before its index cannot open, and mp4_without_index says why.
 
@@ -24,6 +28,13 @@ TAIL_BYTES = 1 << 17
 # first: Blu-ray, AVCHD), and DVB with 16 Reed-Solomon bytes after each packet
 TS_PACKETS = ((188, 0), (192, 4), (204, 0))
 TS_SYNC = 0x47
+ZERO_TAIL = 4096  # trailing zero bytes that mean space reserved by an unfinished download (no container pads so)
+ZERO_SCAN = 64 << 20  # how far back the start of a zero tail is looked for
+UNFINISHED = "an unfinished download whose space was reserved in advance?"
+# the IDs of the elements at a Matroska Segment's top level (the set has not changed since Matroska v1):
+# SeekHead, Info, Tracks, Cluster, Cues, Attachments, Chapters, Tags, SignatureSlot, Void, CRC-32
+SEGMENT_CHILDREN = {0x114D9B74, 0x1549A966, 0x1654AE6B, 0x1F43B675, 0x1C53BB6B, 0x1941A469, 0x1043A770,
+                    0x1254C367, 0x1B538667, 0xEC, 0xBF}
 FLV_TAG_TYPES = {8, 9, 18}  # audio, video, script data (the low 5 bits of a tag's first byte)
 FLV_TAG_HEAD = re.compile(rb"[\x08\x09\x12\x28\x29\x32].{6}\x00\x00\x00", re.S)  # a tag header could start here
 
@@ -31,31 +42,101 @@ Read = Callable[[int, int], bytes]  # (position from the video's first byte, len
 
 
 def truncation(path: str, span: tuple[int, int] | None, fmt: str, head: bytes) -> str | None:
-    """Why the video (the file at path, or the tar member at byte span (offset, size)) is truncated, with
-    what to do; None if its container shows no cut. fmt: FFmpeg's demuxer name; head: its first bytes."""
+    """Why the video (the file at path, or the tar member at byte span (offset, size)) is truncated or
+    damaged, with what to do; None if its container shows neither. fmt: FFmpeg's demuxer name; head: its
+    first bytes."""
     offset, size = span or (0, _regular_size(path))
-    if not size:
+    if not size or not (fmt.startswith("matroska") or fmt == "avi" or fmt in FRAMINGS):
         return None
-    if fmt.startswith("matroska") or fmt == "avi":
-        needed = ebml_segment_end(head) if fmt.startswith("matroska") else _riff_end(path, offset, size)
-        if needed and needed > size:
-            kind = "Matroska/WebM" if fmt.startswith("matroska") else "AVI"
-            return f"truncated {kind} file: {size} bytes, but its header declares {needed}; re-download it"
-        return None
-    framing = FRAMINGS.get(fmt)
-    if framing is None:
-        return None
-    kind, check = framing
     with open(path, "rb") as f:
         def read(pos: int, length: int) -> bytes:
             f.seek(offset + pos)
             return f.read(max(0, min(length, size - pos)))
 
+        if fmt.startswith("matroska"):
+            return _matroska(read, size, head)
+        if fmt == "avi":
+            return _avi(read, size)
+        kind, check = FRAMINGS[fmt]
+        zeros = _zero_tail(read, size)
+        if zeros is not None:
+            return f"{kind} file ending in zero bytes from byte {zeros} on ({UNFINISHED}); re-download it"
         cut = check(read, size)
     if cut is None:
         return None
     return (f"truncated {kind} file: it ends inside {cut}; re-download it (or, to keep the part that is there as "
             "a shorter video, remux it: `ffmpeg -i IN -c copy OUT.mkv`)")
+
+
+def _zero_tail(read: Read, size: int) -> int | None:
+    """Where the run of zero bytes the file ends in starts, if it is ZERO_TAIL bytes or longer (looked for
+    up to ZERO_SCAN bytes back: the start given is then at most that far back)."""
+    if size < ZERO_TAIL or read(size - ZERO_TAIL, ZERO_TAIL).strip(b"\0"):
+        return None
+    end, floor = size - ZERO_TAIL, max(0, size - ZERO_SCAN)
+    while end > floor:
+        start = max(floor, end - (1 << 20))
+        kept = read(start, end - start).rstrip(b"\0")
+        if kept:
+            return start + len(kept)
+        end = start
+    return end
+
+
+def _describe(data: bytes) -> str:
+    return f"zero bytes ({UNFINISHED})" if not data.strip(b"\0") else f"other data ({data[:8].hex()}: a damaged header)"
+
+
+def _matroska(read: Read, size: int, head: bytes) -> str | None:
+    """The Segment's declared size, then its top-level elements (SeekHead, Info, Tracks, Clusters, Cues,
+    ...: an ID and a size each) walked from its start to its end; a size left unknown (live) ends the walk."""
+    start, declared = ebml_segment(head)
+    if start is None:
+        return None
+    if declared is not None and start + declared > size:
+        return f"truncated Matroska/WebM file: {size} bytes, but its header declares {start + declared}; re-download it"
+    end, pos = start + declared if declared is not None else size, start
+    while pos < end:
+        header = read(pos, 12)
+        try:
+            element, at = _ebml_vint(header, 0, is_id=True)
+            if element not in SEGMENT_CHILDREN:
+                raise ValueError
+            length, at = _ebml_vint(header, at)
+        except (ValueError, IndexError):
+            return (f"damaged Matroska/WebM file: at byte {pos}, where an element should start, it holds "
+                    f"{_describe(header)}; re-download it")
+        if length is None:
+            return None
+        if pos + at + length > end:
+            return (f"{'damaged' if declared is not None else 'truncated or damaged'} Matroska/WebM file: the "
+                    f"element at byte {pos} ends at byte {pos + at + length}, past the end of its "
+                    f"{'Segment' if declared is not None else 'file'} ({end}); re-download it")
+        pos += at + length
+    return None
+
+
+def _avi(read: Read, size: int) -> str | None:
+    """The chain of RIFF chunks (RIFF AVI, then OpenDML RIFF AVIX), and the chunks inside each (LIST hdrl,
+    LIST movi, idx1, JUNK: a FOURCC and a size each); a RIFF size left unknown (0 or all ones) ends it."""
+    pos = 0
+    while pos + 12 <= size:
+        head = read(pos, 12)
+        length = int.from_bytes(head[4:8], "little")
+        if head[:4] != b"RIFF" or head[8:11] != b"AVI" or length in (0, 0xFFFFFFFF):  # unknown: not finalised
+            break
+        end, inner = pos + 8 + length + (length & 1), pos + 12  # the RIFF's end; its first chunk
+        if end > size:
+            return f"truncated AVI file: {size} bytes, but its header declares {_riff_end(read, size)}; re-download it"
+        while inner + 8 <= end:
+            chunk = read(inner, 8)
+            if not all(32 <= c < 127 for c in chunk[:4]):
+                return (f"damaged AVI file: at byte {inner}, where a chunk should start, it holds "
+                        f"{_describe(chunk)}; re-download it")
+            length = int.from_bytes(chunk[4:8], "little")
+            inner += 8 + length + (length & 1)
+        pos = end
+    return None
 
 
 def _regular_size(path: str) -> int:
@@ -227,32 +308,31 @@ def _ebml_vint(data: bytes, pos: int, is_id: bool = False) -> tuple[int | None, 
     return value, pos + length
 
 
-def ebml_segment_end(head: bytes) -> int | None:
-    """End of the Segment element (EBML header, then Segment) declared by a Matroska file's first bytes."""
+def ebml_segment(head: bytes) -> tuple[int | None, int | None]:
+    """(where the Segment's data starts, its declared size: None if unknown) from a Matroska file's first
+    bytes (EBML header, then Segment); (None, None) if they are not that."""
     try:
         ebml_id, pos = _ebml_vint(head, 0, is_id=True)
         ebml_size, pos = _ebml_vint(head, pos)
         if ebml_id != 0x1A45DFA3 or ebml_size is None:
-            return None
+            return None, None
         segment_id, pos = _ebml_vint(head, pos + ebml_size, is_id=True)
         segment_size, pos = _ebml_vint(head, pos)
     except (ValueError, IndexError):
-        return None
-    return pos + segment_size if segment_id == 0x18538067 and segment_size is not None else None
+        return None, None
+    return (pos, segment_size) if segment_id == 0x18538067 else (None, None)
 
 
-def _riff_end(path: str, offset: int, size: int) -> int | None:
-    """End of the last RIFF chunk (RIFF AVI, then OpenDML RIFF AVIX chunks) the chunk sizes chain to."""
+def _riff_end(read: Read, size: int) -> int:
+    """End of the last RIFF chunk the chain of RIFF sizes leads to (for the message)."""
     pos = 0
-    with open(path, "rb") as f:
-        while pos + 12 <= size:
-            f.seek(offset + pos)
-            head = f.read(12)
-            length = int.from_bytes(head[4:8], "little")
-            if head[:4] != b"RIFF" or head[8:11] != b"AVI" or length in (0, 0xFFFFFFFF):  # unknown: not finalised
-                break
-            pos += 8 + length + (length & 1)
-    return pos or None
+    while pos + 12 <= size:
+        head = read(pos, 12)
+        length = int.from_bytes(head[4:8], "little")
+        if head[:4] != b"RIFF" or length in (0, 0xFFFFFFFF):
+            break
+        pos += 8 + length + (length & 1)
+    return pos
 
 
 def mp4_without_index(path: str, span: tuple[int, int] | None) -> str | None:
@@ -272,6 +352,9 @@ def mp4_without_index(path: str, span: tuple[int, int] | None) -> str | None:
                 length = size - pos
             if kind == "moov":
                 return None
+            if not head[:8].strip(b"\0"):
+                return (f"an mp4 without an index (no moov box): it holds zero bytes from byte {pos} on, where a box "
+                        f"should start ({UNFINISHED}); re-download it")
             if length < 8:
                 return f"not a readable mp4: box {kind!r} at byte {pos} has size {length}; re-download or re-encode it"
             boxes.append(kind)

@@ -162,6 +162,47 @@ def test_whole_files_of_every_framing_are_whole_and_cut_ones_are_not(tmp_path, f
                 decode_clip(str(path), SamplingConfig(num_frames=4))
 
 
+@pytest.mark.parametrize("suffix,args,reason", [
+    (".mkv", ["-c", "copy"], "damaged Matroska/WebM file: at byte .*, where an element should start, it holds zero bytes"),
+    (".webm", ["-c:v", "libvpx", "-b:v", "200k"], "damaged Matroska/WebM file: at byte .* holds zero bytes"),
+    (".avi", ["-c", "copy"], "damaged AVI file: at byte .*, where a chunk should start, it holds zero bytes"),
+    (".ts", ["-c", "copy"], "MPEG-TS file ending in zero bytes from byte .* on"),
+    (".flv", ["-c", "copy"], "FLV file ending in zero bytes from byte .* on"),
+    (".mov", ["-c", "copy"], "an mp4 without an index \\(no moov box\\): it holds zero bytes from byte .*, where a box "
+                            "should start")])
+def test_a_download_that_reserved_its_space_and_stopped_is_refused(tmp_path, made_videos, suffix, args, reason):
+    """The file has its full size, but its last 40 % are zero bytes (a downloader that allocates the file
+    first, then stops). FFmpeg read the frames before the zeros and stopped: a shorter video, silently."""
+    whole, zeroed = tmp_path / f"whole{suffix}", tmp_path / f"zeroed{suffix}"
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(made_videos["bheavy"]), *args, str(whole)], check=True)
+    data = bytearray(whole.read_bytes())
+    start = len(data) * 3 // 5 // 4096 * 4096
+    data[start:] = bytes(len(data) - start)
+    zeroed.write_bytes(bytes(data))
+    with pytest.raises(DecodeError, match=f"{zeroed}: {reason}.*an unfinished download whose space was reserved in "
+                                          "advance\\?\\); re-download it"):
+        decode_clip(str(zeroed), SamplingConfig(num_frames=4))
+    assert len(decode_clip(str(whole), SamplingConfig(num_frames=4)).frames) == 4
+
+
+def test_a_damaged_matroska_cluster_header_is_refused(tmp_path):
+    """A Cluster's ID damaged: FFmpeg resyncs at the next cluster and only logs it, so 14 of 120 frames were
+    gone from the video silently. The walk over the Segment's top-level elements stops there."""
+    whole, damaged = tmp_path / "clusters.mkv", tmp_path / "damaged.mkv"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=s=160x96:r=30:d=4", "-c:v", "libx264",
+                    "-x264-params", "keyint=30", "-cluster_time_limit", "500", str(whole)], check=True)
+    data = bytearray(whole.read_bytes())
+    clusters = [i for i in range(len(data) - 4) if data[i:i + 4] == b"\x1f\x43\xb6\x75"]
+    data[clusters[3]:clusters[3] + 4] = bytes(b ^ 0xFF for b in data[clusters[3]:clusters[3] + 4])
+    damaged.write_bytes(bytes(data))
+    with av.open(str(damaged)) as container:
+        assert sum(1 for p in container.demux(container.streams.video[0]) if p.size) < 120, "FFmpeg skips, silently"
+    with pytest.raises(DecodeError, match=f"{damaged}: damaged Matroska/WebM file: at byte {clusters[3]}, where an "
+                                          "element should start, it holds other data .*; re-download it"):
+        decode_clip(str(damaged), SamplingConfig(num_frames=4))
+    assert len(decode_clip(str(whole), SamplingConfig(num_frames=4)).frames) == 4
+
+
 def test_a_packet_the_demuxer_flags_corrupt_is_refused_where_it_is_needed(tmp_path, made_videos):
     """One 188-byte packet lost from a TS: at the continuity error the demuxer flags the frame it was putting
     together corrupt (frame 58, 1.93 s); a clip that needs it is refused with its time, by every backend;
