@@ -35,6 +35,8 @@ UNFINISHED = "an unfinished download whose space was reserved in advance?"
 # SeekHead, Info, Tracks, Cluster, Cues, Attachments, Chapters, Tags, SignatureSlot, Void, CRC-32
 SEGMENT_CHILDREN = {0x114D9B74, 0x1549A966, 0x1654AE6B, 0x1F43B675, 0x1C53BB6B, 0x1941A469, 0x1043A770,
                     0x1254C367, 0x1B538667, 0xEC, 0xBF}
+ASF_HEADER = bytes.fromhex("3026b2758e66cf11a6d900aa0062ce6c")  # the ASF Header Object's GUID, as stored
+ASF_FILE_PROPERTIES = bytes.fromhex("a1dcab8c47a9cf118ee400c00c205365")
 FLV_TAG_TYPES = {8, 9, 18}  # audio, video, script data (the low 5 bits of a tag's first byte)
 FLV_TAG_HEAD = re.compile(rb"[\x08\x09\x12\x28\x29\x32].{6}\x00\x00\x00", re.S)  # a tag header could start here
 
@@ -46,7 +48,7 @@ def truncation(path: str, span: tuple[int, int] | None, fmt: str, head: bytes) -
     damaged, with what to do; None if its container shows neither. fmt: FFmpeg's demuxer name; head: its
     first bytes."""
     offset, size = span or (0, _regular_size(path))
-    if not size or not (fmt.startswith("matroska") or fmt == "avi" or fmt in FRAMINGS):
+    if not size or not (fmt.startswith("matroska") or fmt in ("avi", "asf") or fmt in FRAMINGS):
         return None
     with open(path, "rb") as f:
         def read(pos: int, length: int) -> bytes:
@@ -57,6 +59,8 @@ def truncation(path: str, span: tuple[int, int] | None, fmt: str, head: bytes) -
             return _matroska(read, size, head)
         if fmt == "avi":
             return _avi(read, size)
+        if fmt == "asf":
+            return _asf(read, size)
         kind, check = FRAMINGS[fmt]
         zeros = _zero_tail(read, size)
         if zeros is not None:
@@ -113,6 +117,27 @@ def _matroska(read: Read, size: int, head: bytes) -> str | None:
                     f"element at byte {pos} ends at byte {pos + at + length}, past the end of its "
                     f"{'Segment' if declared is not None else 'file'} ({end}); re-download it")
         pos += at + length
+    return None
+
+
+def _asf(read: Read, size: int) -> str | None:
+    """ASF (WMV, WMA): the File Properties Object in the header says how long the file is, unless the
+    broadcast flag says the size was not known when it was written."""
+    header = read(0, 30)
+    if header[:16] != ASF_HEADER or len(header) < 30:
+        return None
+    pos, end = 30, min(size, int.from_bytes(header[16:24], "little"))
+    while pos + 24 <= end:
+        obj = read(pos, 92)
+        length = int.from_bytes(obj[16:24], "little")
+        if obj[:16] == ASF_FILE_PROPERTIES and len(obj) >= 92:
+            declared, broadcast = int.from_bytes(obj[40:48], "little"), obj[88] & 1
+            if not broadcast and declared > size:
+                return f"truncated ASF/WMV file: {size} bytes, but its header declares {declared}; re-download it"
+            return None
+        if length < 24:
+            return None
+        pos += length
     return None
 
 

@@ -203,6 +203,20 @@ def test_a_damaged_matroska_cluster_header_is_refused(tmp_path):
     assert len(decode_clip(str(whole), SamplingConfig(num_frames=4)).frames) == 4
 
 
+def test_asf_is_checked_against_the_size_its_header_declares(tmp_path):
+    """WMV: the File Properties Object declares the file's size (written to a pipe: not known, no claim)."""
+    cmd = ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=s=160x96:r=25:d=2", "-f", "lavfi", "-i", "sine=d=2",
+           "-c:v", "wmv2", "-c:a", "wmav2", "-f", "asf"]
+    whole, cut, piped = tmp_path / "whole.wmv", tmp_path / "cut.wmv", tmp_path / "piped.wmv"
+    subprocess.run([*cmd, str(whole)], check=True)
+    piped.write_bytes(subprocess.run([*cmd, "-"], capture_output=True, check=True).stdout)
+    cut.write_bytes(whole.read_bytes()[:-1000])
+    with pytest.raises(DecodeError, match=f"{cut}: truncated ASF/WMV file: .* bytes, but its header declares .*; re-download"):
+        decode_clip(str(cut), SamplingConfig(num_frames=4))
+    for path in (whole, piped):
+        assert len(decode_clip(str(path), SamplingConfig(num_frames=4)).frames) == 4
+
+
 def test_a_packet_the_demuxer_flags_corrupt_is_refused_where_it_is_needed(tmp_path, made_videos):
     """One 188-byte packet lost from a TS: at the continuity error the demuxer flags the frame it was putting
     together corrupt (frame 58, 1.93 s); a clip that needs it is refused with its time, by every backend;
