@@ -139,6 +139,9 @@ def _fix_for(error: Exception) -> str:
         return "make it readable by this user"
     if isinstance(error, IsADirectoryError):
         return "the manifest must name video files, not folders"
+    if isinstance(error, BlockingIOError):  # EAGAIN: how FFmpeg's MPEG-TS demuxer gives up resyncing
+        return ("the demuxer found no way through its data (no sync over a long stretch, such as zero bytes inside "
+                "an MPEG-TS): damaged, or an unfinished download; re-download it")
     if isinstance(error, av.InvalidDataError):
         return "FFmpeg cannot read it: not a video, or a damaged one; check it with `ffprobe FILE`, re-download or re-encode it"
     return "check it with `ffprobe FILE`; re-download or re-encode it"

@@ -217,6 +217,20 @@ def test_asf_is_checked_against_the_size_its_header_declares(tmp_path):
         assert len(decode_clip(str(path), SamplingConfig(num_frames=4)).frames) == 4
 
 
+def test_a_long_zero_stretch_inside_a_ts_is_named(tmp_path, made_videos):
+    """200 KB of zero bytes inside a TS: FFmpeg's demuxer gives up resyncing with EAGAIN (BlockingIOError)."""
+    ts, zeroed = tmp_path / "whole.ts", tmp_path / "zeroed.ts"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=s=320x240:r=25:d=16", "-c:v", "libx264",
+                    str(ts)], check=True)
+    data = bytearray(ts.read_bytes())
+    assert len(data) > 500_000
+    data[len(data) // 4:len(data) // 4 + 200_000] = bytes(200_000)
+    zeroed.write_bytes(bytes(data))
+    with pytest.raises(DecodeError, match=f"{zeroed}: BlockingIOError: .*the demuxer found no way through its data "
+                                          ".*; re-download it"):
+        decode_clip(str(zeroed), SamplingConfig(num_frames=8))
+
+
 def test_a_packet_the_demuxer_flags_corrupt_is_refused_where_it_is_needed(tmp_path, made_videos):
     """One 188-byte packet lost from a TS: at the continuity error the demuxer flags the frame it was putting
     together corrupt (frame 58, 1.93 s); a clip that needs it is refused with its time, by every backend;
