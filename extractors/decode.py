@@ -76,7 +76,10 @@ DECODER_OPTIONS = {"err_detect": "crccheck+explode"}
 START_CODE = b"\x00\x00\x01"  # every MPEG-4 Part 2 packet starts with one (a VOP's, or a header's)
 VOP_START = START_CODE + b"\xb6"
 CORRUPT_PACKET = "the demuxer flags the packet as corrupt: damaged or cut-off container data"
-UNPACK_CODECS = {"mpeg4"}  # codecs whose packets pass through _Mpeg4Frames (MPEG-4 Part 2 only)
+UNPACK_CODECS = {"mpeg4"}
+# (demuxer, codec) whose every frame has a packet (a repeated frame an empty one), numbered by its pts: a gap
+# in the numbers is data the demuxer skipped (Theora in Ogg: a page that failed its CRC check, logged only)
+NUMBERED_STREAMS = {("ogg", "theora")}  # codecs whose packets pass through _Mpeg4Frames (MPEG-4 Part 2 only)
 
 log = logging.getLogger(__name__)
 _local = threading.local()  # swscale contexts and filter graphs kept per thread (neither is thread-safe)
@@ -398,7 +401,10 @@ class PacketSource:
         """reopen: a function returning a fresh open container of the same file (to read it from the top)."""
         self.container, self.stream, self.path, self.reopen = container, stream, path, reopen
         self.mpeg4 = _Mpeg4Frames(stream, path) if stream.codec_context.name in UNPACK_CODECS else None
-        demuxed = self._frames(container.demux(stream))
+        self.numbers: list[int] | None = None  # NUMBERED_STREAMS: the pts of every packet read, empty ones too
+        raw = container.demux(stream)
+        numbered = (container.format.name, stream.codec_context.name) in NUMBERED_STREAMS
+        demuxed = self._frames(self._record_numbers(raw) if numbered else raw)
         if keep:
             # decode times and durations are read from the kept packets when asked for (seeking, the last
             # frame, the torchcodec frame table): each PyAV attribute read costs ~1 us a packet
@@ -421,6 +427,13 @@ class PacketSource:
                 self.pts_list = self.mpeg4.display_pts(self.read_pts)
                 for packet, pts in zip(self.kept or (), self.pts_list):
                     packet.pts = pts  # the decoder hands each frame its packet's pts: match by the display time
+
+    def _record_numbers(self, packets):
+        self.numbers = []
+        for packet in packets:
+            if packet.pts is not None:
+                self.numbers.append(packet.pts)
+            yield packet
 
     def _frames(self, packets):
         """The packets of frames: empty packets dropped, MPEG-4 Part 2 unpacked (a fresh filter per pass)."""
@@ -662,6 +675,7 @@ def _index(container: av.container.InputContainer, stream, path: str, buffer_mb:
     if packets.last_is_corrupt():  # where a cut leaves it: a file that ends inside the last frame's data
         raise DecodeError(f"{path}: truncated or damaged at its end: {CORRUPT_PACKET} on the video stream's last "
                           "packet (cut off?); re-download it")
+    _check_numbered(packets, path)
     if None in packets.pts_list:
         raise DecodeError(
             f"{path}: video packets without timestamps (raw elementary stream?); remux it first, "
@@ -727,6 +741,20 @@ def _index(container: av.container.InputContainer, stream, path: str, buffer_mb:
         cut=cut,
         palette=palette,
     )
+
+
+def _check_numbered(packets: PacketSource, path: str) -> None:
+    """Frames missing from a stream whose packets are numbered one by one (NUMBERED_STREAMS) are damage."""
+    if packets.numbers is None:
+        return
+    numbers = np.array(packets.numbers, dtype=np.int64)  # [R] every packet read, decode order
+    gaps = np.flatnonzero(np.diff(numbers) != 1)
+    if len(gaps):
+        a, b = int(numbers[gaps[0]]) + 1, int(numbers[gaps[0] + 1]) - 1
+        missing = f"frame {a} is" if a == b else f"frames {a} to {b} are"
+        raise DecodeError(f"{path}: damaged file: {missing} missing from its {packets.stream.codec_context.name} stream "
+                          f"({len(gaps)} gap(s): the demuxer skipped data it could not read, such as "
+                          "an Ogg page that failed its CRC check); re-download it")
 
 
 def _decoded_pts(cc: av.video.codeccontext.VideoCodecContext, packets: PacketSource, start: int, stop: int) -> set[int]:

@@ -231,6 +231,24 @@ def test_a_long_zero_stretch_inside_a_ts_is_named(tmp_path, made_videos):
         decode_clip(str(zeroed), SamplingConfig(num_frames=8))
 
 
+def test_an_ogg_page_that_fails_its_crc_is_refused(tmp_path):
+    """One byte of an Ogg page in the middle flipped: FFmpeg's demuxer skips the page (CRC mismatch, logged
+    only), and its frames were gone from the video. Theora numbers every frame, so the gap shows."""
+    whole, damaged = tmp_path / "whole.ogv", tmp_path / "damaged.ogv"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=s=160x96:r=25:d=4", "-f", "lavfi", "-i",
+                    "sine=d=4", "-c:v", "libtheora", "-c:a", "libvorbis", str(whole)], check=True)
+    data = bytearray(whole.read_bytes())
+    pages = [i for i in range(len(data) - 4) if data[i:i + 4] == b"OggS"]
+    video = [i for i in pages if data[i + 14:i + 18] == data[pages[0] + 14:pages[0] + 18]]  # the first page's serial
+    middle = video[len(video) // 2]
+    data[middle + 40] ^= 0xFF  # inside the page: its CRC no longer holds
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(DecodeError, match=f"{damaged}: damaged file: frames? .* missing from its theora stream .*CRC "
+                                          "check\\); re-download it"):
+        decode_clip(str(damaged), SamplingConfig(num_frames=8))
+    assert len(decode_clip(str(whole), SamplingConfig(num_frames=8)).frames) == 8
+
+
 def test_a_packet_the_demuxer_flags_corrupt_is_refused_where_it_is_needed(tmp_path, made_videos):
     """One 188-byte packet lost from a TS: at the continuity error the demuxer flags the frame it was putting
     together corrupt (frame 58, 1.93 s); a clip that needs it is refused with its time, by every backend;
