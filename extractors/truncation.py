@@ -1,8 +1,9 @@
 """Whether a video file is whole, from its container's own framing, read before any frame is decoded: an
 interrupted download is refused, not sampled as a shorter video from the frames that survived.
 
-- declared sizes: Matroska/WebM (the EBML Segment's size) and AVI (the chain of RIFF chunk sizes) say in
-  their first bytes how long the file is, and the elements (chunks) at their top level must chain from
+- declared sizes: Matroska/WebM (the EBML Segment's size), AVI (the chain of RIFF chunk sizes) and ASF
+  (its File Properties Object) say in their first bytes how long the file is; in the first two, the
+  elements (chunks) at their top level must chain from
   there to the end: where one should start, zero bytes (a download that reserved its space in advance
   and stopped) or other data (a damaged header, which FFmpeg resyncs past, dropping frames silently)
   is an error;
@@ -94,7 +95,7 @@ def _describe(data: bytes) -> str:
 def _matroska(read: Read, size: int, head: bytes) -> str | None:
     """The Segment's declared size, then its top-level elements (SeekHead, Info, Tracks, Clusters, Cues,
     ...: an ID and a size each) walked from its start to its end; a size left unknown (live) ends the walk."""
-    start, declared = ebml_segment(head)
+    start, declared = _ebml_segment(head)
     if start is None:
         return None
     if declared is not None and start + declared > size:
@@ -333,7 +334,7 @@ def _ebml_vint(data: bytes, pos: int, is_id: bool = False) -> tuple[int | None, 
     return value, pos + length
 
 
-def ebml_segment(head: bytes) -> tuple[int | None, int | None]:
+def _ebml_segment(head: bytes) -> tuple[int | None, int | None]:
     """(where the Segment's data starts, its declared size: None if unknown) from a Matroska file's first
     bytes (EBML header, then Segment); (None, None) if they are not that."""
     try:
