@@ -76,10 +76,10 @@ DECODER_OPTIONS = {"err_detect": "crccheck+explode"}
 START_CODE = b"\x00\x00\x01"  # every MPEG-4 Part 2 packet starts with one (a VOP's, or a header's)
 VOP_START = START_CODE + b"\xb6"
 CORRUPT_PACKET = "the demuxer flags the packet as corrupt: damaged or cut-off container data"
-UNPACK_CODECS = {"mpeg4"}
+UNPACK_CODECS = {"mpeg4"}  # codecs whose packets pass through _Mpeg4Frames (MPEG-4 Part 2 only)
 # (demuxer, codec) whose every frame has a packet (a repeated frame an empty one), numbered by its pts: a gap
 # in the numbers is data the demuxer skipped (Theora in Ogg: a page that failed its CRC check, logged only)
-NUMBERED_STREAMS = {("ogg", "theora")}  # codecs whose packets pass through _Mpeg4Frames (MPEG-4 Part 2 only)
+NUMBERED_STREAMS = {("ogg", "theora")}
 
 log = logging.getLogger(__name__)
 _local = threading.local()  # swscale contexts and filter graphs kept per thread (neither is thread-safe)
