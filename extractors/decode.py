@@ -24,7 +24,6 @@ import io
 import logging
 import multiprocessing
 import os
-import stat
 import threading
 import traceback
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from extractors.api import Clip, DecodeError
 from extractors.backends import BackendUnavailable, decode_with_backend, require_backend
 from extractors.config import SamplingConfig
 from extractors.sampling import Plan, plan_frames, snap_to_keyframes
-from extractors.truncation import mp4_without_index, truncation
+from extractors.truncation import file_size, mp4_without_index, truncation
 
 # Demuxers that render a text file as video (FFmpeg's tty demuxer draws .txt/.ans files as "ansi" video)
 TEXT_DEMUXERS = {"tty": "text rendered by FFmpeg's tty demuxer", "bin": "binary text art", "xbin": "XBIN text art",
@@ -340,7 +339,7 @@ def _read_index(container: av.container.InputContainer, path: str, buffer_mb: in
     threads: decoder threads (set on the stream's codec context before it first decodes)."""
     stream = _video_stream(container, path)
     if size is None:
-        size = _file_size(path)
+        size = file_size(path)
     listed = _check_complete(stream, path, size)
     # before anything decodes (also the other backends' one-frame probe): PyAV's default (0) starts a thread per core
     stream.codec_context.thread_count = threads
@@ -364,12 +363,6 @@ def _open_gops(index: StreamIndex) -> bool:
     last_key = np.maximum.accumulate(np.where(key, np.arange(len(key)), -1))  # [P] latest keyframe position
     after = last_key >= 0
     return bool(np.any(index.pts[after] < index.pts[last_key[after]]))
-
-
-def _file_size(path: str) -> int | None:
-    """Bytes of a regular file; None for anything else (a fifo, a device)."""
-    st = os.stat(path)
-    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 def _check_complete(stream: av.video.stream.VideoStream, path: str, size: int | None) -> int:
@@ -1107,7 +1100,7 @@ def video_info(path: str) -> dict:
         with _open(str(path)) as container:
             stream = _video_stream(container, str(path))
             stream.codec_context.thread_count = 1
-            index = _index(container, stream, str(path), 0, _file_size(str(path)), functools.partial(_reopen, str(path)))
+            index = _index(container, stream, str(path), 0, file_size(str(path)), functools.partial(_reopen, str(path)))
             if index.sar is None:  # only the bitstream says: decode its first frame
                 _probe_rotation(stream.codec_context, index, str(path))
     except (av.FFmpegError, OSError) as e:

@@ -48,7 +48,7 @@ def truncation(path: str, span: tuple[int, int] | None, fmt: str, head: bytes) -
     """Why the video (the file at path, or the tar member at byte span (offset, size)) is truncated or
     damaged, with what to do; None if its container shows neither. fmt: FFmpeg's demuxer name; head: its
     first bytes."""
-    offset, size = span or (0, _regular_size(path))
+    offset, size = span or (0, file_size(path))
     if not size or not (fmt.startswith("matroska") or fmt in ("avi", "asf") or fmt in FRAMINGS):
         return None
     with open(path, "rb") as f:
@@ -153,7 +153,7 @@ def _avi(read: Read, size: int) -> str | None:
             break
         end, inner = pos + 8 + length + (length & 1), pos + 12  # the RIFF's end; its first chunk
         if end > size:
-            return f"truncated AVI file: {size} bytes, but its header declares {_riff_end(read, size)}; re-download it"
+            return f"truncated AVI file: {size} bytes, but its header declares {end}; re-download it"
         while inner + 8 <= end:
             chunk = read(inner, 8)
             if not all(32 <= c < 127 for c in chunk[:4]):
@@ -165,13 +165,10 @@ def _avi(read: Read, size: int) -> str | None:
     return None
 
 
-def _regular_size(path: str) -> int:
-    """Bytes of a regular file; 0 for anything else (a fifo, a device) or a path that cannot be read."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return 0
-    return st.st_size if stat.S_ISREG(st.st_mode) else 0
+def file_size(path: str) -> int | None:
+    """Bytes of a regular file; None for anything else (a fifo, a device)."""
+    st = os.stat(path)
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 def _ts_cut(read: Read, size: int) -> str | None:
@@ -199,14 +196,20 @@ def _synced(tail: bytes, end: int, packet: int, sync: int, count: int = 8) -> bo
 def _ps_cut(read: Read, size: int) -> str | None:
     """MPEG-PS: from a pack header, each PES packet declares its length: a walk from the last pack header
     must end at the end of the file (or at the end code). A start code that only looks like one (inside a
-    payload) breaks the walk, and the pack header before it is tried."""
-    base = max(0, size - TAIL_BYTES)
-    tail = read(base, TAIL_BYTES)
-    packs = [i for i in _find_all(tail, b"\x00\x00\x01\xba")][::-1]
-    for start in packs[:8]:
-        end = _ps_walk(tail, start)
+    payload) breaks the walk, and the pack header before it is tried (up to 8)."""
+    short = _chain_overrun(read, size, lambda tail: [*_find_all(tail, b"\x00\x00\x01\xba")][::-1][:8], _ps_walk)
+    return f"a PES packet (it needs {short} more bytes)" if short else None
+
+
+def _chain_overrun(read: Read, size: int, starts, walk) -> int | None:
+    """Bytes past the end of the file that the chain of units (pages, packets) in the file's last TAIL_BYTES
+    needs, from the first of `starts(tail)` that `walk` can chain from; None if it ends at the end or no
+    start chains. walk(tail, pos): where the chain from pos ends, None if it breaks."""
+    tail = read(max(0, size - TAIL_BYTES), TAIL_BYTES)
+    for start in starts(tail):
+        end = walk(tail, start)
         if end is not None:
-            return None if end <= len(tail) else f"a PES packet (it needs {end - len(tail)} more bytes)"
+            return end - len(tail) if end > len(tail) else None
     return None
 
 
@@ -238,13 +241,8 @@ def _ps_walk(tail: bytes, pos: int) -> int | None:
 def _ogg_cut(read: Read, size: int) -> str | None:
     """Ogg: each page declares its length (header, segment table, the segments' sizes): the pages from
     the first capture pattern in the tail must chain to the end of the file."""
-    base = max(0, size - TAIL_BYTES)
-    tail = read(base, TAIL_BYTES)
-    for start in _find_all(tail, b"OggS"):
-        end = _ogg_walk(tail, start)
-        if end is not None:
-            return None if end <= len(tail) else f"an Ogg page (it needs {end - len(tail)} more bytes)"
-    return None
+    short = _chain_overrun(read, size, lambda tail: _find_all(tail, b"OggS"), _ogg_walk)
+    return f"an Ogg page (it needs {short} more bytes)" if short else None
 
 
 def _ogg_walk(tail: bytes, pos: int) -> int | None:
@@ -347,18 +345,6 @@ def _ebml_segment(head: bytes) -> tuple[int | None, int | None]:
     except (ValueError, IndexError):
         return None, None
     return (pos, segment_size) if segment_id == 0x18538067 else (None, None)
-
-
-def _riff_end(read: Read, size: int) -> int:
-    """End of the last RIFF chunk the chain of RIFF sizes leads to (for the message)."""
-    pos = 0
-    while pos + 12 <= size:
-        head = read(pos, 12)
-        length = int.from_bytes(head[4:8], "little")
-        if head[:4] != b"RIFF" or length in (0, 0xFFFFFFFF):
-            break
-        pos += 8 + length + (length & 1)
-    return pos
 
 
 def mp4_without_index(path: str, span: tuple[int, int] | None) -> str | None:

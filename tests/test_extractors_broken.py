@@ -189,8 +189,7 @@ def test_a_damaged_matroska_cluster_header_is_refused(tmp_path):
     """A Cluster's ID damaged: FFmpeg resyncs at the next cluster and only logs it, so 14 of 120 frames were
     gone from the video silently. The walk over the Segment's top-level elements stops there."""
     whole, damaged = tmp_path / "clusters.mkv", tmp_path / "damaged.mkv"
-    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=s=160x96:r=30:d=4", "-c:v", "libx264",
-                    "-x264-params", "keyint=30", "-cluster_time_limit", "500", str(whole)], check=True)
+    ffmpeg(whole, "-c:v", "libx264", "-x264-params", "keyint=30", "-cluster_time_limit", "500", seconds=4, rate=30)
     data = bytearray(whole.read_bytes())
     clusters = [i for i in range(len(data) - 4) if data[i:i + 4] == b"\x1f\x43\xb6\x75"]
     data[clusters[3]:clusters[3] + 4] = bytes(b ^ 0xFF for b in data[clusters[3]:clusters[3] + 4])
@@ -220,8 +219,7 @@ def test_asf_is_checked_against_the_size_its_header_declares(tmp_path):
 def test_a_long_zero_stretch_inside_a_ts_is_named(tmp_path, made_videos):
     """200 KB of zero bytes inside a TS: FFmpeg's demuxer gives up resyncing with EAGAIN (BlockingIOError)."""
     ts, zeroed = tmp_path / "whole.ts", tmp_path / "zeroed.ts"
-    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=s=320x240:r=25:d=16", "-c:v", "libx264",
-                    str(ts)], check=True)
+    ffmpeg(ts, "-c:v", "libx264", seconds=16, size="320x240")
     data = bytearray(ts.read_bytes())
     assert len(data) > 500_000
     data[len(data) // 4:len(data) // 4 + 200_000] = bytes(200_000)
@@ -255,8 +253,7 @@ def test_a_packet_the_demuxer_flags_corrupt_is_refused_where_it_is_needed(tmp_pa
     the GOP before decodes unchanged. FFmpeg's decoder alone would conceal the loss."""
     ts, lost = tmp_path / "whole.ts", tmp_path / "lost.ts"
     subprocess.run(["ffmpeg", "-v", "error", "-i", str(made_videos["pheavy"]), "-c", "copy", str(ts)], check=True)
-    with av.open(str(ts)) as container:
-        pos = [p for p in container.demux(container.streams.video[0]) if p.size][60].pos
+    pos, _ = packet_at(ts, 60)
     data = ts.read_bytes()
     lost.write_bytes(data[:pos] + data[pos + 188:])  # the first TS packet of frame 60
     for backend in ("pyav", "torchcodec", "decord"):
@@ -268,11 +265,16 @@ def test_a_packet_the_demuxer_flags_corrupt_is_refused_where_it_is_needed(tmp_pa
     assert all(np.array_equal(a, b) for a, b in zip(got.frames, want.frames))
 
 
+def packet_at(path, frame: int) -> tuple[int, int]:
+    """(byte position, size) of the video packet of `frame` (decode order) in the file at path."""
+    with av.open(str(path)) as container:
+        packet = [p for p in container.demux(container.streams.video[0]) if p.size][frame]
+        return packet.pos, packet.size
+
+
 def damage_packet(src, dst, frame: int) -> None:
     """Copy src to dst with 16 bytes inverted in the middle of the packet of `frame` (decode order)."""
-    with av.open(str(src)) as container:
-        packets = [p for p in container.demux(container.streams.video[0]) if p.size]
-        pos, size = packets[frame].pos, packets[frame].size
+    pos, size = packet_at(src, frame)
     data = bytearray(src.read_bytes())
     data[pos + size // 2: pos + size // 2 + 16] = bytes(b ^ 0xFF for b in data[pos + size // 2: pos + size // 2 + 16])
     dst.write_bytes(bytes(data))
@@ -303,8 +305,7 @@ def test_a_chunk_the_avi_demuxer_skips_is_refused(tmp_path, made_videos):
     frame was gone from the video, silently; the index at the end (idx1) still lists it."""
     avi, damaged = tmp_path / "whole.avi", tmp_path / "skipped.avi"
     subprocess.run(["ffmpeg", "-v", "error", "-i", str(made_videos["pheavy"]), "-c", "copy", str(avi)], check=True)
-    with av.open(str(avi)) as container:
-        pos = [p for p in container.demux(container.streams.video[0]) if p.size][60].pos  # its payload
+    pos, _ = packet_at(avi, 60)  # its payload
     data = bytearray(avi.read_bytes())
     data[pos - 8:pos] = bytes(8)  # the chunk's id and size
     damaged.write_bytes(bytes(data))
@@ -321,9 +322,7 @@ def test_a_zeroed_mpeg4_packet_is_damage_not_a_frame_less(tmp_path, made_videos)
     whole, damaged = tmp_path / "mpeg4.mp4", tmp_path / "zeroed.mp4"
     subprocess.run(["ffmpeg", "-v", "error", "-i", str(made_videos["pheavy"]), "-c:v", "mpeg4", "-g", "12", str(whole)],
                    check=True)
-    with av.open(str(whole)) as container:
-        packet = [p for p in container.demux(container.streams.video[0]) if p.size][20]
-        pos, size = packet.pos, packet.size
+    pos, size = packet_at(whole, 20)
     data = bytearray(whole.read_bytes())
     data[pos:pos + size] = bytes(size)
     damaged.write_bytes(bytes(data))
